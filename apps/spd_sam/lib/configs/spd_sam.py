@@ -1,0 +1,67 @@
+"""TaskConfig for ``spd_sam``: reads ``--conf``, loads the backbone, builds the infer task."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from monailabel.config import settings
+from monailabel.interfaces.config import TaskConfig
+
+from lib.infers.spd_infer import SPDInfer
+from lib.spd.background import BackgroundEmbedder
+from lib.spd.backbones import load_backbone
+from lib.spd.embedding_cache import EmbeddingCache
+from lib.spd.pipeline import SPDPipeline
+
+logger = logging.getLogger(__name__)
+
+APP_DIR = Path(__file__).resolve().parents[2]
+DEFAULTS = {
+    "backbone": "lite_medsam",  # lite_medsam | vit_b | vit_l | vit_h | medsam
+    "checkpoint": "",  # required for the ViT backbones and MedSAM
+    "device": "",  # "" = CUDA when available, else CPU
+    "runtime": "auto",  # auto | torch | onnxruntime (image encoder on the CPU)
+    "modality": "auto",  # auto | CT | MR (intensity window)
+    "labels": str(APP_DIR / "labels.json"),
+    "embedding_cache_mb": "2048",
+    "embedding_cache_dir": "",  # "" = <datastore cache>/spd_embeddings
+}
+
+
+def _cache_root() -> Path:
+    root = settings.MONAI_LABEL_DATASTORE_CACHE_PATH or os.path.join(Path.home(), ".cache", "monailabel")
+    return Path(root)
+
+
+class SPDSamConfig(TaskConfig):
+    """One model, ``spd_sam``; options come from ``--conf key value`` (see ``DEFAULTS``)."""
+
+    def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs):
+        super().init(name, model_dir, conf, planner, **kwargs)
+        options = {k: conf.get(k, v) for k, v in DEFAULTS.items()}
+        with open(options["labels"]) as handle:
+            self.labels = {str(k): int(v) for k, v in json.load(handle).items()}
+        backbone = load_backbone(
+            options["backbone"],
+            checkpoint=options["checkpoint"] or None,
+            device=options["device"] or None,
+            runtime=options["runtime"],
+            cache_dir=os.path.join(model_dir, "runtime"),
+        )
+        cache_dir = options["embedding_cache_dir"] or _cache_root() / "spd_embeddings"
+        cache = EmbeddingCache(int(options["embedding_cache_mb"]) << 20, cache_dir)
+        self.pipeline = SPDPipeline(backbone, cache)
+        self.modality = options["modality"]
+        self.background = BackgroundEmbedder()
+        logger.info("spd_sam: backbone %s (%s on %s); embeddings cached in %s (%s MB in memory)",
+                    backbone.name, backbone.runtime, backbone.device, cache_dir, options["embedding_cache_mb"])
+
+    def infer(self) -> SPDInfer:
+        return SPDInfer(self.pipeline, self.labels, self.background, self.modality)
+
+    def trainer(self):
+        return None

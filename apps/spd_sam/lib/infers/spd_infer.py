@@ -1,0 +1,135 @@
+"""The ``spd_sam`` infer task: a MONAI Label request in, a label volume and the SPD record out."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from fastapi import HTTPException
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+from lib.infers.volume_io import RESULT_DTYPES, RESULT_EXTENSIONS, ImageReadError, VolumeReader, write_label
+from lib.spd.background import BackgroundEmbedder
+from lib.spd.intensity import choose_window
+from lib.spd.pipeline import SPDPipeline, VolumeView
+from lib.spd.prompts import PromptError, choose_slice_axis, parse_clicks, parse_roi
+
+logger = logging.getLogger(__name__)
+
+UNLABELLED = "foreground"  # name reported when a viewer sends no label (OHIF's point prompts)
+
+
+def _as_bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+        return value.lower() in ("true", "1")
+    raise PromptError(f"{name} must be true or false, got {value!r}")
+
+
+class SPDInfer(InferTask):
+    """Deepgrow-type task: weak clicks on one structure -> its 3D mask.
+
+    Args:
+        pipeline: the SPD pipeline (backbone, cache, saliency heads).
+        labels: label name -> value written into the result.
+        background: worker that embeds the rest of a volume after a request.
+        modality: "auto", "CT" or "MR" (intensity window).
+    """
+
+    def __init__(self, pipeline: SPDPipeline, labels: dict[str, int], background: BackgroundEmbedder,
+                 modality: str = "auto"):
+        super().__init__(
+            type=InferType.DEEPGROW,
+            labels=labels,
+            dimension=3,
+            description="SPD-SAM: 3D segmentation from a few rough clicks (saliency-guided prompt distillation)",
+            config={"backbone": pipeline.backbone.name},
+        )
+        self.pipeline = pipeline
+        self.label_map = labels
+        self.background = background
+        self.modality = modality
+        self.reader = VolumeReader()
+        self._windows: dict[str, Any] = {}
+
+    def is_valid(self) -> bool:
+        return True
+
+    def __call__(self, request: dict) -> tuple[str, dict]:
+        started = time.perf_counter()
+        try:
+            volume = self.reader.read(request["image"])
+            label_name, label_value = self._resolve_label(request.get("label"))
+            clicks = parse_clicks(request, volume.array.shape)
+            roi = parse_roi(request.get("roi"), volume.array.shape)
+            axis = choose_slice_axis(clicks, volume.spacing, request.get("slice_axis"))
+            extension, dtype, compress = self._result_format(request)
+        except (PromptError, ImageReadError) as error:
+            raise HTTPException(status_code=400, detail=str(error)) from None
+        loaded = time.perf_counter()
+
+        window = self._window(volume)
+        with self.background.foreground():
+            seg = self.pipeline.segment(volume.array, volume.spacing, volume.volume_id, clicks, window,
+                                        label=label_name, slice_axis=axis, roi=roi)
+        self._embed_rest_later(volume, VolumeView(volume.array, seg.axis, window))
+
+        written = time.perf_counter()
+        path = write_label(seg.mask.astype("uint8") * label_value, volume.image, extension, dtype, compress)
+        timings = {"load": round(loaded - started, 4), **seg.timings,
+                   "write": round(time.perf_counter() - written, 4),
+                   "total": round(time.perf_counter() - started, 4)}
+        result = {
+            "label_names": {label_name: label_value},
+            "consensus": seg.consensus,
+            "slice_axis": seg.axis,
+            "slice_range": list(seg.slice_range),
+            "voxels": int(seg.mask.sum()),
+            "backbone": {"name": self.pipeline.backbone.name, "runtime": self.pipeline.backbone.runtime,
+                         "device": str(self.pipeline.backbone.device)},
+            "timing": timings,
+        }
+        c = seg.consensus
+        logger.info("spd_sam %s: %d kept, %d moved, %d rejected, %d added; slices %s on axis %d; %d voxels; %.2fs",
+                    label_name, len(c["kept"]), len(c["moved"]), len(c["rejected"]), len(c["added"]),
+                    seg.slice_range, seg.axis, result["voxels"], timings["total"])
+        return path, result
+
+    def prefetch(self, image_path: str) -> None:
+        """Queue background embedding of a volume along its coarsest axis (e.g. a proposed next sample)."""
+        volume = self.reader.read(image_path)
+        spacing = list(volume.spacing)
+        axis = max(range(3), key=lambda a: (spacing[a], a))
+        self._embed_rest_later(volume, VolumeView(volume.array, axis, self._window(volume)))
+
+    def _embed_rest_later(self, volume, view: VolumeView) -> None:
+        key = self.pipeline.cache_key(volume.volume_id, view)
+        everything = range(view.depth)
+        self.background.submit(key, lambda: self.pipeline.cache.missing(key, everything),
+                               lambda todo: self.pipeline.embed(volume.volume_id, view, todo))
+
+    def _window(self, volume):
+        if volume.volume_id not in self._windows:
+            self._windows[volume.volume_id] = choose_window(volume.array, self.modality)
+        return self._windows[volume.volume_id]
+
+    def _resolve_label(self, label: Any) -> tuple[str, int]:
+        if label is None or label == "":
+            return UNLABELLED, 1
+        if isinstance(label, str) and label in self.label_map:
+            return label, self.label_map[label]
+        if isinstance(label, int) and not isinstance(label, bool) and label in self.label_map.values():
+            return next(n for n, v in self.label_map.items() if v == label), label
+        raise PromptError(f"unknown label {label!r}; known labels: {', '.join(self.label_map)}")
+
+    @staticmethod
+    def _result_format(request: dict) -> tuple[str, str, bool]:
+        extension = request.get("result_extension") or ".nii.gz"
+        dtype = request.get("result_dtype") or "uint8"
+        if extension not in RESULT_EXTENSIONS:
+            raise PromptError(f"result_extension must be one of {', '.join(RESULT_EXTENSIONS)}, got {extension!r}")
+        if dtype not in RESULT_DTYPES:
+            raise PromptError(f"result_dtype must be one of {', '.join(RESULT_DTYPES)}, got {dtype!r}")
+        return extension, dtype, _as_bool(request.get("result_compress", True), "result_compress")

@@ -1,0 +1,87 @@
+"""Reading images and writing label volumes with their geometry (SimpleITK)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+
+RESULT_DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "int16": np.int16, "int32": np.int32, "float32": np.float32}
+RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".mha")
+
+
+class ImageReadError(ValueError):
+    """The image cannot be read or is not a 3D scalar volume."""
+
+
+@dataclass
+class LoadedVolume:
+    """A volume as an (I, J, K) array (a view on ITK's buffer) with the ITK image for geometry."""
+
+    image: sitk.Image
+    array: np.ndarray
+    spacing: tuple[float, float, float]
+    volume_id: str
+
+
+class VolumeReader:
+    """Reads volumes, keeping the most recent few in memory keyed by path, size and mtime."""
+
+    def __init__(self, keep: int = 2):
+        self.keep = keep
+        self._cache: OrderedDict[tuple, LoadedVolume] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def read(self, path: str) -> LoadedVolume:
+        """Load ``path`` (any format ITK reads).
+
+        Raises:
+            ImageReadError: unreadable file, 2D or 4D/vector images.
+        """
+        stat = os.stat(path)
+        key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        try:
+            image = sitk.ReadImage(path)
+        except RuntimeError as error:
+            raise ImageReadError(f"cannot read image {os.path.basename(path)}: {str(error).strip()[:200]}") from None
+        if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+            raise ImageReadError(
+                f"expected a 3D scalar volume, got {image.GetDimension()}D with "
+                f"{image.GetNumberOfComponentsPerPixel()} component(s) per voxel"
+            )
+        array = sitk.GetArrayViewFromImage(image).transpose(2, 1, 0)
+        volume_id = hashlib.sha1(repr(key).encode()).hexdigest()[:16]
+        loaded = LoadedVolume(image, array, tuple(float(s) for s in image.GetSpacing()), volume_id)
+        with self._lock:
+            self._cache[key] = loaded
+            while len(self._cache) > self.keep:
+                self._cache.popitem(last=False)
+        return loaded
+
+
+def write_label(mask: np.ndarray, reference: sitk.Image, extension: str, dtype: str, compress: bool) -> str:
+    """Write an (I, J, K) label array with the reference image's geometry to a temp file.
+
+    Args:
+        mask: label values, (I, J, K).
+        reference: image whose origin, spacing and direction the label takes.
+        extension: one of ``RESULT_EXTENSIONS``.
+        dtype: one of ``RESULT_DTYPES``.
+        compress: gzip/zlib compression (OHIF asks for none, for speed).
+    """
+    out = sitk.GetImageFromArray(np.ascontiguousarray(mask.astype(RESULT_DTYPES[dtype]).transpose(2, 1, 0)))
+    out.CopyInformation(reference)
+    fd, path = tempfile.mkstemp(suffix=extension, prefix="spd_sam_")
+    os.close(fd)
+    sitk.WriteImage(out, path, useCompression=compress)
+    return path

@@ -1,0 +1,56 @@
+"""3D assembly: per-slice masks back into a volume that keeps only what the prompts support."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+from scipy import ndimage
+
+
+def trim_unanchored_ends(
+    masks: np.ndarray, first_slice: int, anchored: tuple[int, int], min_overlap: float = 0.5, max_growth: float = 1.3
+) -> np.ndarray:
+    """Drop slices beyond the validated clicks where the structure has ended.
+
+    Walking outwards from the first/last slice with a validated click, a slice is kept while its
+    mask overlaps the previous kept one (``min_overlap`` of its own area) and does not grow by more
+    than ``max_growth``; the walk stops at the first slice that fails.
+
+    Args:
+        masks: (N, H, W) bool masks of slices ``first_slice .. first_slice + N - 1``.
+        first_slice: slice index of ``masks[0]``.
+        anchored: (first, last) slice index that carries a validated click.
+    """
+    out = masks.copy()
+    lo, hi = anchored[0] - first_slice, anchored[1] - first_slice
+    for start, stop, step in ((lo, -1, -1), (hi, masks.shape[0], 1)):
+        previous = out[start]
+        ended = False
+        for n in range(start + step, stop, step):
+            area = out[n].sum()
+            if not ended:
+                overlap = np.logical_and(out[n], previous).sum()
+                ended = area == 0 or overlap < min_overlap * area or area > max_growth * max(previous.sum(), 1)
+            if ended:
+                out[n] = False
+            else:
+                previous = out[n]
+    return out
+
+
+def keep_prompted_components(volume: np.ndarray, seeds: Iterable[tuple[int, int, int]]) -> np.ndarray:
+    """Keep the 3D connected components (26-connectivity) that contain a seed voxel.
+
+    When no seed lies inside the mask (a prompt just off the predicted boundary), the component
+    nearest to the seeds is kept rather than nothing.
+    """
+    labels, count = ndimage.label(volume, structure=np.ones((3, 3, 3), dtype=bool))
+    if count <= 1:
+        return volume.astype(bool)
+    seeds = np.asarray(list(seeds), dtype=int).reshape(-1, 3)
+    hit = set(labels[tuple(seeds.T)].tolist()) - {0}
+    if not hit:
+        distance, (ii, jj, kk) = ndimage.distance_transform_edt(labels == 0, return_indices=True)
+        hit = {int(labels[ii[tuple(s)], jj[tuple(s)], kk[tuple(s)]]) for s in seeds}
+    return np.isin(labels, list(hit))

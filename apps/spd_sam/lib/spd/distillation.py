@@ -1,0 +1,259 @@
+"""Contextual Prompt Distillation (CPD): rough clicks in, consensus prompts per slice out.
+
+Every foreground click is checked twice (dual validation): against the saliency map of its own
+slice, and against the centre line that the clicks on nearby slices draw (a robust Theil-Sen
+line per in-plane coordinate). Clicks that fail are moved to the nearest salient pixel near where
+they should be, or rejected. Slices between validated clicks get prompts interpolated from their
+neighbours. Each slice's box comes from the salient region around its positive point, smoothed
+across adjacent slices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from .prompts import SliceClick
+
+
+@dataclass(frozen=True)
+class CPDConfig:
+    """Tolerances of the distillation, in mm where they are lengths."""
+
+    saliency_threshold: float = 0.5
+    centreline_tolerance_mm: float = 7.0
+    snap_radius_mm: float = 4.0
+    neighbours: int = 6
+    max_radius_mm: float = 25.0
+    box_pad_mm: float = 2.0
+    min_box_mm: float = 6.0
+    box_smoothing: int = 5
+
+
+@dataclass
+class ClickDecision:
+    """What CPD did with one user click."""
+
+    source: int
+    slice: int
+    row: float
+    col: float
+    status: str  # kept | moved | rejected
+    reason: str
+    new_row: float | None = None
+    new_col: float | None = None
+
+    def to_json(self, in_plane: Sequence[int], axis: int) -> dict:
+        """The decision with the click in IJK voxel indices."""
+        out = {"click": self.source, "ijk": _ijk(self.slice, self.row, self.col, in_plane, axis),
+               "status": self.status, "reason": self.reason}
+        if self.status == "moved":
+            out["moved_to"] = _ijk(self.slice, self.new_row, self.new_col, in_plane, axis)
+        return out
+
+
+@dataclass
+class SlicePrompt:
+    """Consensus prompts for one slice (slice pixel coordinates, rows and columns)."""
+
+    slice: int
+    positives: list[tuple[float, float]]
+    negatives: list[tuple[float, float]] = field(default_factory=list)
+    box: tuple[float, float, float, float] | None = None
+    anchored: bool = False  # True when a validated user click lies on this slice
+
+
+@dataclass
+class Consensus:
+    """The consensus prompt set of a request and the record of decisions."""
+
+    prompts: dict[int, SlicePrompt]
+    decisions: list[ClickDecision]
+
+    @property
+    def anchored_range(self) -> tuple[int, int]:
+        anchored = [s for s, p in self.prompts.items() if p.anchored]
+        return min(anchored), max(anchored)
+
+    def record(self, in_plane: Sequence[int], axis: int) -> dict:
+        """JSON-ready record: kept / moved / rejected clicks with reasons, and added prompts."""
+        by_status = {status: [d.to_json(in_plane, axis) for d in self.decisions if d.status == status]
+                     for status in ("kept", "moved", "rejected")}
+        by_status["added"] = [
+            {"ijk": _ijk(p.slice, *p.positives[0], in_plane, axis), "reason": "interpolated from validated neighbours"}
+            for p in self.prompts.values() if not p.anchored
+        ]
+        return by_status
+
+
+def _ijk(slice_index: int, row: float, col: float, in_plane: Sequence[int], axis: int) -> list[int]:
+    ijk = [0, 0, 0]
+    ijk[axis], ijk[in_plane[0]], ijk[in_plane[1]] = int(slice_index), int(round(row)), int(round(col))
+    return ijk
+
+
+def theil_sen_predict(slices: np.ndarray, values: np.ndarray, at: float) -> float:
+    """Robust line through (slice, value) pairs evaluated at ``at`` (median of pairwise slopes)."""
+    if np.unique(slices).size < 2:
+        return float(np.median(values))
+    i, j = np.triu_indices(slices.size, k=1)
+    keep = slices[i] != slices[j]
+    slope = float(np.median((values[j][keep] - values[i][keep]) / (slices[j][keep] - slices[i][keep])))
+    intercept = float(np.median(values - slope * slices))
+    return intercept + slope * at
+
+
+class ContextualPromptDistiller:
+    """Turns weak clicks into a consensus prompt set.
+
+    Args:
+        pixel_mm: in-plane spacing (row, col) in mm.
+        config: tolerances.
+    """
+
+    def __init__(self, pixel_mm: tuple[float, float], config: CPDConfig = CPDConfig()):
+        self.pixel_mm = np.asarray(pixel_mm, dtype=float)
+        self.config = config
+
+    def distill(self, clicks: Sequence[SliceClick], saliency: np.ndarray, first_slice: int) -> Consensus:
+        """Validate clicks and build prompts for every slice that ``saliency`` covers.
+
+        Args:
+            clicks: the request's clicks in slice coordinates.
+            saliency: (N, H, W) maps in [0, 1] for slices ``first_slice .. first_slice + N - 1``.
+            first_slice: slice index of ``saliency[0]``.
+        """
+        positives = [c for c in clicks if c.positive]
+        decisions = [self._validate(c, positives, saliency[c.slice - first_slice]) for c in positives]
+        validated = [d for d in decisions if d.status != "rejected"]
+        if not validated:  # nothing survived: trust the user's clicks rather than return nothing
+            for d in decisions:
+                d.status, d.reason = "kept", "kept: every click failed validation, so none is dropped"
+            validated = decisions
+        prompts = self._prompts_per_slice(validated, clicks, saliency, first_slice)
+        return Consensus(prompts, decisions)
+
+    # -- dual validation -------------------------------------------------------------------
+    def _validate(self, click: SliceClick, positives: Sequence[SliceClick], saliency: np.ndarray) -> ClickDecision:
+        cfg = self.config
+        salient = self._salient_at(saliency, click.row, click.col)
+        expected = self._expected_position(click, positives)
+        decision = ClickDecision(click.source, click.slice, click.row, click.col, "kept", "")
+        if expected is None:
+            agrees = None
+        else:
+            deviation = self._distance_mm((click.row, click.col), expected)
+            agrees = deviation <= cfg.centreline_tolerance_mm
+        if agrees is False:
+            target = self._nearest_salient(saliency, expected, cfg.centreline_tolerance_mm)
+            if target is None:
+                decision.status = "rejected"
+                decision.reason = (f"{deviation:.1f} mm off the line of neighbouring clicks and no salient "
+                                   f"region within {cfg.centreline_tolerance_mm:.0f} mm of where it should be")
+            else:
+                decision.status, (decision.new_row, decision.new_col) = "moved", target
+                decision.reason = (f"{deviation:.1f} mm off the line of neighbouring clicks; moved to the salient "
+                                   f"region near the expected position")
+        elif salient:
+            decision.reason = "salient and consistent with neighbouring slices" if agrees else "salient"
+        else:
+            target = self._nearest_salient(saliency, (click.row, click.col), cfg.snap_radius_mm)
+            if target is None:
+                decision.reason = "not salient, but no salient region nearby; kept as given"
+            else:
+                decision.status, (decision.new_row, decision.new_col) = "moved", target
+                decision.reason = (f"not salient at the click; snapped "
+                                   f"{self._distance_mm((click.row, click.col), target):.1f} mm to the salient region")
+        return decision
+
+    def _expected_position(self, click: SliceClick, positives: Sequence[SliceClick]):
+        others = [c for c in positives if c.slice != click.slice]
+        if len({c.slice for c in others}) < 2:
+            return None
+        others = sorted(others, key=lambda c: abs(c.slice - click.slice))[: self.config.neighbours]
+        s = np.array([c.slice for c in others], dtype=float)
+        rows = np.array([c.row for c in others])
+        cols = np.array([c.col for c in others])
+        return theil_sen_predict(s, rows, click.slice), theil_sen_predict(s, cols, click.slice)
+
+    # -- consensus prompts -----------------------------------------------------------------
+    def _prompts_per_slice(self, validated, clicks, saliency, first_slice) -> dict[int, SlicePrompt]:
+        anchors: dict[int, list[tuple[float, float]]] = {}
+        for d in validated:
+            point = (d.new_row, d.new_col) if d.status == "moved" else (d.row, d.col)
+            anchors.setdefault(d.slice, []).append(point)
+        anchor_slices = np.array(sorted(anchors))
+        centres = np.array([np.mean(anchors[s], axis=0) for s in anchor_slices])
+        prompts = {}
+        for n in range(saliency.shape[0]):
+            s = first_slice + n
+            if s in anchors:
+                prompts[s] = SlicePrompt(s, list(anchors[s]), anchored=True)
+            else:
+                guess = (float(np.interp(s, anchor_slices, centres[:, 0])),
+                         float(np.interp(s, anchor_slices, centres[:, 1])))
+                snapped = self._nearest_salient(saliency[n], guess, self.config.snap_radius_mm)
+                prompts[s] = SlicePrompt(s, [snapped or guess])
+        for c in clicks:
+            if not c.positive and c.slice in prompts:
+                prompts[c.slice].negatives.append((c.row, c.col))
+        self._assign_boxes(prompts, saliency, first_slice)
+        return prompts
+
+    def _assign_boxes(self, prompts: dict[int, SlicePrompt], saliency: np.ndarray, first_slice: int) -> None:
+        raw = {s: self._region_box(saliency[s - first_slice], p.positives) for s, p in prompts.items()}
+        order = sorted(raw)
+        sizes = np.array([[b[2] - b[0], b[3] - b[1]] for b in (raw[s] for s in order)], dtype=float)
+        k = self.config.box_smoothing
+        smoothed = ndimage.median_filter(sizes, size=(k, 1), mode="nearest") if len(order) >= k else sizes
+        height, width = saliency.shape[1:]
+        for s, (h, w) in zip(order, smoothed):
+            r0, c0, r1, c1 = raw[s]
+            pts = np.array(prompts[s].positives)
+            rc, cc = (r0 + r1) / 2.0, (c0 + c1) / 2.0
+            box = [rc - h / 2.0, cc - w / 2.0, rc + h / 2.0, cc + w / 2.0]
+            box = [min(box[0], pts[:, 0].min()), min(box[1], pts[:, 1].min()),
+                   max(box[2], pts[:, 0].max()), max(box[3], pts[:, 1].max())]
+            prompts[s].box = (max(box[0], 0.0), max(box[1], 0.0), min(box[2], height - 1.0), min(box[3], width - 1.0))
+
+    def _region_box(self, saliency: np.ndarray, points) -> tuple[float, float, float, float]:
+        """Bounding box of the salient component around the points, padded, within max radius."""
+        cfg = self.config
+        centre = np.mean(points, axis=0)
+        window = self._disc(saliency.shape, centre, cfg.max_radius_mm)
+        salient = ndimage.binary_opening(saliency >= cfg.saliency_threshold) & window
+        labels, _ = ndimage.label(salient)
+        hit = {labels[int(round(r)), int(round(c))] for r, c in points} - {0}
+        rows, cols = np.nonzero(np.isin(labels, list(hit))) if hit else (np.array([]), np.array([]))
+        half = np.maximum(cfg.min_box_mm / 2.0 / self.pixel_mm, 1.0)
+        r0 = min(rows.min() if rows.size else centre[0], centre[0] - half[0])
+        r1 = max(rows.max() if rows.size else centre[0], centre[0] + half[0])
+        c0 = min(cols.min() if cols.size else centre[1], centre[1] - half[1])
+        c1 = max(cols.max() if cols.size else centre[1], centre[1] + half[1])
+        pad = cfg.box_pad_mm / self.pixel_mm
+        return r0 - pad[0], c0 - pad[1], r1 + pad[0], c1 + pad[1]
+
+    # -- geometry helpers ------------------------------------------------------------------
+    def _distance_mm(self, a, b) -> float:
+        return float(np.hypot(*((np.asarray(a) - np.asarray(b)) * self.pixel_mm)))
+
+    def _disc(self, shape, centre, radius_mm) -> np.ndarray:
+        rr, cc = np.ogrid[: shape[0], : shape[1]]
+        return ((rr - centre[0]) * self.pixel_mm[0]) ** 2 + ((cc - centre[1]) * self.pixel_mm[1]) ** 2 <= radius_mm**2
+
+    def _salient_at(self, saliency: np.ndarray, row: float, col: float) -> bool:
+        r, c = int(round(row)), int(round(col))
+        return bool(saliency[max(r - 1, 0) : r + 2, max(c - 1, 0) : c + 2].max() >= self.config.saliency_threshold)
+
+    def _nearest_salient(self, saliency: np.ndarray, centre, radius_mm: float):
+        """The salient pixel nearest to ``centre`` within ``radius_mm``, or None."""
+        candidates = (saliency >= self.config.saliency_threshold) & self._disc(saliency.shape, centre, radius_mm)
+        rows, cols = np.nonzero(candidates)
+        if rows.size == 0:
+            return None
+        d = ((rows - centre[0]) * self.pixel_mm[0]) ** 2 + ((cols - centre[1]) * self.pixel_mm[1]) ** 2
+        best = int(np.argmin(d))
+        return float(rows[best]), float(cols[best])

@@ -1,0 +1,103 @@
+"""Per-slice embedding cache: an in-memory LRU under a byte budget, backed by files on disk.
+
+Keys name a volume, a slice axis, a backbone and its weights, so a restart or a second user finds
+the slices already embedded. Slices are stored as float16 (half the bytes; SAM decoders are
+insensitive to it) and written atomically, one file per slice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class EmbeddingCache:
+    """Embeddings of slices, computed on demand.
+
+    Args:
+        budget_bytes: in-memory budget; least recently used slices are evicted beyond it.
+        directory: where slices are persisted (None: memory only).
+    """
+
+    def __init__(self, budget_bytes: int = 2 << 30, directory: str | os.PathLike | None = None):
+        self.budget_bytes = int(budget_bytes)
+        self.directory = Path(directory) if directory else None
+        self._memory: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.RLock()
+
+    @property
+    def bytes_in_memory(self) -> int:
+        return self._bytes
+
+    def missing(self, key: str, slices: Sequence[int]) -> list[int]:
+        """The slices of ``key`` that are neither in memory nor on disk."""
+        with self._lock:
+            return [s for s in slices if (key, s) not in self._memory and not self._file(key, s).is_file()]
+
+    def get(self, key: str, slices: Sequence[int], compute: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
+        """Embeddings of ``slices`` stacked (N, C, h, w) as float16, computing the missing ones.
+
+        Args:
+            key: identifies volume, axis, backbone and weights.
+            slices: slice indices to return, in order.
+            compute: embeds a list of slice indices, returning (len, C, h, w).
+        """
+        todo = self.missing(key, slices)
+        if todo:
+            self.put(key, todo, compute(todo))
+        with self._lock:
+            return torch.stack([self._load(key, s) for s in slices])
+
+    def put(self, key: str, slices: Sequence[int], embeddings: torch.Tensor) -> None:
+        """Store freshly computed embeddings in memory and on disk."""
+        for s, e in zip(slices, embeddings):
+            e = e.detach().to("cpu", torch.float16).contiguous()
+            if self.directory is not None:
+                self._write(key, s, e)
+            with self._lock:
+                self._remember((key, s), e)
+
+    def _load(self, key: str, s: int) -> torch.Tensor:
+        if (key, s) in self._memory:
+            self._memory.move_to_end((key, s))
+            return self._memory[(key, s)]
+        tensor = torch.from_numpy(np.load(self._file(key, s)))
+        self._remember((key, s), tensor)
+        return tensor
+
+    def _remember(self, item: tuple[str, int], tensor: torch.Tensor) -> None:
+        if item in self._memory:
+            self._bytes -= self._memory.pop(item).nbytes
+        self._memory[item] = tensor
+        self._bytes += tensor.nbytes
+        while self._bytes > self.budget_bytes and len(self._memory) > 1:
+            _, evicted = self._memory.popitem(last=False)
+            self._bytes -= evicted.nbytes
+
+    def _file(self, key: str, s: int) -> Path:
+        if self.directory is None:
+            return Path(os.devnull) / "absent"
+        return self.directory / key / f"{s:05d}.npy"
+
+    def _write(self, key: str, s: int, tensor: torch.Tensor) -> None:
+        target = self._file(key, s)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                np.save(handle, tensor.numpy())
+            os.replace(tmp, target)
+        except OSError as error:  # a full disk costs the persistence, not the request
+            Path(tmp).unlink(missing_ok=True)
+            logger.warning("could not persist embedding %s: %s", target, error)

@@ -1,0 +1,209 @@
+"""The SPD volume pipeline: clicks -> slice range -> embeddings -> saliency -> CPD -> decoding -> 3D mask."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .assembly import keep_prompted_components, trim_unanchored_ends
+from .backbones import Backbone, SlicePrompts
+from .distillation import Consensus, ContextualPromptDistiller, CPDConfig
+from .embedding_cache import EmbeddingCache
+from .intensity import IntensityWindow
+from .prompts import Click, choose_slice_axis, to_slice_clicks
+from .saliency import AppearanceSaliency, SaliencyModel
+
+
+@dataclass
+class Segmentation:
+    """A 3D mask and how it was made."""
+
+    mask: np.ndarray
+    axis: int
+    slice_range: tuple[int, int]
+    consensus: dict
+    timings: dict = field(default_factory=dict)
+
+
+@dataclass
+class VolumeView:
+    """A volume seen as a stack of slices along one axis, windowed on demand."""
+
+    volume: np.ndarray
+    axis: int
+    window: IntensityWindow
+
+    @property
+    def in_plane(self) -> list[int]:
+        return [a for a in range(3) if a != self.axis]
+
+    @property
+    def slice_shape(self) -> tuple[int, int]:
+        return tuple(self.volume.shape[a] for a in self.in_plane)
+
+    @property
+    def depth(self) -> int:
+        return self.volume.shape[self.axis]
+
+    def slices(self, indices: Sequence[int]) -> np.ndarray:
+        """(N, H, W) float32 in [0, 1]; rows and columns are the remaining axes in order."""
+        return self.window.apply(np.moveaxis(np.take(self.volume, list(indices), axis=self.axis), self.axis, 0))
+
+
+def slice_margin(click_slices: Sequence[int]) -> int:
+    """Slices to segment beyond the outermost clicks: twice the typical gap between clicks, at least 3."""
+    unique = np.unique(click_slices)
+    gap = int(np.median(np.diff(unique))) if unique.size > 1 else 2
+    return max(3, 2 * gap)
+
+
+class SPDPipeline:
+    """Segments one structure in a volume from weak clicks.
+
+    Args:
+        backbone: the SAM-family model (see ``backbones.load_backbone``).
+        cache: slice embedding cache shared by all requests.
+        saliency_heads: trained saliency per label name; labels without one use appearance saliency.
+        cpd: distillation tolerances.
+        decode_chunk: slices decoded per call.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        cache: EmbeddingCache,
+        saliency_heads: Mapping[str, SaliencyModel] | None = None,
+        cpd: CPDConfig = CPDConfig(),
+        decode_chunk: int = 16,
+    ):
+        self.backbone = backbone
+        self.cache = cache
+        self.saliency_heads = dict(saliency_heads or {})
+        self.cpd = cpd
+        self.decode_chunk = decode_chunk
+        self.fallback_saliency = AppearanceSaliency()
+
+    def cache_key(self, volume_id: str, view: VolumeView) -> str:
+        """Names the embeddings of one volume seen along one axis by one backbone and window."""
+        w = view.window
+        return f"{volume_id}-ax{view.axis}-{self.backbone.name}-{self.backbone.weights_id}-{w.low:.6g}_{w.high:.6g}"
+
+    def embed(self, volume_id: str, view: VolumeView, indices: Sequence[int]) -> torch.Tensor:
+        """Embeddings of the given slices, through the cache."""
+        return self.cache.get(self.cache_key(volume_id, view), indices,
+                              lambda todo: self.backbone.embed(view.slices(todo)))
+
+    def segment(
+        self,
+        volume: np.ndarray,
+        spacing: Sequence[float],
+        volume_id: str,
+        clicks: Sequence[Click],
+        window: IntensityWindow,
+        label: str | None = None,
+        slice_axis: int | None = None,
+        roi: tuple[tuple[int, int], ...] | None = None,
+    ) -> Segmentation:
+        """Run SPD for one structure.
+
+        Args:
+            volume: (I, J, K) image as stored.
+            spacing: voxel size in mm per axis.
+            volume_id: stable id of the volume content (cache key).
+            clicks: validated clicks (IJK).
+            window: intensity window of the volume.
+            label: structure name, selects a trained saliency head.
+            slice_axis: axis to segment along (None: chosen from the clicks).
+            roi: optional ((i0, i1), (j0, j1), (k0, k1)) bounds; nothing is segmented outside.
+        """
+        timings: dict[str, float] = {}
+        tic = time.perf_counter()
+
+        def lap(name: str) -> None:
+            nonlocal tic
+            now = time.perf_counter()
+            timings[name] = round(now - tic, 4)
+            tic = now
+
+        axis = choose_slice_axis(clicks, spacing, slice_axis)
+        view = VolumeView(volume, axis, window)
+        sclicks = to_slice_clicks(clicks, axis)
+        fg_slices = [c.slice for c in sclicks if c.positive]
+        margin = slice_margin(fg_slices)
+        lo, hi = (0, view.depth - 1) if roi is None else roi[axis]
+        first, last = max(min(fg_slices) - margin, lo), min(max(fg_slices) + margin, hi)
+        indices = list(range(first, last + 1))
+        sclicks = [c for c in sclicks if first <= c.slice <= last]
+        lap("prepare")
+
+        embeddings = self.embed(volume_id, view, indices)
+        lap("embed")
+
+        images = view.slices(indices)
+        positives = [(c.slice - first, c.row, c.col) for c in sclicks if c.positive]
+        saliency_model = self.saliency_heads.get(label, self.fallback_saliency)
+        saliency = saliency_model(images, embeddings, positives)
+        lap("saliency")
+
+        pixel_mm = tuple(float(spacing[a]) for a in view.in_plane)
+        consensus = ContextualPromptDistiller(pixel_mm, self.cpd).distill(sclicks, saliency, first)
+        lap("distill")
+
+        logits = self._decode(embeddings, consensus, saliency, first, view.slice_shape)
+        lap("decode")
+
+        mask = self._assemble(logits > 0, consensus, view, first, roi)
+        lap("assemble")
+        return Segmentation(mask, axis, (first, last), consensus.record(view.in_plane, axis), timings)
+
+    def _decode(self, embeddings, consensus: Consensus, saliency, first: int, slice_shape) -> np.ndarray:
+        prompts = [consensus.prompts[first + n] for n in range(embeddings.shape[0])]
+        boxes = np.array([p.box for p in prompts], dtype=np.float32)
+        points, labels = _pad_points(prompts)
+        dense = None
+        if self.backbone.uses_mask_prompt:
+            clipped = np.clip(saliency, 1e-4, 1 - 1e-4)
+            dense = np.log(clipped / (1 - clipped)).astype(np.float32)
+        out = []
+        for start in range(0, len(prompts), self.decode_chunk):
+            part = slice(start, start + self.decode_chunk)
+            chunk = SlicePrompts(
+                boxes=boxes[part],
+                points=points[part],
+                point_labels=labels[part],
+                mask_logits=None if dense is None else dense[part],
+            )
+            out.append(self.backbone.decode(embeddings[part], chunk, slice_shape))
+        return np.concatenate(out)
+
+    def _assemble(self, masks: np.ndarray, consensus: Consensus, view: VolumeView, first: int, roi) -> np.ndarray:
+        """Slab of slice masks -> full-size volume; components without a prompt are dropped."""
+        masks = trim_unanchored_ends(masks, first, consensus.anchored_range)
+        if roi is not None:
+            rows, cols = (roi[a] for a in view.in_plane)
+            inside = np.zeros(masks.shape[1:], dtype=bool)
+            inside[rows[0] : rows[1] + 1, cols[0] : cols[1] + 1] = True
+            masks &= inside
+        seeds = [(s - first, int(round(r)), int(round(c))) for s, p in consensus.prompts.items() for r, c in p.positives]
+        masks = keep_prompted_components(masks, seeds)
+        volume = np.zeros(view.volume.shape, dtype=bool)
+        target = [slice(None)] * 3
+        target[view.axis] = slice(first, first + masks.shape[0])
+        volume[tuple(target)] = np.moveaxis(masks, 0, view.axis)
+        return volume
+
+
+def _pad_points(prompts) -> tuple[np.ndarray, np.ndarray]:
+    """Positive and negative points of each slice, padded to the same count (label -1)."""
+    count = max(len(p.positives) + len(p.negatives) for p in prompts)
+    points = np.zeros((len(prompts), count, 2), dtype=np.float32)
+    labels = -np.ones((len(prompts), count), dtype=np.int64)
+    for n, p in enumerate(prompts):
+        pts = list(p.positives) + list(p.negatives)
+        points[n, : len(pts)] = pts
+        labels[n, : len(pts)] = [1] * len(p.positives) + [0] * len(p.negatives)
+    return points, labels

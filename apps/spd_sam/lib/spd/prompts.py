@@ -1,0 +1,140 @@
+"""Parse and validate the point prompts that viewers send (voxel indices, IJK)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+MAX_POINTS = 1000
+
+
+class PromptError(ValueError):
+    """A request's prompts are malformed; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class Click:
+    """One point prompt in voxel indices of the image as stored."""
+
+    ijk: tuple[int, int, int]
+    positive: bool
+
+
+@dataclass(frozen=True)
+class SliceClick:
+    """A click expressed in slice coordinates: slice index and (row, col) inside the slice."""
+
+    slice: int
+    row: float
+    col: float
+    positive: bool
+    source: int  # index of the originating click in the request (-1 for added prompts)
+
+
+def _parse_point(value: Any, name: str, index: int, shape: Sequence[int]) -> tuple[int, int, int]:
+    if not isinstance(value, (list, tuple)) or len(value) != 3:
+        raise PromptError(f"{name}[{index}] must be a list of three voxel indices [i, j, k], got {value!r}")
+    ijk = []
+    for axis, v in enumerate(value):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise PromptError(f"{name}[{index}] has a non-numeric coordinate {v!r}")
+        if not math.isfinite(v):
+            raise PromptError(f"{name}[{index}] has a non-finite coordinate {v!r}")
+        if float(v) != round(float(v)):
+            raise PromptError(f"{name}[{index}] coordinate {v!r} is not an integer voxel index")
+        iv = int(round(float(v)))
+        if not 0 <= iv < shape[axis]:
+            raise PromptError(
+                f"{name}[{index}] = {list(value)} lies outside the image (shape {list(shape)}, axis {axis})"
+            )
+        ijk.append(iv)
+    return ijk[0], ijk[1], ijk[2]
+
+
+def parse_points(value: Any, name: str, shape: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Validate a list of ``[i, j, k]`` points against an image shape.
+
+    Args:
+        value: the request field (``None`` or a list of 3-element lists).
+        name: field name used in error messages.
+        shape: the image shape (I, J, K).
+
+    Raises:
+        PromptError: wrong nesting, non-integer or non-finite values, points outside the image,
+            or more than ``MAX_POINTS`` points.
+    """
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise PromptError(f"{name} must be a list of [i, j, k] points, got {type(value).__name__}")
+    if len(value) > MAX_POINTS:
+        raise PromptError(f"{name} has {len(value)} points; at most {MAX_POINTS} are accepted")
+    return [_parse_point(p, name, n, shape) for n, p in enumerate(value)]
+
+
+def parse_clicks(params: dict, shape: Sequence[int]) -> list[Click]:
+    """Read ``foreground`` and ``background`` from request params.
+
+    Raises:
+        PromptError: if the fields are malformed or no foreground click is given.
+    """
+    if len(shape) != 3:
+        raise PromptError(f"expected a 3D image, got shape {list(shape)}")
+    fg = parse_points(params.get("foreground"), "foreground", shape)
+    bg = parse_points(params.get("background"), "background", shape)
+    if not fg:
+        raise PromptError("at least one foreground point is needed")
+    return [Click(p, True) for p in fg] + [Click(p, False) for p in bg]
+
+
+def choose_slice_axis(clicks: Sequence[Click], spacing: Sequence[float], requested: Any = None) -> int:
+    """The axis to segment along.
+
+    An explicit ``slice_axis`` wins. Otherwise the axis along which the foreground clicks spread
+    furthest (in mm): clicks placed every few slices along a structure run along its long axis.
+    A single click falls back to the axis with the coarsest spacing (the acquisition direction).
+    """
+    if requested is not None:
+        if isinstance(requested, bool) or not isinstance(requested, int) or requested not in (0, 1, 2):
+            raise PromptError(f"slice_axis must be 0, 1 or 2, got {requested!r}")
+        return requested
+    fg = np.array([c.ijk for c in clicks if c.positive], dtype=float)
+    extent = (fg.max(axis=0) - fg.min(axis=0)) * np.asarray(spacing, dtype=float)
+    if extent.max() <= 0:
+        coarsest = np.asarray(spacing, dtype=float)
+        return int(np.flatnonzero(coarsest == coarsest.max())[-1])
+    return int(np.argmax(extent))
+
+
+def to_slice_clicks(clicks: Sequence[Click], axis: int) -> list[SliceClick]:
+    """Express clicks as (slice, row, col) with rows and columns the remaining axes in order."""
+    in_plane = [a for a in range(3) if a != axis]
+    return [
+        SliceClick(c.ijk[axis], float(c.ijk[in_plane[0]]), float(c.ijk[in_plane[1]]), c.positive, n)
+        for n, c in enumerate(clicks)
+    ]
+
+
+def parse_roi(value: Any, shape: Sequence[int]) -> tuple[tuple[int, int], ...] | None:
+    """Parse an optional ROI: ``[[i0, i1], [j0, j1], [k0, k1]]`` or ``[i0, j0, k0, i1, j1, k1]``."""
+    if value is None or value == []:
+        return None
+    flat = np.asarray(value, dtype=object).ravel().tolist() if isinstance(value, (list, tuple)) else None
+    if flat is None or len(flat) != 6 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in flat):
+        raise PromptError(f"roi must be [[i0, i1], [j0, j1], [k0, k1]] or six numbers, got {value!r}")
+    if not all(math.isfinite(v) for v in flat):
+        raise PromptError("roi has non-finite values")
+    nested = isinstance(value[0], (list, tuple))
+    lo = flat[0::2] if nested else flat[:3]
+    hi = flat[1::2] if nested else flat[3:]
+    roi = []
+    for axis, (a, b) in enumerate(zip(lo, hi)):
+        a, b = sorted((int(round(a)), int(round(b))))
+        a, b = max(a, 0), min(b, shape[axis] - 1)
+        if a > b:
+            raise PromptError(f"roi does not overlap the image along axis {axis}")
+        roi.append((a, b))
+    return tuple(roi)

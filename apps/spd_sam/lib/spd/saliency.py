@@ -1,0 +1,92 @@
+"""Saliency: where the target plausibly is, per slice.
+
+Before any label has been trained, :class:`AppearanceSaliency` builds the map from image
+appearance alone: the intensity of the clicked voxels and the similarity of the SAM embedding to
+the embedding under the clicks. Medians over all clicks keep a minority of off-target clicks from
+steering it. Trained per-label heads plug in through the same :class:`SaliencyModel` interface.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class SaliencyModel(Protocol):
+    """Predicts a saliency map in [0, 1] per slice."""
+
+    def __call__(
+        self, images: np.ndarray, embeddings: torch.Tensor, clicks: Sequence[tuple[int, float, float]]
+    ) -> np.ndarray:
+        """Args: images (N, H, W) in [0, 1]; embeddings (N, C, g, g); clicks (batch index, row, col)."""
+
+
+def embedding_grid_to_slice(grid: torch.Tensor, slice_shape: tuple[int, int]) -> torch.Tensor:
+    """Resample (N, g, g) maps on the embedding grid to (N, H, W) slice pixels.
+
+    The backbones resize a slice's longest side to their input size and pad bottom/right, so the
+    slice covers the top-left ``H/max(H,W)`` x ``W/max(H,W)`` of the grid.
+    """
+    height, width = slice_shape
+    g = grid.shape[-1]
+    rows = max(1, round(g * height / max(height, width)))
+    cols = max(1, round(g * width / max(height, width)))
+    valid = grid[:, None, :rows, :cols].float()
+    return F.interpolate(valid, size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+
+
+def _grid_index(row: float, col: float, slice_shape: tuple[int, int], g: int) -> tuple[int, int]:
+    scale = g / max(slice_shape)
+    return min(int(row * scale), g - 1), min(int(col * scale), g - 1)
+
+
+class AppearanceSaliency:
+    """Label-agnostic saliency from click intensity and embedding similarity.
+
+    Args:
+        patch: half-size in pixels of the patch whose median gives a click's intensity.
+        min_sigma: floor of the intensity spread, in normalised units.
+    """
+
+    def __init__(self, patch: int = 1, min_sigma: float = 0.04):
+        self.patch = patch
+        self.min_sigma = min_sigma
+
+    def __call__(
+        self, images: np.ndarray, embeddings: torch.Tensor, clicks: Sequence[tuple[int, float, float]]
+    ) -> np.ndarray:
+        assert clicks, "appearance saliency needs at least one click"
+        intensity = self._intensity_likelihood(images, clicks)
+        similarity = self._embedding_similarity(embeddings, clicks, images.shape[1:])
+        return np.sqrt(intensity * similarity).astype(np.float32)
+
+    def _intensity_likelihood(self, images: np.ndarray, clicks) -> np.ndarray:
+        p = self.patch
+        values = []
+        for n, row, col in clicks:
+            r, c = int(round(row)), int(round(col))
+            values.append(float(np.median(images[n, max(r - p, 0) : r + p + 1, max(c - p, 0) : c + p + 1])))
+        values = np.asarray(values)
+        centre = float(np.median(values))
+        sigma = max(1.4826 * float(np.median(np.abs(values - centre))), self.min_sigma)
+        z = (images - np.float32(centre)) / np.float32(sigma)
+        return np.exp(-0.5 * z * z / 4.0).astype(np.float32)  # 2-sigma wide: tolerant to partial volume
+
+    def _embedding_similarity(self, embeddings: torch.Tensor, clicks, slice_shape) -> np.ndarray:
+        emb = F.normalize(embeddings.float(), dim=1)
+        g = emb.shape[-1]
+        refs = []
+        for n, row, col in clicks:
+            gr, gc = _grid_index(row, col, slice_shape, g)
+            refs.append(emb[n, :, gr, gc])
+        reference = F.normalize(torch.stack(refs).median(dim=0).values, dim=0)
+        cosine = torch.einsum("nchw,c->nhw", emb, reference)
+        at_clicks = torch.stack([cosine[n, gr, gc] for n, gr, gc in
+                                 ((n, *_grid_index(r, c, slice_shape, g)) for n, r, c in clicks)])
+        high = float(at_clicks.median())
+        low = float(cosine.median())
+        scaled = ((cosine - low) / max(high - low, 1e-3)).clamp(0.0, 1.0)
+        return embedding_grid_to_slice(scaled, slice_shape).clamp(0.0, 1.0).numpy()

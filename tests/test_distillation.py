@@ -1,0 +1,119 @@
+"""Contextual prompt distillation on a synthetic two-tube scene.
+
+The target and a neighbouring tube look alike (both salient), 20 px apart, so only the agreement of
+clicks across slices can tell an off-target click from a good one.
+"""
+
+import numpy as np
+import pytest
+
+from lib.spd.distillation import ContextualPromptDistiller, CPDConfig, theil_sen_predict
+from lib.spd.prompts import SliceClick
+
+N, H, W = 30, 64, 64
+TARGET_COL, NEIGHBOUR_COL = 20, 40
+
+
+def target_centre(s: int) -> tuple[float, float]:
+    return 20.0 + 0.3 * s, float(TARGET_COL)  # drifts slowly across slices, like a curved structure
+
+
+def scene() -> np.ndarray:
+    """Saliency maps (N, H, W): two discs of radius 5 per slice."""
+    rr, cc = np.mgrid[:H, :W]
+    maps = np.zeros((N, H, W), dtype=np.float32)
+    for s in range(N):
+        r, _ = target_centre(s)
+        maps[s][(rr - r) ** 2 + (cc - TARGET_COL) ** 2 <= 25] = 1.0
+        maps[s][(rr - r) ** 2 + (cc - NEIGHBOUR_COL) ** 2 <= 25] = 1.0
+    return maps
+
+
+def clicks_every(k: int, off_target_slice: int | None = None, drift=(0.0, 0.0)) -> list[SliceClick]:
+    out = []
+    for n, s in enumerate(range(2, N - 2, k)):
+        r, c = target_centre(s)
+        if s == off_target_slice:
+            c = float(NEIGHBOUR_COL)
+        out.append(SliceClick(s, r + drift[0], c + drift[1], True, n))
+    return out
+
+
+def in_target(s: int, row: float, col: float) -> bool:
+    r, _ = target_centre(s)
+    return (row - r) ** 2 + (col - TARGET_COL) ** 2 <= 25
+
+
+def test_off_target_click_is_moved_onto_target_or_rejected():
+    clicks = clicks_every(3, off_target_slice=14)
+    consensus = ContextualPromptDistiller((1.0, 1.0)).distill(clicks, scene(), 0)
+    bad = next(d for d in consensus.decisions if d.slice == 14)
+    assert bad.status in ("moved", "rejected"), bad
+    if bad.status == "moved":
+        assert in_target(14, bad.new_row, bad.new_col)
+    assert "off the line" in bad.reason
+    good = [d for d in consensus.decisions if d.slice != 14]
+    assert all(d.status == "kept" for d in good)
+
+
+def test_without_cross_slice_check_the_off_target_click_would_survive():
+    """Control: the neighbour is salient, so a saliency-only check cannot catch the bad click."""
+    clicks = [c for c in clicks_every(3, off_target_slice=14) if c.slice == 14]
+    consensus = ContextualPromptDistiller((1.0, 1.0)).distill(clicks, scene(), 0)
+    assert consensus.decisions[0].status == "kept"
+
+
+def test_drifted_click_off_saliency_is_snapped_back():
+    clicks = clicks_every(3)
+    r, c = target_centre(8)
+    clicks[2] = SliceClick(8, r, c - 7.0, True, 2)  # 7 px off: outside the disc, not on the neighbour
+    consensus = ContextualPromptDistiller((1.0, 1.0), CPDConfig(snap_radius_mm=4.0)).distill(clicks, scene(), 0)
+    d = next(d for d in consensus.decisions if d.slice == 8)
+    assert d.status == "moved" and in_target(8, d.new_row, d.new_col)
+
+
+def test_slices_between_clicks_are_filled_inside_the_target():
+    clicks = clicks_every(4)
+    consensus = ContextualPromptDistiller((1.0, 1.0)).distill(clicks, scene(), 0)
+    assert sorted(consensus.prompts) == list(range(N))
+    first, last = consensus.anchored_range
+    for s in range(first, last + 1):
+        p = consensus.prompts[s]
+        assert p.anchored == any(c.slice == s for c in clicks)
+        assert all(in_target(s, r, c) for r, c in p.positives), (s, p.positives)
+        r0, c0, r1, c1 = p.box
+        assert r0 <= target_centre(s)[0] <= r1 and c0 <= TARGET_COL <= c1
+        assert c1 < NEIGHBOUR_COL - 3, "box must not swallow the neighbouring structure"
+
+
+def test_record_lists_added_and_rejected_in_ijk():
+    clicks = clicks_every(3, off_target_slice=14)
+    consensus = ContextualPromptDistiller((1.0, 1.0)).distill(clicks, scene(), 0)
+    record = consensus.record(in_plane=[0, 1], axis=2)
+    assert set(record) == {"kept", "moved", "rejected", "added"}
+    assert len(record["kept"]) + len(record["moved"]) + len(record["rejected"]) == len(clicks)
+    assert len(record["added"]) == N - len(clicks) + len(record["rejected"])
+    assert all(len(a["ijk"]) == 3 and a["ijk"][2] in range(N) for a in record["added"])
+
+
+def test_negative_clicks_reach_their_slice():
+    clicks = clicks_every(3) + [SliceClick(5, 20.0, 40.0, False, 99)]
+    consensus = ContextualPromptDistiller((1.0, 1.0)).distill(clicks, scene(), 0)
+    assert consensus.prompts[5].negatives == [(20.0, 40.0)]
+
+
+def test_all_clicks_rejected_falls_back_to_the_users_clicks():
+    empty = np.zeros((N, H, W), dtype=np.float32)
+    clicks = clicks_every(3)
+    clicks[3] = SliceClick(clicks[3].slice, 5.0, 5.0, True, 3)
+    consensus = ContextualPromptDistiller((1.0, 1.0)).distill(clicks, empty, 0)
+    assert consensus.prompts and all(d.status in ("kept", "rejected") for d in consensus.decisions)
+    assert any(d.status == "kept" for d in consensus.decisions)
+
+
+@pytest.mark.parametrize("outlier", [0, 2, 5])
+def test_theil_sen_ignores_one_outlier(outlier):
+    s = np.arange(6, dtype=float)
+    v = 2.0 * s + 1.0
+    v[outlier] += 30.0
+    assert theil_sen_predict(s, v, 10.0) == pytest.approx(21.0, abs=1.0)

@@ -1,0 +1,78 @@
+"""The prompt parser: what viewers send, and what it must refuse."""
+
+import math
+
+import pytest
+
+from lib.spd.prompts import Click, PromptError, choose_slice_axis, parse_clicks, parse_roi, to_slice_clicks
+
+SHAPE = (20, 30, 40)
+
+
+def test_parses_slicer_request():
+    clicks = parse_clicks({"foreground": [[1, 2, 3], [4, 5, 6]], "background": [[7, 8, 9]]}, SHAPE)
+    assert [c.ijk for c in clicks] == [(1, 2, 3), (4, 5, 6), (7, 8, 9)]
+    assert [c.positive for c in clicks] == [True, True, False]
+
+
+def test_accepts_integral_floats_and_missing_background():
+    clicks = parse_clicks({"foreground": [[1.0, 2.0, 3.0]]}, SHAPE)
+    assert clicks == [Click((1, 2, 3), True)]
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({}, "at least one foreground"),
+        ({"foreground": []}, "at least one foreground"),
+        ({"foreground": "1,2,3"}, "must be a list"),
+        ({"foreground": [1, 2, 3]}, "foreground[0] must be a list of three"),
+        ({"foreground": [[1, 2]]}, "list of three"),
+        ({"foreground": [[1, 2, 3, 4]]}, "list of three"),
+        ({"foreground": [[1, "a", 3]]}, "non-numeric"),
+        ({"foreground": [[1, True, 3]]}, "non-numeric"),
+        ({"foreground": [[1, math.nan, 3]]}, "non-finite"),
+        ({"foreground": [[1, math.inf, 3]]}, "non-finite"),
+        ({"foreground": [[1.5, 2, 3]]}, "not an integer"),
+        ({"foreground": [[20, 0, 0]]}, "outside the image"),
+        ({"foreground": [[0, -1, 0]]}, "outside the image"),
+        ({"foreground": [[0, 0, 0]] * 100_000}, "at most"),
+        ({"foreground": [[0, 0, 0]], "background": [[0, 0, 40]]}, "background[0]"),
+    ],
+)
+def test_rejects_malformed_points(params, message):
+    with pytest.raises(PromptError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_clicks(params, SHAPE)
+
+
+def test_rejects_non_3d_images():
+    with pytest.raises(PromptError, match="3D"):
+        parse_clicks({"foreground": [[0, 0, 0]]}, (5, 5, 5, 2))
+
+
+def test_slice_axis_follows_click_extent_in_mm():
+    clicks = [Click((5, 10, k), True) for k in range(10, 30, 3)]
+    assert choose_slice_axis(clicks, (1.0, 1.0, 1.0)) == 2
+    spread_in_j = [Click((5, j, 12), True) for j in range(2, 20, 3)]
+    assert choose_slice_axis(spread_in_j, (1.0, 1.0, 1.0)) == 1
+    single = [Click((5, 5, 5), True)]
+    assert choose_slice_axis(single, (0.8, 0.8, 3.0)) == 2
+    assert choose_slice_axis(single, (3.0, 0.8, 0.8)) == 0
+    assert choose_slice_axis(clicks, (1.0, 1.0, 1.0), requested=0) == 0
+    with pytest.raises(PromptError, match="slice_axis"):
+        choose_slice_axis(clicks, (1.0, 1.0, 1.0), requested=3)
+
+
+def test_slice_clicks_keep_in_plane_axis_order():
+    (c,) = to_slice_clicks([Click((1, 2, 3), True)], axis=1)
+    assert (c.slice, c.row, c.col) == (2, 1.0, 3.0)
+
+
+def test_roi_forms():
+    assert parse_roi([[2, 5], [0, 100], [3, 1]], SHAPE) == ((2, 5), (0, 29), (1, 3))
+    assert parse_roi([2, 0, 1, 5, 29, 3], SHAPE) == ((2, 5), (0, 29), (1, 3))
+    assert parse_roi(None, SHAPE) is None
+    with pytest.raises(PromptError, match="roi"):
+        parse_roi([[1, 2]], SHAPE)
+    with pytest.raises(PromptError, match="overlap"):
+        parse_roi([[50, 60], [0, 1], [0, 1]], SHAPE)
