@@ -81,9 +81,22 @@ def test_slices_between_clicks_are_filled_inside_the_target():
         p = consensus.prompts[s]
         assert p.anchored == any(c.slice == s for c in clicks)
         assert all(in_target(s, r, c) for r, c in p.positives), (s, p.positives)
-        r0, c0, r1, c1 = p.box
+
+
+def test_boxes_carry_anchor_extents_to_every_slice():
+    clicks = clicks_every(4)
+    consensus = ContextualPromptDistiller((1.0, 1.0)).distill(clicks, scene(), 0)
+    anchor_boxes = {}
+    for s, p in consensus.prompts.items():
+        if p.anchored:
+            r, _ = target_centre(s)
+            anchor_boxes[s] = (r - 6, TARGET_COL - 6, r + 6, TARGET_COL + 6)
+    anchor_boxes[10] = (0.0, 0.0, 63.0, 63.0)  # one wild anchor: the median over neighbours ignores it
+    consensus.assign_boxes(anchor_boxes, (H, W))
+    for s in range(N):
+        r0, c0, r1, c1 = consensus.prompts[s].box
         assert r0 <= target_centre(s)[0] <= r1 and c0 <= TARGET_COL <= c1
-        assert c1 < NEIGHBOUR_COL - 3, "box must not swallow the neighbouring structure"
+        assert c1 < NEIGHBOUR_COL - 3, f"slice {s}: box {consensus.prompts[s].box} swallows the neighbour"
 
 
 def test_record_lists_added_and_rejected_in_ijk():

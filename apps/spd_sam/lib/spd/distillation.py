@@ -4,8 +4,8 @@ Every foreground click is checked twice (dual validation): against the saliency 
 slice, and against the centre line that the clicks on nearby slices draw (a robust Theil-Sen
 line per in-plane coordinate). Clicks that fail are moved to the nearest salient pixel near where
 they should be, or rejected. Slices between validated clicks get prompts interpolated from their
-neighbours. Each slice's box comes from the salient region around its positive point, smoothed
-across adjacent slices.
+neighbours. Box extents measured on the validated slices (see ``box_calibration``) are carried
+to the slices between them and smoothed across adjacent slices.
 """
 
 from __future__ import annotations
@@ -27,10 +27,6 @@ class CPDConfig:
     centreline_tolerance_mm: float = 7.0
     snap_radius_mm: float = 4.0
     neighbours: int = 6
-    max_radius_mm: float = 25.0
-    box_pad_mm: float = 2.0
-    min_box_mm: float = 6.0
-    box_smoothing: int = 5
 
 
 @dataclass
@@ -78,6 +74,23 @@ class Consensus:
         anchored = [s for s, p in self.prompts.items() if p.anchored]
         return min(anchored), max(anchored)
 
+    def assign_boxes(self, anchor_boxes: dict[int, tuple[float, float, float, float]], slice_shape, smoothing: int = 3):
+        """Give every slice a box.
+
+        Box extents (relative to each slice's point) measured on the anchored slices are first
+        validated against adjacent anchors (running median, so one bad measurement does not
+        spread), then interpolated linearly to the slices between them and carried past the ends.
+        """
+        anchors = np.array(sorted(anchor_boxes))
+        offsets = np.array([_offsets(anchor_boxes[s], self.prompts[s].positives) for s in anchors])
+        if len(anchors) >= smoothing:
+            offsets = ndimage.median_filter(offsets, size=(smoothing, 1), mode="nearest")
+        height, width = slice_shape
+        for s, prompt in self.prompts.items():
+            dr0, dc0, dr1, dc1 = (np.interp(s, anchors, offsets[:, m]) for m in range(4))
+            r, c = np.mean(prompt.positives, axis=0)
+            prompt.box = (max(r + dr0, 0.0), max(c + dc0, 0.0), min(r + dr1, height - 1.0), min(c + dc1, width - 1.0))
+
     def record(self, in_plane: Sequence[int], axis: int) -> dict:
         """JSON-ready record: kept / moved / rejected clicks with reasons, and added prompts."""
         by_status = {status: [d.to_json(in_plane, axis) for d in self.decisions if d.status == status]
@@ -87,6 +100,12 @@ class Consensus:
             for p in self.prompts.values() if not p.anchored
         ]
         return by_status
+
+
+def _offsets(box, points) -> tuple[float, float, float, float]:
+    """A box as extents relative to the mean of its slice's positive points."""
+    r, c = np.mean(points, axis=0)
+    return box[0] - r, box[1] - c, box[2] - r, box[3] - c
 
 
 def _ijk(slice_index: int, row: float, col: float, in_plane: Sequence[int], axis: int) -> list[int]:
@@ -200,41 +219,7 @@ class ContextualPromptDistiller:
         for c in clicks:
             if not c.positive and c.slice in prompts:
                 prompts[c.slice].negatives.append((c.row, c.col))
-        self._assign_boxes(prompts, saliency, first_slice)
         return prompts
-
-    def _assign_boxes(self, prompts: dict[int, SlicePrompt], saliency: np.ndarray, first_slice: int) -> None:
-        raw = {s: self._region_box(saliency[s - first_slice], p.positives) for s, p in prompts.items()}
-        order = sorted(raw)
-        sizes = np.array([[b[2] - b[0], b[3] - b[1]] for b in (raw[s] for s in order)], dtype=float)
-        k = self.config.box_smoothing
-        smoothed = ndimage.median_filter(sizes, size=(k, 1), mode="nearest") if len(order) >= k else sizes
-        height, width = saliency.shape[1:]
-        for s, (h, w) in zip(order, smoothed):
-            r0, c0, r1, c1 = raw[s]
-            pts = np.array(prompts[s].positives)
-            rc, cc = (r0 + r1) / 2.0, (c0 + c1) / 2.0
-            box = [rc - h / 2.0, cc - w / 2.0, rc + h / 2.0, cc + w / 2.0]
-            box = [min(box[0], pts[:, 0].min()), min(box[1], pts[:, 1].min()),
-                   max(box[2], pts[:, 0].max()), max(box[3], pts[:, 1].max())]
-            prompts[s].box = (max(box[0], 0.0), max(box[1], 0.0), min(box[2], height - 1.0), min(box[3], width - 1.0))
-
-    def _region_box(self, saliency: np.ndarray, points) -> tuple[float, float, float, float]:
-        """Bounding box of the salient component around the points, padded, within max radius."""
-        cfg = self.config
-        centre = np.mean(points, axis=0)
-        window = self._disc(saliency.shape, centre, cfg.max_radius_mm)
-        salient = ndimage.binary_opening(saliency >= cfg.saliency_threshold) & window
-        labels, _ = ndimage.label(salient)
-        hit = {labels[int(round(r)), int(round(c))] for r, c in points} - {0}
-        rows, cols = np.nonzero(np.isin(labels, list(hit))) if hit else (np.array([]), np.array([]))
-        half = np.maximum(cfg.min_box_mm / 2.0 / self.pixel_mm, 1.0)
-        r0 = min(rows.min() if rows.size else centre[0], centre[0] - half[0])
-        r1 = max(rows.max() if rows.size else centre[0], centre[0] + half[0])
-        c0 = min(cols.min() if cols.size else centre[1], centre[1] - half[1])
-        c1 = max(cols.max() if cols.size else centre[1], centre[1] + half[1])
-        pad = cfg.box_pad_mm / self.pixel_mm
-        return r0 - pad[0], c0 - pad[1], r1 + pad[0], c1 + pad[1]
 
     # -- geometry helpers ------------------------------------------------------------------
     def _distance_mm(self, a, b) -> float:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .assembly import keep_prompted_components, trim_unanchored_ends
+from .box_calibration import ProbeConfig, calibrate_anchor_boxes
 from .backbones import Backbone, SlicePrompts
 from .distillation import Consensus, ContextualPromptDistiller, CPDConfig
 from .embedding_cache import EmbeddingCache
@@ -55,10 +56,14 @@ class VolumeView:
 
 
 def slice_margin(click_slices: Sequence[int]) -> int:
-    """Slices to segment beyond the outermost clicks: twice the typical gap between clicks, at least 3."""
+    """Slices to segment beyond the outermost clicks: the typical gap between clicks (at least 2).
+
+    Annotators click every few slices along a structure, so it ends within about one gap of the
+    outermost clicks; ``trim_unanchored_ends`` then drops the slices where it has ended.
+    """
     unique = np.unique(click_slices)
     gap = int(np.median(np.diff(unique))) if unique.size > 1 else 2
-    return max(3, 2 * gap)
+    return max(2, gap)
 
 
 class SPDPipeline:
@@ -69,6 +74,7 @@ class SPDPipeline:
         cache: slice embedding cache shared by all requests.
         saliency_heads: trained saliency per label name; labels without one use appearance saliency.
         cpd: distillation tolerances.
+        probes: box probe sizes for measuring the structure on validated slices.
         decode_chunk: slices decoded per call.
     """
 
@@ -78,12 +84,14 @@ class SPDPipeline:
         cache: EmbeddingCache,
         saliency_heads: Mapping[str, SaliencyModel] | None = None,
         cpd: CPDConfig = CPDConfig(),
+        probes: ProbeConfig = ProbeConfig(),
         decode_chunk: int = 16,
     ):
         self.backbone = backbone
         self.cache = cache
         self.saliency_heads = dict(saliency_heads or {})
         self.cpd = cpd
+        self.probes = probes
         self.decode_chunk = decode_chunk
         self.fallback_saliency = AppearanceSaliency()
 
@@ -153,6 +161,14 @@ class SPDPipeline:
         consensus = ContextualPromptDistiller(pixel_mm, self.cpd).distill(sclicks, saliency, first)
         lap("distill")
 
+        def probe(at: list[int], boxes: np.ndarray) -> np.ndarray:
+            return self._decode_chunks(embeddings[[s - first for s in at]], SlicePrompts(boxes=boxes), view.slice_shape)
+
+        anchors = {s: np.mean(p.positives, axis=0) for s, p in consensus.prompts.items() if p.anchored}
+        consensus.assign_boxes(calibrate_anchor_boxes(probe, anchors, pixel_mm, view.slice_shape, self.probes),
+                               view.slice_shape)
+        lap("calibrate")
+
         logits = self._decode(embeddings, consensus, saliency, first, view.slice_shape)
         lap("decode")
 
@@ -161,22 +177,23 @@ class SPDPipeline:
         return Segmentation(mask, axis, (first, last), consensus.record(view.in_plane, axis), timings)
 
     def _decode(self, embeddings, consensus: Consensus, saliency, first: int, slice_shape) -> np.ndarray:
+        """Decode every slice with its consensus prompts (points only for point-trained backbones)."""
         prompts = [consensus.prompts[first + n] for n in range(embeddings.shape[0])]
         boxes = np.array([p.box for p in prompts], dtype=np.float32)
-        points, labels = _pad_points(prompts)
-        dense = None
+        points = labels = dense = None
+        if not self.backbone.box_trained:
+            points, labels = _pad_points(prompts)
         if self.backbone.uses_mask_prompt:
             clipped = np.clip(saliency, 1e-4, 1 - 1e-4)
             dense = np.log(clipped / (1 - clipped)).astype(np.float32)
+        return self._decode_chunks(embeddings, SlicePrompts(boxes, points, labels, dense), slice_shape)
+
+    def _decode_chunks(self, embeddings: torch.Tensor, prompts: SlicePrompts, slice_shape) -> np.ndarray:
         out = []
-        for start in range(0, len(prompts), self.decode_chunk):
+        for start in range(0, embeddings.shape[0], self.decode_chunk):
             part = slice(start, start + self.decode_chunk)
-            chunk = SlicePrompts(
-                boxes=boxes[part],
-                points=points[part],
-                point_labels=labels[part],
-                mask_logits=None if dense is None else dense[part],
-            )
+            chunk = SlicePrompts(*(None if v is None else v[part] for v in
+                                   (prompts.boxes, prompts.points, prompts.point_labels, prompts.mask_logits)))
             out.append(self.backbone.decode(embeddings[part], chunk, slice_shape))
         return np.concatenate(out)
 

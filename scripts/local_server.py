@@ -1,0 +1,81 @@
+"""Start and stop a real ``monailabel start_server`` for the SPD-SAM app (tests and benchmarks)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+APP_DIR = ROOT / "apps" / "spd_sam"
+
+
+@dataclass
+class LocalServer:
+    """A running server process and where it keeps its files."""
+
+    url: str
+    studies: Path
+    log: Path
+    process: subprocess.Popen
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-chars:]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(workdir: Path, studies: Path | str, conf: dict[str, str] | None = None, timeout_s: float = 300,
+          env: dict[str, str] | None = None) -> LocalServer:
+    """Start the app on ``studies`` with every MONAI Label path inside ``workdir``; wait for ``/info/``.
+
+    Raises:
+        RuntimeError: the server exited or did not answer in time (with the log's tail).
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    full_env = dict(os.environ)
+    full_env.update({
+        "MONAI_LABEL_SESSION_PATH": str(workdir / "sessions"),
+        "MONAI_LABEL_DATASTORE_CACHE_PATH": str(workdir / "cache"),
+        "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(workdir / "cache"),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}",
+        **(env or {}),
+    })
+    args = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies", str(studies),
+            "--host", "127.0.0.1", "--port", str(port)]
+    for key, value in (conf or {}).items():
+        args += ["--conf", key, value]
+    log = workdir / "server.log"
+    process = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=full_env, cwd=workdir)
+    server = LocalServer(f"http://127.0.0.1:{port}", Path(studies), log, process)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_tail()}")
+        try:
+            if requests.get(f"{server.url}/info/", timeout=2).status_code == 200:
+                return server
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    server.stop()
+    raise RuntimeError(f"server did not answer /info/ within {timeout_s:.0f}s:\n{server.log_tail()}")

@@ -1,0 +1,117 @@
+"""Integration: a real MONAI Label server driven with monailabel.client, as the Slicer plugin drives it."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import requests
+import SimpleITK as sitk
+from monailabel.client import MONAILabelClient
+from monailabel.client.client import MONAILabelClientException
+
+from lib.spd.click_simulation import ClickStyle, simulate_clicks
+
+LABELS = json.loads((__import__("pathlib").Path(__file__).resolve().parents[1] / "apps/spd_sam/labels.json").read_text())
+IMAGE = "colin27_t1"
+
+
+@pytest.fixture(scope="module")
+def client(server) -> MONAILabelClient:
+    return MONAILabelClient(server.url)
+
+
+@pytest.fixture(scope="module")
+def atlas(server):
+    return np.asarray(nib.load(server.studies / "labels" / "final" / f"{IMAGE}.nii.gz").dataobj)
+
+
+@pytest.fixture(scope="module")
+def caudate_clicks(atlas):
+    """Seven rough clicks along the right caudate (axial slices, every 6th), one of them on the putamen."""
+    target = atlas == LABELS["right_caudate"]
+    clicks, _ = simulate_clicks(target, (1, 1, 1), axis=2, style=ClickStyle(every=6, drift_mm=2.0, off_target=0.0),
+                                rng=np.random.default_rng(7))
+    putamen = np.argwhere((atlas == LABELS["right_putamen"])[:, :, clicks[3][2]])
+    clicks[3] = [int(putamen[len(putamen) // 2][0]), int(putamen[len(putamen) // 2][1]), clicks[3][2]]
+    assert 5 <= len(clicks) <= 8
+    return clicks
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
+
+
+def test_info_lists_spd_sam_as_a_3d_deepgrow_model(client):
+    info = client.info()
+    model = info["models"]["spd_sam"]
+    assert model["type"] == "deepgrow" and model["dimension"] == 3
+    assert model["labels"]["right_caudate"] == LABELS["right_caudate"]
+
+
+def test_rough_clicks_segment_the_right_caudate(client, atlas, caudate_clicks):
+    params = {"label": "right_caudate", "foreground": caudate_clicks, "background": []}
+    result_file, result = client.infer("spd_sam", IMAGE, params)
+    mask = np.asarray(nib.load(result_file).dataobj)
+    truth = atlas == LABELS["right_caudate"]
+    assert mask.shape == truth.shape
+    assert set(np.unique(mask)) <= {0, LABELS["right_caudate"]}
+    score = dice(mask > 0, truth)
+    print(f"right caudate Dice {score:.3f}; timing {result['timing']}")
+    assert score >= 0.5
+    assert result["label_names"] == {"right_caudate": LABELS["right_caudate"]}
+    consensus = result["consensus"]
+    handled = {c["click"]: c["status"] for status in ("kept", "moved", "rejected") for c in consensus[status]}
+    assert sorted(handled) == list(range(len(caudate_clicks)))
+    assert handled[3] in ("moved", "rejected"), "the click on the putamen must not be kept as given"
+    assert consensus["added"], "slices between clicks get prompts"
+    first, last = result["slice_range"]
+    assert first <= min(c[2] for c in caudate_clicks) and last >= max(c[2] for c in caudate_clicks)
+    assert result["backbone"]["name"] == "lite_medsam"
+    assert {"embed", "decode", "total"} <= set(result["timing"])
+
+
+def test_ohif_style_request_gets_uncompressed_nrrd(client, caudate_clicks, server):
+    params = {"foreground": caudate_clicks, "background": [], "result_extension": ".nrrd",
+              "result_dtype": "uint8", "result_compress": False}
+    result_file, result = client.infer("spd_sam", IMAGE, params)
+    assert result_file.endswith(".nrrd")
+    image = sitk.ReadImage(result_file)
+    reference = sitk.ReadImage(str(server.studies / f"{IMAGE}.nii.gz"))
+    assert image.GetSize() == reference.GetSize()
+    assert np.allclose(image.GetOrigin(), reference.GetOrigin()) and np.allclose(image.GetDirection(), reference.GetDirection())
+    assert sitk.GetArrayViewFromImage(image).dtype == np.uint8 and sitk.GetArrayViewFromImage(image).max() == 1
+    assert b"encoding: raw" in open(result_file, "rb").read(1000)
+
+
+@pytest.mark.parametrize(
+    "image, params, status, words",
+    [
+        (IMAGE, {"foreground": [[500, 10, 10]]}, 400, "outside the image"),
+        (IMAGE, {"foreground": [10, 10, 10]}, 400, "list of three"),
+        (IMAGE, {"foreground": [[10, "x", 10]]}, 400, "non-numeric"),
+        (IMAGE, {"foreground": []}, 400, "at least one foreground"),
+        (IMAGE, {"foreground": [[90, 140, 80]], "label": "spleen"}, 400, "unknown label"),
+        (IMAGE, {"foreground": [[90, 140, 80]], "slice_axis": 5}, 400, "slice_axis"),
+        (IMAGE, {"foreground": [[90, 140, 80]], "result_extension": ".exe"}, 400, "result_extension"),
+        ("no_such_image", {"foreground": [[1, 1, 1]]}, 404, "unknown image"),
+        ("../../etc/passwd", {"foreground": [[1, 1, 1]]}, 400, "invalid image id"),
+        ("/etc/passwd", {"foreground": [[1, 1, 1]]}, 400, "invalid image id"),
+    ],
+)
+def test_malformed_requests_get_4xx_with_a_message(server, image, params, status, words):
+    response = requests.post(f"{server.url}/infer/spd_sam", params={"image": image},
+                             data={"params": json.dumps(params)}, timeout=60)
+    assert response.status_code == status, response.text
+    assert words in response.json()["detail"]
+
+
+def test_unknown_model_is_404_and_server_keeps_serving(server, client):
+    response = requests.post(f"{server.url}/infer/nope", params={"image": IMAGE},
+                             data={"params": json.dumps({"foreground": [[1, 1, 1]]})}, timeout=60)
+    assert response.status_code == 404 and "unknown model" in response.json()["detail"]
+    with pytest.raises(MONAILabelClientException):
+        client.infer("spd_sam", IMAGE, {"foreground": [[999, 0, 0]]})
+    assert client.info()["models"]["spd_sam"]["type"] == "deepgrow"
