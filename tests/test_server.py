@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import nibabel as nib
 import numpy as np
@@ -115,3 +116,23 @@ def test_unknown_model_is_404_and_server_keeps_serving(server, client):
     with pytest.raises(MONAILabelClientException):
         client.infer("spd_sam", IMAGE, {"foreground": [[999, 0, 0]]})
     assert client.info()["models"]["spd_sam"]["type"] == "deepgrow"
+
+
+def test_next_sample_starts_background_embedding(server, client):
+    cache = server.log.parent / "cache" / "spd_embeddings"
+    before = {p.name for p in cache.iterdir()} if cache.is_dir() else set()
+    sample = client.next_sample("first", {})
+    assert sample["id"]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        new = {p.name for p in cache.iterdir()} - before if cache.is_dir() else set()
+        if any(list((cache / n).glob("*.npy")) for n in new):
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"no background embedding appeared in {cache} after next_sample({sample['id']})")
+
+
+def test_unknown_strategy_is_404(server):
+    response = requests.post(f"{server.url}/activelearning/nope", json={}, timeout=30)
+    assert response.status_code == 404 and "unknown strategy" in response.json()["detail"]

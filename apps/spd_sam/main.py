@@ -11,6 +11,9 @@ from typing import Dict
 from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
 
 from lib.configs.spd_sam import SPDSamConfig
 
@@ -42,6 +45,20 @@ class SPDSamApp(MONAILabelApp):
 
     def init_trainers(self):
         return {}
+
+    def init_strategies(self) -> Dict[str, Strategy]:
+        return {"random": Random(), "first": First()}
+
+    def next_sample(self, request):
+        """Propose an image and start embedding it in the background, so the first click is fast."""
+        strategy = request.get("strategy") or "random"
+        if strategy not in self._strategies:
+            raise HTTPException(status_code=404,
+                                detail=f"unknown strategy {strategy!r}; available: {', '.join(self._strategies)}")
+        result = super().next_sample(request)
+        if result.get("path"):
+            self._infers["spd_sam"].prefetch(result["path"])
+        return result
 
     def infer(self, request, datastore=None):
         """Reject unknown models and image ids before MONAI Label resolves them to files."""

@@ -61,29 +61,32 @@ def calibrate_anchor_boxes(
     """Box per anchored slice from the decoder's own masks.
 
     Args:
-        decode: ``decode(slice_indices, boxes)`` -> (N, H, W) logits, one box per listed slice.
+        decode: ``decode(slice_indices, boxes)`` -> (N, H, W) bool masks, one box per listed slice.
         anchors: slice index -> consensus point (row, col).
         pixel_mm: in-plane spacing (row, col).
         shape: slice shape (H, W).
     """
     pixel_mm = np.asarray(pixel_mm, dtype=float)
-    order = sorted(anchors)
-    probes = {s: probe_boxes(anchors[s], pixel_mm, shape, config) for s in order}
-    slices = [s for s in order for _ in probes[s]]
-    boxes = np.array([b for s in order for b in probes[s]], dtype=np.float32)
-    masks = decode(slices, boxes) > 0
-    border = config.border_mm / pixel_mm
-    pad = config.pad_mm / pixel_mm
-    out, n = {}, 0
-    for s in order:
-        candidates = masks[n : n + len(probes[s])]
-        n += len(probes[s])
-        chosen = next((m for m, b in zip(candidates, probes[s]) if fits_inside(m, b, anchors[s], border, shape)),
-                      candidates[-1])
-        if not chosen.any():
+    border, pad = config.border_mm / pixel_mm, config.pad_mm / pixel_mm
+    probes = {s: probe_boxes(anchors[s], pixel_mm, shape, config) for s in anchors}
+    chosen: dict[int, np.ndarray] = {}
+    open_slices = sorted(anchors)
+    for level in range(len(config.half_sizes_mm)):  # grow only where the smaller box cut the object
+        masks = decode(open_slices, np.array([probes[s][level] for s in open_slices], dtype=np.float32))
+        still_open = []
+        for s, mask in zip(open_slices, masks):
+            chosen[s] = mask
+            if not fits_inside(mask, probes[s][level], anchors[s], border, shape):
+                still_open.append(s)
+        open_slices = still_open
+        if not open_slices:
+            break
+    out = {}
+    for s, mask in chosen.items():
+        if not mask.any():
             out[s] = probes[s][0]
             continue
-        rows, cols = np.nonzero(chosen)
+        rows, cols = np.nonzero(mask)
         out[s] = (max(rows.min() - pad[0], 0.0), max(cols.min() - pad[1], 0.0),
                   min(rows.max() + pad[0], shape[0] - 1.0), min(cols.max() + pad[1], shape[1] - 1.0))
     return out

@@ -15,6 +15,7 @@ from .backbones import Backbone, SlicePrompts
 from .distillation import Consensus, ContextualPromptDistiller, CPDConfig
 from .embedding_cache import EmbeddingCache
 from .intensity import IntensityWindow
+from .mask_memo import MaskMemo
 from .prompts import Click, choose_slice_axis, to_slice_clicks
 from .saliency import AppearanceSaliency, SaliencyModel
 
@@ -93,6 +94,7 @@ class SPDPipeline:
         self.cpd = cpd
         self.probes = probes
         self.decode_chunk = decode_chunk
+        self.memo = MaskMemo()
         self.fallback_saliency = AppearanceSaliency()
 
     def cache_key(self, volume_id: str, view: VolumeView) -> str:
@@ -161,23 +163,25 @@ class SPDPipeline:
         consensus = ContextualPromptDistiller(pixel_mm, self.cpd).distill(sclicks, saliency, first)
         lap("distill")
 
+        key = self.cache_key(volume_id, view)
+
         def probe(at: list[int], boxes: np.ndarray) -> np.ndarray:
-            return self._decode_chunks(embeddings[[s - first for s in at]], SlicePrompts(boxes=boxes), view.slice_shape)
+            return self._masks(key, at, embeddings[[s - first for s in at]], SlicePrompts(boxes=boxes), view.slice_shape)
 
         anchors = {s: np.mean(p.positives, axis=0) for s, p in consensus.prompts.items() if p.anchored}
         consensus.assign_boxes(calibrate_anchor_boxes(probe, anchors, pixel_mm, view.slice_shape, self.probes),
                                view.slice_shape)
         lap("calibrate")
 
-        logits = self._decode(embeddings, consensus, saliency, first, view.slice_shape)
+        masks = self._decode(key, embeddings, consensus, saliency, first, view.slice_shape)
         lap("decode")
 
-        mask = self._assemble(logits > 0, consensus, view, first, roi)
+        mask = self._assemble(masks, consensus, view, first, roi)
         lap("assemble")
         return Segmentation(mask, axis, (first, last), consensus.record(view.in_plane, axis), timings)
 
-    def _decode(self, embeddings, consensus: Consensus, saliency, first: int, slice_shape) -> np.ndarray:
-        """Decode every slice with its consensus prompts (points only for point-trained backbones)."""
+    def _decode(self, key: str, embeddings, consensus: Consensus, saliency, first: int, slice_shape) -> np.ndarray:
+        """Masks of every slice from its consensus prompts (points only for point-trained backbones)."""
         prompts = [consensus.prompts[first + n] for n in range(embeddings.shape[0])]
         boxes = np.array([p.box for p in prompts], dtype=np.float32)
         points = labels = dense = None
@@ -186,16 +190,21 @@ class SPDPipeline:
         if self.backbone.uses_mask_prompt:
             clipped = np.clip(saliency, 1e-4, 1 - 1e-4)
             dense = np.log(clipped / (1 - clipped)).astype(np.float32)
-        return self._decode_chunks(embeddings, SlicePrompts(boxes, points, labels, dense), slice_shape)
+        slices = [p.slice for p in prompts]
+        return self._masks(key, slices, embeddings, SlicePrompts(boxes, points, labels, dense), slice_shape)
 
-    def _decode_chunks(self, embeddings: torch.Tensor, prompts: SlicePrompts, slice_shape) -> np.ndarray:
-        out = []
-        for start in range(0, embeddings.shape[0], self.decode_chunk):
-            part = slice(start, start + self.decode_chunk)
-            chunk = SlicePrompts(*(None if v is None else v[part] for v in
-                                   (prompts.boxes, prompts.points, prompts.point_labels, prompts.mask_logits)))
-            out.append(self.backbone.decode(embeddings[part], chunk, slice_shape))
-        return np.concatenate(out)
+    def _masks(self, key: str, slices: list[int], embeddings: torch.Tensor, prompts: SlicePrompts, slice_shape) -> np.ndarray:
+        """Bool masks, decoding in chunks only what the memo does not hold."""
+        def decode(rows: list[int], subset: SlicePrompts) -> np.ndarray:
+            out = []
+            for start in range(0, len(rows), self.decode_chunk):
+                part = slice(start, start + self.decode_chunk)
+                chunk = SlicePrompts(*(None if v is None else v[part] for v in
+                                       (subset.boxes, subset.points, subset.point_labels, subset.mask_logits)))
+                out.append(self.backbone.decode(embeddings[rows[part]], chunk, slice_shape))
+            return np.concatenate(out)
+
+        return self.memo.masks(key, slices, prompts, slice_shape, decode)
 
     def _assemble(self, masks: np.ndarray, consensus: Consensus, view: VolumeView, first: int, roi) -> np.ndarray:
         """Slab of slice masks -> full-size volume; components without a prompt are dropped."""

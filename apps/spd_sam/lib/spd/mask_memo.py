@@ -1,0 +1,66 @@
+"""Remembers decoded slice masks per prompt, so a re-click decodes only the slices whose prompts changed."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Callable, Hashable, Sequence
+
+import numpy as np
+
+from .backbones import SlicePrompts
+
+
+def prompt_key(prompts: SlicePrompts, i: int) -> tuple:
+    """A hashable summary of slice ``i``'s prompts (coordinates rounded to 1/4 pixel)."""
+    def rounded(values):
+        return None if values is None else tuple(np.round(np.asarray(values[i], dtype=float) * 4).astype(int).ravel())
+
+    dense = None if prompts.mask_logits is None else hash(np.asarray(prompts.mask_logits[i]).tobytes())
+    return rounded(prompts.boxes), rounded(prompts.points), rounded(prompts.point_labels), dense
+
+
+class MaskMemo:
+    """LRU of bit-packed slice masks keyed by (volume view, slice, prompts).
+
+    Args:
+        max_items: masks kept (a 256x256 mask takes 8 KiB packed).
+    """
+
+    def __init__(self, max_items: int = 8192):
+        self.max_items = max_items
+        self._items: OrderedDict[Hashable, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def masks(self, view_key: str, slices: Sequence[int], prompts: SlicePrompts, shape: tuple[int, int],
+              decode: Callable[[list[int], SlicePrompts], np.ndarray]) -> np.ndarray:
+        """(N, H, W) bool masks; ``decode(positions, prompts_subset)`` runs for the slices not remembered.
+
+        Args:
+            view_key: names the volume, axis, backbone and window.
+            slices: slice index of each prompt row.
+            prompts: one row per entry of ``slices``.
+            shape: slice shape.
+            decode: returns logits for the given row positions.
+        """
+        keys = [(view_key, s, prompt_key(prompts, i)) for i, s in enumerate(slices)]
+        out = np.zeros((len(slices), *shape), dtype=bool)
+        todo = []
+        with self._lock:
+            for i, key in enumerate(keys):
+                packed = self._items.get(key)
+                if packed is None:
+                    todo.append(i)
+                else:
+                    self._items.move_to_end(key)
+                    out[i] = np.unpackbits(packed, count=shape[0] * shape[1]).reshape(shape).astype(bool)
+        if todo:
+            subset = SlicePrompts(*(None if v is None else v[todo] for v in
+                                    (prompts.boxes, prompts.points, prompts.point_labels, prompts.mask_logits)))
+            out[todo] = decode(todo, subset) > 0
+            with self._lock:
+                for i in todo:
+                    self._items[keys[i]] = np.packbits(out[i])
+                while len(self._items) > self.max_items:
+                    self._items.popitem(last=False)
+        return out

@@ -1,0 +1,42 @@
+"""Box calibration grows probe boxes until the decoder's mask fits inside."""
+
+import numpy as np
+
+from lib.spd.box_calibration import ProbeConfig, calibrate_anchor_boxes
+
+SHAPE = (64, 64)
+
+
+def object_decoder(radius_by_slice, centre=(30, 30)):
+    """A stand-in decoder: the object is a disc; the 'mask' is the part of it inside the box."""
+    rr, cc = np.mgrid[: SHAPE[0], : SHAPE[1]]
+    calls = []
+
+    def decode(slices, boxes):
+        calls.append(list(slices))
+        out = []
+        for s, (r0, c0, r1, c1) in zip(slices, boxes):
+            disc = (rr - centre[0]) ** 2 + (cc - centre[1]) ** 2 <= radius_by_slice[s] ** 2
+            inside = (rr >= r0) & (rr <= r1) & (cc >= c0) & (cc <= c1)
+            out.append(disc & inside)
+        return np.array(out)
+
+    return decode, calls
+
+
+def test_box_fits_each_objects_extent():
+    decode, calls = object_decoder({0: 3, 1: 9, 2: 15})
+    config = ProbeConfig(half_sizes_mm=(5.0, 8.0, 12.0, 18.0), border_mm=1.0, pad_mm=2.0)
+    boxes = calibrate_anchor_boxes(decode, {s: (30.0, 30.0) for s in range(3)}, (1.0, 1.0), SHAPE, config)
+    for s, radius in ((0, 3), (1, 9), (2, 15)):
+        r0, c0, r1, c1 = boxes[s]
+        assert abs((r1 - r0) - (2 * radius + 4)) <= 1, (s, boxes[s])
+        assert abs((c0 + c1) / 2 - 30) <= 1
+    assert calls[0] == [0, 1, 2] and 0 not in calls[1], "slices whose object fitted are not probed again"
+
+
+def test_object_larger_than_every_probe_uses_the_largest():
+    decode, _ = object_decoder({0: 40})
+    boxes = calibrate_anchor_boxes(decode, {0: (30.0, 30.0)}, (1.0, 1.0), SHAPE, ProbeConfig(half_sizes_mm=(4.0, 8.0)))
+    r0, _, r1, _ = boxes[0]
+    assert r1 - r0 >= 16

@@ -1,0 +1,44 @@
+"""The mask memo decodes only slices whose prompts changed, and returns what the decoder returned."""
+
+import numpy as np
+
+from lib.spd.backbones import SlicePrompts
+from lib.spd.mask_memo import MaskMemo
+
+
+def fake_decoder(calls):
+    def decode(rows, prompts):
+        calls.append(list(rows))
+        logits = np.full((len(rows), 8, 9), -1.0, dtype=np.float32)
+        for n, (r0, c0, r1, c1) in enumerate(prompts.boxes.astype(int)):
+            logits[n, r0:r1 + 1, c0:c1 + 1] = 1.0
+        return logits
+    return decode
+
+
+def test_repeat_decodes_only_changed_slices():
+    memo, calls = MaskMemo(), []
+    boxes = np.array([[0, 0, 3, 3], [1, 1, 4, 4], [2, 2, 5, 5]], dtype=np.float32)
+    first = memo.masks("v", [10, 11, 12], SlicePrompts(boxes=boxes), (8, 9), fake_decoder(calls))
+    boxes2 = boxes.copy()
+    boxes2[1] = [0, 0, 7, 8]
+    second = memo.masks("v", [10, 11, 12], SlicePrompts(boxes=boxes2), (8, 9), fake_decoder(calls))
+    assert calls == [[0, 1, 2], [1]]
+    assert (second[[0, 2]] == first[[0, 2]]).all() and second[1].all()
+    assert first[0, :4, :4].all() and not first[0, 5:].any()
+
+
+def test_other_volume_or_slice_is_not_confused():
+    memo, calls = MaskMemo(), []
+    boxes = np.array([[0, 0, 3, 3]], dtype=np.float32)
+    memo.masks("v", [10], SlicePrompts(boxes=boxes), (8, 9), fake_decoder(calls))
+    memo.masks("w", [10], SlicePrompts(boxes=boxes), (8, 9), fake_decoder(calls))
+    memo.masks("v", [11], SlicePrompts(boxes=boxes), (8, 9), fake_decoder(calls))
+    assert len(calls) == 3
+
+
+def test_capacity_is_bounded():
+    memo, calls = MaskMemo(max_items=2), []
+    for s in range(5):
+        memo.masks("v", [s], SlicePrompts(boxes=np.array([[0, 0, 1, 1]], dtype=np.float32)), (8, 9), fake_decoder(calls))
+    assert len(memo._items) == 2
