@@ -23,7 +23,7 @@ class BackgroundEmbedder:
         chunk: slices embedded per step.
     """
 
-    def __init__(self, chunk: int = 2):
+    def __init__(self, chunk: int = 1):
         self.chunk = chunk
         self._jobs: OrderedDict[str, tuple[Callable[[], Sequence[int]], Callable[[list[int]], None]]] = OrderedDict()
         self._busy = 0

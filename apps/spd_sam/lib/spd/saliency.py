@@ -75,18 +75,16 @@ class AppearanceSaliency:
         z = (images - np.float32(centre)) / np.float32(sigma)
         return np.exp(-0.5 * z * z / 4.0).astype(np.float32)  # 2-sigma wide: tolerant to partial volume
 
-    def _embedding_similarity(self, embeddings: torch.Tensor, clicks, slice_shape) -> np.ndarray:
-        emb = F.normalize(embeddings.float(), dim=1)
-        g = emb.shape[-1]
-        refs = []
-        for n, row, col in clicks:
-            gr, gc = _grid_index(row, col, slice_shape, g)
-            refs.append(emb[n, :, gr, gc])
-        reference = F.normalize(torch.stack(refs).median(dim=0).values, dim=0)
-        cosine = torch.einsum("nchw,c->nhw", emb, reference)
-        at_clicks = torch.stack([cosine[n, gr, gc] for n, gr, gc in
-                                 ((n, *_grid_index(r, c, slice_shape, g)) for n, r, c in clicks)])
-        high = float(at_clicks.median())
+    def _embedding_similarity(self, embeddings: torch.Tensor, clicks, slice_shape, chunk: int = 8) -> np.ndarray:
+        g = embeddings.shape[-1]
+        cells = [(n, *_grid_index(r, c, slice_shape, g)) for n, r, c in clicks]
+        vectors = F.normalize(torch.stack([embeddings[n, :, gr, gc].float() for n, gr, gc in cells]), dim=1)
+        reference = F.normalize(vectors.median(dim=0).values, dim=0)
+        cosine = torch.empty(embeddings.shape[0], g, g)
+        for start in range(0, embeddings.shape[0], chunk):  # float32 copies of a few slices at a time
+            part = embeddings[start:start + chunk].float()
+            cosine[start:start + chunk] = torch.einsum("nchw,c->nhw", part, reference) / part.norm(dim=1).clamp_min(1e-6)
+        high = float(torch.stack([cosine[n, gr, gc] for n, gr, gc in cells]).median())
         low = float(cosine.median())
         scaled = ((cosine - low) / max(high - low, 1e-3)).clamp(0.0, 1.0)
         return embedding_grid_to_slice(scaled, slice_shape).clamp(0.0, 1.0).numpy()
