@@ -44,3 +44,12 @@ def test_prompt_outside_every_component_keeps_the_nearest():
     vol[7:9, 7:9, 7:9] = True
     out = keep_prompted_components(vol, [(6, 6, 6)])
     assert out[8, 8, 8] and not out[0, 0, 0]
+
+
+def test_trim_stops_where_support_fades():
+    masks = np.zeros((8, 10, 10), dtype=bool)
+    masks[:, 3:7, 3:7] = True  # the decoder keeps finding something in the carried box
+    support = np.array([0.1, 0.2, 0.9, 0.8, 0.9, 0.85, 0.3, 0.9])
+    out = trim_unanchored_ends(masks, 0, anchored=(2, 4), support=support)
+    assert out[2:6].any(axis=(1, 2)).all()
+    assert not out[:2].any() and not out[6:].any(), "past a slice without support, nothing is kept"

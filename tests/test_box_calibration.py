@@ -1,4 +1,4 @@
-"""Box calibration grows probe boxes until the decoder's mask fits inside."""
+"""Box calibration grows probe boxes until the decoder's mask stops changing."""
 
 import numpy as np
 
@@ -26,13 +26,31 @@ def object_decoder(radius_by_slice, centre=(30, 30)):
 
 def test_box_fits_each_objects_extent():
     decode, calls = object_decoder({0: 3, 1: 9, 2: 15})
-    config = ProbeConfig(half_sizes_mm=(5.0, 8.0, 12.0, 18.0), border_mm=1.0, pad_mm=2.0)
+    config = ProbeConfig(half_sizes_mm=(5.0, 8.0, 12.0, 18.0), pad_mm=2.0)
     boxes = calibrate_anchor_boxes(decode, {s: (30.0, 30.0) for s in range(3)}, (1.0, 1.0), SHAPE, config)
     for s, radius in ((0, 3), (1, 9), (2, 15)):
         r0, c0, r1, c1 = boxes[s]
         assert abs((r1 - r0) - (2 * radius + 4)) <= 1, (s, boxes[s])
         assert abs((c0 + c1) / 2 - 30) <= 1
-    assert calls[0] == [0, 1, 2] and 0 not in calls[1], "slices whose object fitted are not probed again"
+    assert calls[0] == calls[1] == [0, 1, 2] and 0 not in calls[2], "slices whose mask settled are not probed again"
+
+
+def test_a_fragment_inside_a_too_small_box_is_not_taken_for_the_object():
+    """A decoder that returns a blob well inside any box smaller than the object (as SAM can): the blob
+    clears the box's border, but grows with the box, so it is not stable."""
+    rr, cc = np.mgrid[: SHAPE[0], : SHAPE[1]]
+
+    def decode(slices, boxes):
+        out = []
+        for r0, c0, r1, c1 in boxes:
+            half = (r1 - r0) / 2
+            radius = 0.4 * half if half < 10 else 9  # a fragment for small boxes, the whole object (r=9) otherwise
+            out.append((rr - 30) ** 2 + (cc - 30) ** 2 <= radius**2)
+        return np.array(out)
+
+    boxes = calibrate_anchor_boxes(decode, {0: (30.0, 30.0)}, (1.0, 1.0), SHAPE)
+    r0, _, r1, _ = boxes[0]
+    assert r1 - r0 >= 18
 
 
 def test_object_larger_than_every_probe_uses_the_largest():

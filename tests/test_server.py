@@ -20,8 +20,8 @@ IMAGE = "colin27_t1"
 
 
 @pytest.fixture(scope="module")
-def client(server) -> MONAILabelClient:
-    return MONAILabelClient(server.url)
+def client(server, tmp_path_factory) -> MONAILabelClient:
+    return MONAILabelClient(server.url, tmpdir=str(tmp_path_factory.mktemp("client")))
 
 
 @pytest.fixture(scope="module")

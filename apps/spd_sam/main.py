@@ -5,11 +5,15 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
+import sys
 import tempfile
 from typing import Dict
 
 from fastapi import HTTPException
+from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.tasks.activelearning.first import First
@@ -20,6 +24,8 @@ from lib.configs.spd_sam import SPDSamConfig
 logger = logging.getLogger(__name__)
 
 IMAGE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,255}$")  # datastore ids: no paths, no traversal
+DICOMWEB_SEARCH_FILTER = {"Modality": "CT,MR"}  # QIDO-RS list matching: CT and MR series, not SEG/SR/...
+DCMQI_TOOL = "itkimage2segimage"  # dcmqi's DICOM-SEG writer (PyPI package dcmqi), used for final labels
 
 
 class SPDSamApp(MONAILabelApp):
@@ -73,6 +79,31 @@ class SPDSamApp(MONAILabelApp):
             if image not in store.list_images():
                 raise HTTPException(status_code=404, detail=f"unknown image id {image!r}")
         return super().infer(request, datastore)
+
+    def _init_dicomweb_datastore(self) -> Datastore:
+        """List CT and MR series of a DICOMweb store unless the operator set MONAI_LABEL_DICOMWEB_SEARCH_FILTER.
+
+        MONAI Label's own default lists CT only, so MR series could be neither proposed nor segmented.
+        """
+        if "MONAI_LABEL_DICOMWEB_SEARCH_FILTER" not in settings.model_fields_set:
+            settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER = DICOMWEB_SEARCH_FILTER
+        logger.info(f"DICOMweb search filter: {settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER}")
+        return super()._init_dicomweb_datastore()
+
+    def _download_dcmqi_tools(self) -> None:
+        """Find dcmqi's DICOM-SEG writer in the Python environment instead of downloading it at start.
+
+        MONAI Label writes a ``final`` label into a DICOMweb store as DICOM-SEG with ``itkimage2segimage``;
+        the ``dcmqi`` wheel installs it beside the interpreter, which is not on PATH unless the venv is active.
+        """
+        env_bin = os.path.dirname(sys.executable)
+        if not shutil.which(DCMQI_TOOL) and shutil.which(DCMQI_TOOL, path=env_bin):
+            os.environ["PATH"] += os.pathsep + env_bin
+        tool = shutil.which(DCMQI_TOOL)
+        if tool:
+            logger.info(f"DICOM-SEG writer: {tool}")
+        else:
+            logger.warning(f"{DCMQI_TOOL} not found (pip install dcmqi): saving final labels to DICOMweb will fail")
 
     @staticmethod
     def _is_upload(image: str) -> bool:

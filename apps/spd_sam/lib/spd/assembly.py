@@ -9,21 +9,30 @@ from scipy import ndimage
 
 
 def trim_unanchored_ends(
-    masks: np.ndarray, first_slice: int, anchored: tuple[int, int], min_overlap: float = 0.5, max_growth: float = 1.3
+    masks: np.ndarray,
+    first_slice: int,
+    anchored: tuple[int, int],
+    support: np.ndarray | None = None,
+    min_overlap: float = 0.5,
+    max_growth: float = 1.3,
+    min_support: float = 0.5,
 ) -> np.ndarray:
     """Drop slices beyond the validated clicks where the structure has ended.
 
     Walking outwards from the first/last slice with a validated click, a slice is kept while its
-    mask overlaps the previous kept one (``min_overlap`` of its own area) and does not grow by more
-    than ``max_growth``; the walk stops at the first slice that fails.
+    mask overlaps the previous kept one (``min_overlap`` of its own area), does not grow by more
+    than ``max_growth`` and, when ``support`` is given, keeps at least ``min_support`` of the
+    support that the anchored range has (median); the walk stops at the first slice that fails.
 
     Args:
         masks: (N, H, W) bool masks of slices ``first_slice .. first_slice + N - 1``.
         first_slice: slice index of ``masks[0]``.
         anchored: (first, last) slice index that carries a validated click.
+        support: (N,) evidence that each slice's mask is the target (e.g. mean saliency inside it).
     """
     out = masks.copy()
     lo, hi = anchored[0] - first_slice, anchored[1] - first_slice
+    floor = -np.inf if support is None else min_support * float(np.median(support[lo : hi + 1]))
     for start, stop, step in ((lo, -1, -1), (hi, masks.shape[0], 1)):
         previous = out[start]
         ended = False
@@ -31,7 +40,8 @@ def trim_unanchored_ends(
             area = out[n].sum()
             if not ended:
                 overlap = np.logical_and(out[n], previous).sum()
-                ended = area == 0 or overlap < min_overlap * area or area > max_growth * max(previous.sum(), 1)
+                ended = (area == 0 or overlap < min_overlap * area or area > max_growth * max(previous.sum(), 1)
+                         or (support is not None and support[n] < floor))
             if ended:
                 out[n] = False
             else:

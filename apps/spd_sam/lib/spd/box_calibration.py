@@ -1,9 +1,11 @@
 """Measure a structure's extent on the validated slices by probing the decoder with growing boxes.
 
 Box-trained SAM models segment the dominant object inside the box. On each anchored slice, square
-boxes of growing size are tried around the consensus point; the first whose mask holds the point
-and stays clear of the box's border has captured the whole object, and that mask's bounding box
-(padded) becomes the slice's box. If none fits, the largest probe's mask is used.
+boxes of growing size are tried around the consensus point. A box smaller than the object gives a
+mask cut by the box (or a fragment of the object); once the box holds the whole object, growing it
+further leaves the mask unchanged. The first probe whose mask holds the point and agrees with the
+next larger probe's mask (IoU) is taken, and that mask's bounding box (padded) becomes the slice's
+box. Where no two successive probes agree, the most stable pair is used.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ class ProbeConfig:
     """Probe sizes and tolerances, in mm."""
 
     half_sizes_mm: tuple[float, ...] = (5.0, 8.0, 12.0, 18.0)
-    border_mm: float = 1.0
+    stable_iou: float = 0.85
     pad_mm: float = 2.0
 
 
@@ -35,20 +37,14 @@ def probe_boxes(centre: Sequence[float], pixel_mm: np.ndarray, shape, config: Pr
     return boxes
 
 
-def fits_inside(mask: np.ndarray, box: Box, point: Sequence[float], border_px: np.ndarray, shape) -> bool:
-    """The mask holds the point and keeps ``border_px`` away from every box edge that is not the image edge."""
+def holds_point(mask: np.ndarray, point: Sequence[float]) -> bool:
     r, c = int(round(point[0])), int(round(point[1]))
-    if not mask[max(r - 1, 0) : r + 2, max(c - 1, 0) : c + 2].any():
-        return False
-    rows, cols = np.nonzero(mask)
-    r0, c0, r1, c1 = box
-    clear = [
-        r0 <= 0 or rows.min() > r0 + border_px[0],
-        c0 <= 0 or cols.min() > c0 + border_px[1],
-        r1 >= shape[0] - 1 or rows.max() < r1 - border_px[0],
-        c1 >= shape[1] - 1 or cols.max() < c1 - border_px[1],
-    ]
-    return all(clear)
+    return bool(mask[max(r - 1, 0) : r + 2, max(c - 1, 0) : c + 2].any())
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
 
 
 def calibrate_anchor_boxes(
@@ -67,20 +63,27 @@ def calibrate_anchor_boxes(
         shape: slice shape (H, W).
     """
     pixel_mm = np.asarray(pixel_mm, dtype=float)
-    border, pad = config.border_mm / pixel_mm, config.pad_mm / pixel_mm
+    pad = config.pad_mm / pixel_mm
     probes = {s: probe_boxes(anchors[s], pixel_mm, shape, config) for s in anchors}
+    masks: dict[int, list[np.ndarray]] = {s: [] for s in anchors}
     chosen: dict[int, np.ndarray] = {}
     open_slices = sorted(anchors)
-    for level in range(len(config.half_sizes_mm)):  # grow only where the smaller box cut the object
-        masks = decode(open_slices, np.array([probes[s][level] for s in open_slices], dtype=np.float32))
+    for level in range(len(config.half_sizes_mm)):  # grow only where the mask still changes
+        found = decode(open_slices, np.array([probes[s][level] for s in open_slices], dtype=np.float32))
         still_open = []
-        for s, mask in zip(open_slices, masks):
-            chosen[s] = mask
-            if not fits_inside(mask, probes[s][level], anchors[s], border, shape):
+        for s, mask in zip(open_slices, found):
+            masks[s].append(mask)
+            previous = masks[s][-2] if level else None
+            if previous is not None and holds_point(previous, anchors[s]) and iou(previous, mask) >= config.stable_iou:
+                chosen[s] = mask
+            else:
                 still_open.append(s)
         open_slices = still_open
         if not open_slices:
             break
+    for s in open_slices:  # no agreement: the most stable successive pair
+        pairs = [iou(a, b) for a, b in zip(masks[s], masks[s][1:])]
+        chosen[s] = masks[s][int(np.argmax(pairs)) + 1] if pairs else masks[s][0]
     out = {}
     for s, mask in chosen.items():
         if not mask.any():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -54,6 +54,19 @@ class VolumeView:
     def slices(self, indices: Sequence[int]) -> np.ndarray:
         """(N, H, W) float32 in [0, 1]; rows and columns are the remaining axes in order."""
         return self.window.apply(np.moveaxis(np.take(self.volume, list(indices), axis=self.axis), self.axis, 0))
+
+
+@dataclass
+class Plan:
+    """What :meth:`SPDPipeline.plan` prepares for decoding one structure."""
+
+    view: VolumeView
+    first: int  # slice index of embeddings[0]
+    key: str  # cache key of the view
+    embeddings: torch.Tensor  # (N, C, g, g) of slices first .. first + N - 1
+    saliency: np.ndarray  # (N, H, W) in [0, 1]
+    consensus: Consensus  # prompts with a box on every slice
+    timings: dict = field(default_factory=dict)
 
 
 def slice_margin(click_slices: Sequence[int]) -> int:
@@ -130,6 +143,36 @@ class SPDPipeline:
             slice_axis: axis to segment along (None: chosen from the clicks).
             roi: optional ((i0, i1), (j0, j1), (k0, k1)) bounds; nothing is segmented outside.
         """
+        plan = self.plan(volume, spacing, volume_id, clicks, window, label, slice_axis, roi)
+        timings = plan.timings
+        tic = time.perf_counter()
+        masks = self._decode(plan.key, plan.embeddings, plan.consensus, plan.saliency, plan.first, plan.view.slice_shape)
+        timings["decode"] = round(time.perf_counter() - tic, 4)
+        tic = time.perf_counter()
+        mask = self._assemble(masks, plan.saliency, plan.consensus, plan.view, plan.first, roi)
+        timings["assemble"] = round(time.perf_counter() - tic, 4)
+        last = plan.first + len(plan.embeddings) - 1
+        return Segmentation(mask, plan.view.axis, (plan.first, last),
+                            plan.consensus.record(plan.view.in_plane, plan.view.axis), timings)
+
+    def plan(
+        self,
+        volume: np.ndarray,
+        spacing: Sequence[float],
+        volume_id: str,
+        clicks: Sequence[Click],
+        window: IntensityWindow,
+        label: str | None = None,
+        slice_axis: int | None = None,
+        roi: tuple[tuple[int, int], ...] | None = None,
+        anchor_boxes: Callable[[dict[int, np.ndarray]], dict[int, tuple[float, float, float, float]]] | None = None,
+    ) -> Plan:
+        """Everything before decoding: slice range, embeddings, saliency and consensus prompts with boxes.
+
+        Arguments as in :meth:`segment`, plus ``anchor_boxes``: measures the box of each anchored slice
+        from its consensus point (slice -> (row, col)) instead of probing the decoder; training
+        passes the boxes a perfect decoder would give.
+        """
         timings: dict[str, float] = {}
         tic = time.perf_counter()
 
@@ -169,16 +212,17 @@ class SPDPipeline:
             return self._masks(key, at, embeddings[[s - first for s in at]], SlicePrompts(boxes=boxes), view.slice_shape)
 
         anchors = {s: np.mean(p.positives, axis=0) for s, p in consensus.prompts.items() if p.anchored}
-        consensus.assign_boxes(calibrate_anchor_boxes(probe, anchors, pixel_mm, view.slice_shape, self.probes),
-                               view.slice_shape)
+        if anchor_boxes is None:
+            measured = calibrate_anchor_boxes(probe, anchors, pixel_mm, view.slice_shape, self.probes)
+        else:
+            measured = anchor_boxes(anchors)
+        consensus.assign_boxes(measured, view.slice_shape)
         lap("calibrate")
+        return Plan(view, first, key, embeddings, saliency, consensus, timings)
 
-        masks = self._decode(key, embeddings, consensus, saliency, first, view.slice_shape)
-        lap("decode")
-
-        mask = self._assemble(masks, consensus, view, first, roi)
-        lap("assemble")
-        return Segmentation(mask, axis, (first, last), consensus.record(view.in_plane, axis), timings)
+    def decoder_changed(self) -> None:
+        """Forget remembered masks: call after the backbone's mask decoder weights change."""
+        self.memo = MaskMemo()
 
     def _decode(self, key: str, embeddings, consensus: Consensus, saliency, first: int, slice_shape) -> np.ndarray:
         """Masks of every slice from its consensus prompts (points only for point-trained backbones)."""
@@ -206,9 +250,12 @@ class SPDPipeline:
 
         return self.memo.masks(key, slices, prompts, slice_shape, decode)
 
-    def _assemble(self, masks: np.ndarray, consensus: Consensus, view: VolumeView, first: int, roi) -> np.ndarray:
-        """Slab of slice masks -> full-size volume; components without a prompt are dropped."""
-        masks = trim_unanchored_ends(masks, first, consensus.anchored_range)
+    def _assemble(self, masks: np.ndarray, saliency: np.ndarray, consensus: Consensus, view: VolumeView, first: int,
+                  roi) -> np.ndarray:
+        """Slab of slice masks -> full-size volume; ends where saliency fades and components without a
+        prompt are dropped."""
+        support = np.array([float(s[m].mean()) if m.any() else 0.0 for s, m in zip(saliency, masks)])
+        masks = trim_unanchored_ends(masks, first, consensus.anchored_range, support)
         if roi is not None:
             rows, cols = (roi[a] for a in view.in_plane)
             inside = np.zeros(masks.shape[1:], dtype=bool)
