@@ -67,15 +67,26 @@ def start(workdir: Path, studies: Path | str, conf: dict[str, str] | None = None
     log = workdir / "server.log"
     process = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=full_env, cwd=workdir)
     server = LocalServer(f"http://127.0.0.1:{port}", Path(studies), log, process)
+    return wait_until_up(server, f"{server.url}/info/", "MONAI Label server", timeout_s)
+
+
+def wait_until_up(server, probe_url: str, name: str, timeout_s: float, poll_s: float = 0.5):
+    """Return ``server`` once ``probe_url`` answers 200; stop it and raise if it exits or times out.
+
+    Args:
+        server: has ``process``, ``log_tail()`` and ``stop()``.
+        probe_url: a URL that answers 200 when the server is ready.
+        name: used in error messages.
+    """
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_tail()}")
+        if server.process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {server.process.returncode}:\n{server.log_tail()}")
         try:
-            if requests.get(f"{server.url}/info/", timeout=2).status_code == 200:
+            if requests.get(probe_url, timeout=2).status_code == 200:
                 return server
         except requests.RequestException:
             pass
-        time.sleep(1)
+        time.sleep(poll_s)
     server.stop()
-    raise RuntimeError(f"server did not answer /info/ within {timeout_s:.0f}s:\n{server.log_tail()}")
+    raise RuntimeError(f"{name} did not answer {probe_url} within {timeout_s:.0f}s:\n{server.log_tail()}")

@@ -24,7 +24,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from local_server import free_port  # noqa: E402
+from local_server import free_port, wait_until_up  # noqa: E402
 from nifti_to_dicom import nifti_to_dicom  # noqa: E402
 
 PACKAGES = ("orthanc", "orthanc-dicomweb")
@@ -143,18 +142,7 @@ def start(workdir: Path, port: int | None = None, timeout_s: float = 60) -> Orth
     log = workdir / "orthanc.log"
     process = subprocess.Popen(["Orthanc", str(config)], stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=workdir)
     server = OrthancServer(f"http://127.0.0.1:{port}", workdir, log, process)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"Orthanc exited with {process.returncode}:\n{server.log_tail()}")
-        try:
-            if requests.get(f"{server.dicomweb_url}/studies", timeout=2).status_code == 200:
-                return server
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    server.stop()
-    raise RuntimeError(f"Orthanc did not answer within {timeout_s:.0f}s:\n{server.log_tail()}")
+    return wait_until_up(server, f"{server.dicomweb_url}/studies", "Orthanc", timeout_s)
 
 
 def upload_studies(server: OrthancServer, studies: Path, dicom_dir: Path) -> dict[str, str]:
