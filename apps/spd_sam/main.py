@@ -80,6 +80,19 @@ class SPDSamApp(MONAILabelApp):
                 raise HTTPException(status_code=404, detail=f"unknown image id {image!r}")
         return super().infer(request, datastore)
 
+    def info(self):
+        """``/info/``: top-level ``labels`` as names in index order, the form MONAI Label gives when an app sets none.
+
+        OHIF's MONAI Label panel appends the models' labels to this list (``labels.push``) and fails to
+        connect when it is a name->index map; 3D Slicer iterates over it either way. Each model's ``labels``
+        keeps the name->index map.
+        """
+        meta = super().info()
+        labels = meta.get("labels")
+        if isinstance(labels, dict):
+            meta["labels"] = [name for name, _ in sorted(labels.items(), key=lambda item: item[1])]
+        return meta
+
     def _init_dicomweb_datastore(self) -> Datastore:
         """List CT and MR series of a DICOMweb store unless the operator set MONAI_LABEL_DICOMWEB_SEARCH_FILTER.
 
