@@ -15,6 +15,7 @@ from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
@@ -50,10 +51,24 @@ class SPDSamApp(MONAILabelApp):
         return {"spd_sam": self.spd.infer()}
 
     def init_trainers(self):
-        return {}
+        return {"spd_sam": self.spd.trainer()}
 
     def init_strategies(self) -> Dict[str, Strategy]:
-        return {"random": Random(), "first": First()}
+        return {"random": Random(), "first": First(), "spd_uncertainty": self.spd.strategy()}
+
+    def init_scoring_methods(self) -> Dict[str, ScoringMethod]:
+        return {"spd_uncertainty": self.spd.scoring_method()}
+
+    def async_scoring(self, method, params=None):
+        """Start background scoring only when a volume lacks a score from the published model.
+
+        MONAI Label scores at start-up, after every next-sample request and after training; each
+        run is a subprocess that loads the app again, too costly to start for nothing.
+        """
+        scoring = self._scoring_methods.get("spd_uncertainty")
+        if method is None and scoring is not None and not scoring.pending(self.datastore()):
+            return {}
+        return super().async_scoring(method, params)
 
     def next_sample(self, request):
         """Propose an image and start embedding it in the background, so the first click is fast."""

@@ -1,4 +1,4 @@
-"""TaskConfig for ``spd_sam``: reads ``--conf``, loads the backbone, builds the infer task."""
+"""TaskConfig for ``spd_sam``: reads ``--conf``, loads the backbone, builds the infer task, trainer and scoring."""
 
 from __future__ import annotations
 
@@ -11,11 +11,15 @@ from typing import Any
 from monailabel.config import settings
 from monailabel.interfaces.config import TaskConfig
 
+from lib.activelearning.uncertainty import SPDUncertainty, SPDUncertaintyScoring
 from lib.infers.spd_infer import SPDInfer
 from lib.spd.background import BackgroundEmbedder
 from lib.spd.backbones import load_backbone
+from lib.spd.checkpoints import CheckpointStore
 from lib.spd.embedding_cache import EmbeddingCache
 from lib.spd.pipeline import SPDPipeline
+from lib.spd.served_model import ServedModel
+from lib.trainers.spd_trainer import SPDTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +33,7 @@ DEFAULTS = {
     "labels": str(APP_DIR / "labels.json"),
     "embedding_cache_mb": "2048",
     "embedding_cache_dir": "",  # "" = <datastore cache>/spd_embeddings
+    "trained_dir": "",  # "" = <app>/model/spd_sam: versioned trained checkpoints and the `current` pointer
 }
 
 
@@ -57,11 +62,20 @@ class SPDSamConfig(TaskConfig):
         self.pipeline = SPDPipeline(backbone, cache)
         self.modality = options["modality"]
         self.background = BackgroundEmbedder()
+        self.store = CheckpointStore(options["trained_dir"] or os.path.join(model_dir, name))
+        self.served = ServedModel(self.store, self.pipeline)
+        self.served.refresh()
         logger.info("spd_sam: backbone %s (%s on %s); embeddings cached in %s (%s MB in memory)",
                     backbone.name, backbone.runtime, backbone.device, cache_dir, options["embedding_cache_mb"])
 
     def infer(self) -> SPDInfer:
-        return SPDInfer(self.pipeline, self.labels, self.background, self.modality)
+        return SPDInfer(self.pipeline, self.labels, self.background, self.modality, self.served)
 
-    def trainer(self):
-        return None
+    def trainer(self) -> SPDTrainer:
+        return SPDTrainer(self.pipeline, self.labels, self.store, self.modality)
+
+    def strategy(self) -> SPDUncertainty:
+        return SPDUncertainty()
+
+    def scoring_method(self) -> SPDUncertaintyScoring:
+        return SPDUncertaintyScoring(self.pipeline, self.served, self.modality)

@@ -14,6 +14,7 @@ from lib.spd.background import BackgroundEmbedder
 from lib.spd.intensity import choose_window
 from lib.spd.pipeline import SPDPipeline, VolumeView
 from lib.spd.prompts import PromptError, choose_slice_axis, parse_clicks, parse_roi
+from lib.spd.served_model import ServedModel
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +37,11 @@ class SPDInfer(InferTask):
         labels: label name -> value written into the result.
         background: worker that embeds the rest of a volume after a request.
         modality: "auto", "CT" or "MR" (intensity window).
+        served: the published trained model, checked for a newer version at every request.
     """
 
     def __init__(self, pipeline: SPDPipeline, labels: dict[str, int], background: BackgroundEmbedder,
-                 modality: str = "auto"):
+                 modality: str = "auto", served: ServedModel | None = None):
         super().__init__(
             type=InferType.DEEPGROW,
             labels=labels,
@@ -51,6 +53,7 @@ class SPDInfer(InferTask):
         self.label_map = labels
         self.background = background
         self.modality = modality
+        self.served = served
         self.reader = VolumeReader()
         self._windows: dict[str, Any] = {}
 
@@ -71,6 +74,7 @@ class SPDInfer(InferTask):
         loaded = time.perf_counter()
 
         window = self._window(volume)
+        version = self.served.refresh() if self.served else None
         with self.background.foreground():
             seg = self.pipeline.segment(volume.array, volume.spacing, volume.volume_id, clicks, window,
                                         label=label_name, slice_axis=axis, roi=roi)
@@ -89,6 +93,7 @@ class SPDInfer(InferTask):
             "voxels": int(seg.mask.sum()),
             "backbone": {"name": self.pipeline.backbone.name, "runtime": self.pipeline.backbone.runtime,
                          "device": str(self.pipeline.backbone.device)},
+            "model_version": version,  # published trained checkpoint in use (None: untrained)
             "timing": timings,
         }
         c = seg.consensus

@@ -1,0 +1,71 @@
+"""Decoding with gradients, for fine-tuning a backbone's mask decoder on box prompts.
+
+``Backbone.decode`` runs under inference mode, one slice at a time on a window of the embedding
+around each box. Here a batch of slices is decoded in one call on the union of their windows
+(same crop margin, so the decoder sees the context it sees when serving) and the logits are
+mapped back to slice pixels with differentiable resizing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .backbones import OUTSIDE_LOGIT, Backbone, Geometry, SlicePrompts
+
+
+class DifferentiableDecoder:
+    """Box prompts + embeddings -> slice logits with gradients through ``backbone.model.mask_decoder``.
+
+    Args:
+        backbone: a box-trained backbone whose decoder is being tuned (its prompt encoder stays frozen).
+    """
+
+    def __init__(self, backbone: Backbone):
+        assert backbone.box_trained, f"decoder tuning uses box prompts only; {backbone.name} is point-trained"
+        self.backbone = backbone
+        with torch.no_grad():
+            self.dense_pe = backbone.model.prompt_encoder.get_dense_pe().detach().clone()
+
+    def window(self, boxes: np.ndarray, slice_shape: tuple[int, int]) -> tuple[slice, slice]:
+        """The union of the per-slice decoding windows that serving would use for these boxes."""
+        geometry = Geometry(slice_shape, self.backbone.image_size)
+        grid = self.dense_pe.shape[-1]
+        prompts = SlicePrompts(boxes=boxes)
+        windows = [self.backbone._window(prompts, i, geometry, grid) for i in range(len(boxes))]
+        return (slice(min(r.start for r, _ in windows), max(r.stop for r, _ in windows)),
+                slice(min(c.start for _, c in windows), max(c.stop for _, c in windows)))
+
+    def __call__(self, embeddings: torch.Tensor, boxes: np.ndarray, slice_shape: tuple[int, int]) -> torch.Tensor:
+        """(N, H, W) logits at slice resolution.
+
+        Args:
+            embeddings: (N, C, g, g) slice embeddings (any float dtype; the encoder is frozen).
+            boxes: (N, 4) boxes (row0, col0, row1, col1) in slice pixels, one per slice.
+            slice_shape: (H, W).
+        """
+        model, device = self.backbone.model, self.backbone.device
+        geometry = Geometry(tuple(int(v) for v in slice_shape), self.backbone.image_size)
+        boxes = np.asarray(boxes, dtype=np.float64)
+        x, y = geometry.to_model_xy(boxes[:, [0, 2]], boxes[:, [1, 3]])
+        model_boxes = torch.tensor(np.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], axis=1)[:, None],
+                                   dtype=torch.float32, device=device)
+        with torch.no_grad():
+            sparse, dense = model.prompt_encoder(points=None, boxes=model_boxes, masks=None)
+        rows, cols = self.window(boxes.astype(np.float32), geometry.slice_shape)
+        low_res, _ = model.mask_decoder(
+            image_embeddings=embeddings[..., rows, cols].to(device, torch.float32),
+            image_pe=self.dense_pe[..., rows, cols].to(device),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense[..., rows, cols],
+            multimask_output=False)
+        grid = self.dense_pe.shape[-1]
+        up = low_res.shape[-1] // (cols.stop - cols.start)
+        canvas = F.pad(low_res, (up * cols.start, up * (grid - cols.stop), up * rows.start, up * (grid - rows.stop)),
+                       value=OUTSIDE_LOGIT)
+        if canvas.shape[-1] != self.backbone.image_size:
+            canvas = F.interpolate(canvas, size=(self.backbone.image_size,) * 2, mode="bilinear", align_corners=False)
+        new_h, new_w = geometry.resized
+        logits = F.interpolate(canvas[..., :new_h, :new_w], size=geometry.slice_shape, mode="bilinear",
+                               align_corners=False)
+        return logits[:, 0]

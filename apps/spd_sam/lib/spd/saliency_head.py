@@ -1,0 +1,104 @@
+"""Trained saliency: a small conv head on the SAM image embedding, one logit map per label.
+
+The head sees the (C, g, g) embedding of a slice plus two channels of grid coordinates (so it can
+tell a left structure from its mirror image) and predicts, per label, where that structure is on
+the g x g embedding grid. :class:`LabelSaliency` serves one label's map through the
+:class:`~lib.spd.saliency.SaliencyModel` interface, upsampled to slice pixels.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .losses import focal_loss, soft_dice_loss
+from .saliency import embedding_grid_to_slice
+
+PRIOR_LOGIT = -4.6  # initial logit of every cell: probability about 0.01
+
+
+class SaliencyHead(nn.Module):
+    """Embedding (N, C, g, g) -> logits (N, L, g, g), one channel per label.
+
+    Args:
+        labels: label names, in channel order.
+        in_channels: embedding channels (256 for every SAM-family backbone here).
+        width: hidden channels.
+    """
+
+    def __init__(self, labels: Sequence[str], in_channels: int = 256, width: int = 48):
+        super().__init__()
+        assert labels, "a saliency head needs at least one label"
+        self.labels = list(labels)
+        self.in_channels = in_channels
+        self.width = width
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels + 2, width, 1), nn.GroupNorm(8, width), nn.GELU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.GroupNorm(8, width), nn.GELU(),
+            nn.Conv2d(width, width, 3, padding=2, dilation=2), nn.GroupNorm(8, width), nn.GELU(),
+            nn.Conv2d(width, len(self.labels), 1),
+        )
+        nn.init.constant_(self.net[-1].bias, PRIOR_LOGIT)  # start near "absent", as structures are small
+
+    def config(self) -> dict:
+        """Constructor arguments (plain types, for checkpoints)."""
+        return {"labels": list(self.labels), "in_channels": self.in_channels, "width": self.width}
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = embeddings.shape
+        rows = torch.linspace(-1.0, 1.0, h, device=embeddings.device).view(1, 1, h, 1).expand(n, 1, h, w)
+        cols = torch.linspace(-1.0, 1.0, w, device=embeddings.device).view(1, 1, 1, w).expand(n, 1, h, w)
+        return self.net(torch.cat([embeddings.float(), rows, cols], dim=1))
+
+    def for_label(self, name: str) -> "LabelSaliency":
+        """The saliency model of one label (shares this head's weights)."""
+        return LabelSaliency(self, self.labels.index(name))
+
+
+class LabelSaliency:
+    """One label's channel of a :class:`SaliencyHead`, as a ``SaliencyModel``; clicks are not used.
+
+    Args:
+        head: the trained head.
+        channel: the label's channel.
+        chunk: slices per forward pass.
+    """
+
+    def __init__(self, head: SaliencyHead, channel: int, chunk: int = 16):
+        self.head = head
+        self.channel = channel
+        self.chunk = chunk
+
+    def __call__(self, images: np.ndarray, embeddings: torch.Tensor, clicks: Sequence[tuple[int, float, float]]
+                 ) -> np.ndarray:
+        self.head.eval()
+        device = next(self.head.parameters()).device
+        grids = []
+        with torch.inference_mode():
+            for start in range(0, len(embeddings), self.chunk):
+                logits = self.head(embeddings[start:start + self.chunk].to(device))
+                grids.append(torch.sigmoid(logits[:, self.channel]).cpu())
+        grid = torch.cat(grids) if grids else torch.zeros(0, *embeddings.shape[-2:])
+        return embedding_grid_to_slice(grid, tuple(images.shape[1:])).clamp(0.0, 1.0).numpy().astype(np.float32)
+
+
+def grid_targets(masks: np.ndarray, grid: int) -> torch.Tensor:
+    """(N, H, W) masks -> (N, g, g) fraction of each embedding cell covered (zero on the padding).
+
+    The inverse of :func:`~lib.spd.saliency.embedding_grid_to_slice`: the slice covers the
+    top-left ``H/max(H,W)`` x ``W/max(H,W)`` of the grid.
+    """
+    n, height, width = masks.shape
+    rows = max(1, round(grid * height / max(height, width)))
+    cols = max(1, round(grid * width / max(height, width)))
+    covered = F.interpolate(torch.from_numpy(masks.astype(np.float32))[:, None], size=(rows, cols), mode="area")
+    return F.pad(covered, (0, grid - cols, 0, grid - rows))[:, 0]
+
+
+def saliency_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Dice per label (over the batch) plus focal loss, for (N, L, g, g) logits and soft targets."""
+    return soft_dice_loss(logits, targets, dims=(0, 2, 3)) + focal_loss(logits, targets)

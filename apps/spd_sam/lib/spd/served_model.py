@@ -1,0 +1,96 @@
+"""Keeps a pipeline serving the published checkpoint: checked at every request, reloaded without a restart."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+
+from torch import nn
+
+from .checkpoints import CheckpointError, CheckpointStore
+from .pipeline import SPDPipeline
+from .saliency_head import SaliencyHead
+
+logger = logging.getLogger(__name__)
+
+
+class ServedModel:
+    """Installs the published checkpoint's saliency heads and decoder into a pipeline.
+
+    The backbone's own decoder weights are kept aside, so a checkpoint without a decoder (or the
+    pointer's removal) serves the untrained decoder again. A checkpoint that cannot be used is
+    refused with an error in the log, and the next older version is tried; the model in service
+    stays as it was when none can be used. Versions are immutable, so a refused one is not tried again.
+
+    Args:
+        store: the checkpoint folder.
+        pipeline: the pipeline to update (its backbone's ``model.mask_decoder`` is swapped).
+    """
+
+    def __init__(self, store: CheckpointStore, pipeline: SPDPipeline):
+        self.store = store
+        self.pipeline = pipeline
+        self.version: int | None = None
+        self._base_decoder = pipeline.backbone.model.mask_decoder
+        self._stamp: tuple | None = None
+        self._refused: set[int] = set()
+        self._lock = threading.Lock()
+
+    def refresh(self) -> int | None:
+        """Load the published version if the pointer changed since the last call; returns the served version."""
+        stamp = self.store.pointer_stamp()
+        if stamp == self._stamp:
+            return self.version
+        with self._lock:
+            if stamp != self._stamp:
+                self._stamp = stamp
+                self._load_published()
+        return self.version
+
+    def _load_published(self) -> None:
+        backbone = self.pipeline.backbone
+        candidates = self.store.candidates()
+        if not candidates and self.version is not None:
+            logger.warning("no published checkpoint in %s any more: serving the untrained model", self.store.directory)
+            self._install(None, {}, self._base_decoder)
+        for version in [v for v in candidates if v not in self._refused]:
+            if version == self.version:
+                return
+            try:
+                checkpoint = self.store.load(version, backbone.name, backbone.weights_id)
+                heads, decoder = self._build(checkpoint)
+            except CheckpointError as error:
+                logger.error("refusing checkpoint v%04d: %s", version, error)
+                self._refused.add(version)
+                continue
+            self._install(version, heads, decoder)
+            meta = checkpoint["metadata"]
+            logger.info("serving checkpoint v%04d (labels %s; validation Dice %s)", version,
+                        ", ".join(heads) or "none", meta.get("val_dice"))
+            return
+
+    def _build(self, checkpoint: dict) -> tuple[dict, nn.Module]:
+        """Saliency heads per label and a decoder module from a checkpoint, strictly loaded."""
+        path = self.store.path(checkpoint["metadata"]["version"])
+        try:
+            heads = {}
+            for saved in checkpoint["saliency_heads"]:  # later heads take over their labels from earlier ones
+                config = saved["config"]
+                head = SaliencyHead(config["labels"], config["in_channels"], config["width"])
+                head.load_state_dict(saved["state"], strict=True)
+                heads.update({name: head.eval().for_label(name) for name in head.labels})
+            decoder = self._base_decoder
+            if checkpoint.get("decoder_state") is not None:
+                decoder = copy.deepcopy(self._base_decoder)
+                decoder.load_state_dict(checkpoint["decoder_state"], strict=True)
+                decoder.eval()
+        except (KeyError, TypeError, RuntimeError, AssertionError) as error:
+            raise CheckpointError(f"{path}: weights do not fit this model: {error}") from None
+        return heads, decoder
+
+    def _install(self, version: int | None, heads: dict, decoder: nn.Module) -> None:
+        self.pipeline.backbone.model.mask_decoder = decoder
+        self.pipeline.saliency_heads = heads
+        self.pipeline.decoder_changed()
+        self.version = version

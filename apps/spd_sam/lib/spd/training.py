@@ -1,0 +1,440 @@
+"""SPD training loops, framework-free: stage 1 (saliency head) and stage 2 (mask decoder with PSC).
+
+Stage 1 trains one :class:`SaliencyHead` for all labels on the embeddings of labelled slices
+(every slice of a structure plus a margin of slices without it) with Dice + focal loss.
+
+Stage 2 fine-tunes the backbone's mask decoder (image encoder frozen) on the prompts that SPD
+itself produces at inference: each step simulates fresh clinical clicks on a training structure
+(one every k slices, drifting, some off target) and runs the pipeline's plan (trained saliency ->
+CPD -> boxes carried between anchored slices), with the anchored slices' boxes measured as a
+perfect decoder would let box calibration measure them. The decoder then learns its two jobs:
+a run of adjacent slices from their consensus boxes (Dice + BCE per slice + lambda * PSC over
+adjacent pairs), and the whole structure from calibration's square probes (Dice + BCE).
+Validation segments the held-out volumes with the full pipeline (real calibration) each epoch;
+the best epoch is kept (epoch 0, the decoder as it was, included), so a round never publishes a
+decoder worse than its start on the validation volumes.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .click_simulation import ClickStyle
+from .box_calibration import probe_boxes
+from .consistency import pairwise_slice_consistency
+from .decoder_tuning import DifferentiableDecoder
+from .losses import dice_bce_per_slice
+from .pipeline import Plan, SPDPipeline
+from .saliency_head import SaliencyHead, grid_targets, saliency_loss
+from .training_data import LabelledVolume, Slab, clicks_for, embed_slab, ideal_anchor_boxes
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Limits and hyper-parameters of one training round.
+
+    Args:
+        max_epochs: decoder epochs at most.
+        max_seconds: wall-clock budget of the whole round, embedding included.
+        patience: decoder epochs without a better validation Dice before stage 2 stops.
+        head_epochs: saliency head epochs at most (cheap: one pass over the slab embeddings each).
+        head_patience: saliency head epochs without a better validation Dice before stage 1 stops.
+        head_lr: learning rate of the saliency head.
+        head_batch: slices per saliency step.
+        decoder_lr: learning rate of the mask decoder.
+        psc_weight: lambda of the PSC term.
+        psc_band_mm: width of PSC's band around the structure.
+        slices_per_step: adjacent slices decoded per decoder step.
+        probes_per_step: calibration probes decoded per decoder step.
+        click_every: click spacings (slices) that simulated annotators use, drawn per step.
+        drift_mm: RMS distance of simulated clicks from the centre line.
+        off_target: fraction of simulated clicks on the nearest other structure.
+        seed: seed of click simulation and shuffling.
+    """
+
+    max_epochs: int = 20
+    max_seconds: float = 720.0
+    patience: int = 4
+    head_epochs: int = 60
+    head_patience: int = 8
+    head_lr: float = 2e-3
+    head_batch: int = 16
+    decoder_lr: float = 3e-5
+    psc_weight: float = 0.5
+    psc_band_mm: float = 4.0
+    slices_per_step: int = 8
+    probes_per_step: int = 4
+    click_every: tuple[int, ...] = (2, 3)
+    drift_mm: float = 3.0
+    off_target: float = 0.15
+    seed: int = 0
+
+
+@dataclass
+class EpochRecord:
+    """One epoch of one stage (epoch 0 of the decoder stage is the decoder before tuning)."""
+
+    stage: str  # "saliency" or "decoder"
+    epoch: int
+    loss: float | None
+    val_dice: dict[str, float]
+    elapsed_s: float
+    detail: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"stage": self.stage, "epoch": self.epoch, "loss": self.loss, "val_dice": self.val_dice,
+                "elapsed_s": round(self.elapsed_s, 1), **self.detail}
+
+
+@dataclass
+class TrainingResult:
+    """What a round produced: the saliency head, the best decoder weights and the history."""
+
+    head: SaliencyHead
+    decoder_state: dict[str, torch.Tensor] | None
+    history: list[EpochRecord]
+    val_dice: dict[str, float]  # validation Dice of the full pipeline with the kept decoder epoch
+    decoder_epoch: int
+    train_volumes: list[str]
+    val_volumes: list[str]
+
+
+class Clock:
+    """Seconds since the round started and until its deadline."""
+
+    def __init__(self, seconds: float):
+        self.start = time.monotonic()
+        self.end = self.start + seconds
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def left(self, until: float | None = None) -> float:
+        return (self.end if until is None else until) - time.monotonic()
+
+
+class KeepBest:
+    """Early stopping: remembers the best score's epoch and a copy of its state."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.score = -np.inf
+        self.epoch = -1
+        self.state: dict | None = None
+
+    def update(self, score: float, epoch: int, state: Callable[[], dict]) -> None:
+        if self.state is None or score > self.score:
+            self.score, self.epoch, self.state = score, epoch, copy.deepcopy(state())
+
+    def stop(self, epoch: int) -> bool:
+        return epoch - self.epoch >= self.patience
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice overlap of two bool arrays (1.0 when both are empty)."""
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * float(np.logical_and(a, b).sum()) / total
+
+
+def _mean(scores: Mapping[str, float]) -> float:
+    return float(np.mean(list(scores.values()))) if scores else float("nan")
+
+
+def _fmt(scores: Mapping[str, float]) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in scores.items()) or "no validation volume"
+
+
+# --------------------------------------------------------------------------- stage 1: saliency head
+def _stack_slabs(slabs: Sequence[Slab], labels: Mapping[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings (N, C, g, g) and soft grid targets (N, L, g, g) of every slab slice."""
+    if not slabs:
+        return torch.zeros(0), torch.zeros(0)
+    grid = slabs[0].embeddings.shape[-1]
+    embeddings = torch.cat([s.embeddings for s in slabs])
+    targets = torch.cat([torch.stack([grid_targets(s.masks(v), grid) for v in labels.values()], dim=1) for s in slabs])
+    return embeddings, targets.half()
+
+
+def grid_dice(head: SaliencyHead, embeddings: torch.Tensor, targets: torch.Tensor, chunk: int = 32) -> dict[str, float]:
+    """Dice per label of the thresholded saliency against the half-covered grid cells."""
+    head.eval()
+    with torch.no_grad():
+        probs = torch.cat([torch.sigmoid(head(embeddings[i:i + chunk])) for i in range(0, len(embeddings), chunk)])
+    pred, truth = (probs > 0.5).numpy(), (targets.float() > 0.5).numpy()
+    return {name: dice(pred[:, c], truth[:, c]) for c, name in enumerate(head.labels)}
+
+
+def train_saliency_head(train: Sequence[Slab], val: Sequence[Slab], labels: Mapping[str, int], config: TrainConfig,
+                        clock: Clock, deadline: float) -> tuple[SaliencyHead, list[EpochRecord]]:
+    """Stage 1: fit a head for ``labels`` (name -> value) on the slabs; keeps the best validation epoch."""
+    torch.manual_seed(config.seed)
+    head = SaliencyHead(list(labels))
+    x, y = _stack_slabs(train, labels)
+    val_x, val_y = _stack_slabs(val, labels) if val else (x, y)
+    optimiser = torch.optim.AdamW(head.parameters(), lr=config.head_lr, weight_decay=1e-4)
+    rng = np.random.default_rng(config.seed)
+    best, history = KeepBest(config.head_patience), []
+    for epoch in range(1, config.head_epochs + 1):
+        if clock.left(deadline) <= 0:
+            logger.info("saliency: time budget reached before epoch %d", epoch)
+            break
+        head.train()
+        losses = []
+        order = torch.from_numpy(rng.permutation(len(x)))
+        for start in range(0, len(x), config.head_batch):
+            if clock.left(deadline) <= 0:
+                break
+            batch = order[start:start + config.head_batch]
+            loss = saliency_loss(head(x[batch]), y[batch].float())
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            losses.append(loss.item())
+        if not losses:
+            break
+        scores = grid_dice(head, val_x, val_y)
+        best.update(_mean(scores), epoch, head.state_dict)
+        history.append(EpochRecord("saliency", epoch, float(np.mean(losses)), scores, clock.elapsed()))
+        logger.info("saliency epoch %d/%d: loss %.4f; val Dice (grid) %s; mean %.3f (best %.3f at epoch %d) [%.0f s]",
+                    epoch, config.head_epochs, np.mean(losses), _fmt(scores), _mean(scores), best.score, best.epoch,
+                    clock.elapsed())
+        if best.stop(epoch):
+            logger.info("saliency: no better validation Dice for %d epochs; stopping", config.head_patience)
+            break
+    if best.state is not None:
+        head.load_state_dict(best.state)
+    return head.eval(), history
+
+
+# --------------------------------------------------------------------------- stage 2: mask decoder
+def validate(pipeline: SPDPipeline, volumes: Sequence[LabelledVolume], labels: Mapping[str, int], axis: int,
+             config: TrainConfig, deadline: float = float("inf")) -> dict[str, float] | None:
+    """Dice per label of the full pipeline on ``volumes``, with clicks fixed per volume and label.
+
+    Returns None when the deadline (``time.monotonic()``) passes before every structure is segmented.
+    """
+    pipeline.decoder_changed()
+    scores: dict[str, list[float]] = {}
+    style = ClickStyle(max(config.click_every), config.drift_mm, config.off_target)
+    for n, volume in enumerate(volumes):
+        for name in volume.present(labels):
+            if time.monotonic() > deadline:
+                return None
+            rng = np.random.default_rng([config.seed, n, labels[name]])
+            clicks = clicks_for(volume, labels[name], axis, style, rng)
+            seg = pipeline.segment(volume.volume, volume.spacing, volume.volume_id, clicks, volume.window,
+                                   label=name, slice_axis=axis)
+            scores.setdefault(name, []).append(dice(seg.mask, volume.labels == labels[name]))
+    return {name: float(np.mean(v)) for name, v in scores.items()}
+
+
+class DecoderTuner:
+    """Stage 2: fine-tunes ``pipeline.backbone.model.mask_decoder`` in place (it has no dropout or batch norm,
+    so the same mode serves training and the pipeline's probes).
+
+    Args:
+        pipeline: the SPD pipeline (with the trained saliency heads installed).
+        labels: label name -> value of the labels to train.
+        axis: slice axis.
+        config: hyper-parameters.
+    """
+
+    def __init__(self, pipeline: SPDPipeline, labels: Mapping[str, int], axis: int, config: TrainConfig):
+        self.pipeline = pipeline
+        self.labels = dict(labels)
+        self.axis = axis
+        self.config = config
+        self.decoder = DifferentiableDecoder(pipeline.backbone)
+        self.module = pipeline.backbone.model.mask_decoder
+        self.optimiser = torch.optim.AdamW(self.module.parameters(), lr=config.decoder_lr, weight_decay=1e-4)
+        self.rng = np.random.default_rng(config.seed + 1)
+
+    def step(self, volume: LabelledVolume, name: str) -> tuple[float, float]:
+        """One update on one structure with freshly simulated clicks; returns (Dice + BCE, PSC).
+
+        CPD runs as at inference (trained saliency, dual validation, interpolation); box
+        calibration is replaced by the boxes a perfect decoder would make it measure, so a step
+        costs no decoder probing. The decoder then learns both of its jobs in SPD: segmenting a
+        run of adjacent slices from their consensus boxes (Dice + BCE + PSC), and segmenting the
+        whole structure from the square probes that calibration tries (Dice + BCE).
+        """
+        cfg, value, target = self.config, self.labels[name], volume.labels == self.labels[name]
+        style = ClickStyle(int(self.rng.choice(cfg.click_every)), cfg.drift_mm, cfg.off_target)
+        clicks = clicks_for(volume, value, self.axis, style, self.rng)
+        in_plane = [a for a in range(3) if a != self.axis]
+        pixel_mm = [volume.spacing[a] for a in in_plane]
+        probes = self.pipeline.probes
+        plan = self.pipeline.plan(volume.volume, volume.spacing, volume.volume_id, clicks, volume.window, label=name,
+                                  slice_axis=self.axis, anchor_boxes=lambda anchors: ideal_anchor_boxes(
+                                      target, self.axis, anchors, pixel_mm, probes, self.rng))
+        shape = plan.view.slice_shape
+
+        def truth(slices: list[int]) -> torch.Tensor:
+            return torch.from_numpy(np.moveaxis(np.take(target, slices, axis=self.axis), self.axis, 0).astype(np.float32))
+
+        count = min(cfg.slices_per_step, len(plan.embeddings))
+        start = int(self.rng.integers(0, len(plan.embeddings) - count + 1))
+        run = list(range(plan.first + start, plan.first + start + count))
+        boxes = np.array([plan.consensus.prompts[s].box for s in run], dtype=np.float32)
+        logits = self.decoder(plan.embeddings[start:start + count], boxes, shape)
+        run_truth = truth(run)
+        segmentation = dice_bce_per_slice(logits, run_truth)
+        psc = pairwise_slice_consistency(torch.sigmoid(logits), run_truth,
+                                         max(1, round(cfg.psc_band_mm / min(pixel_mm))))
+        loss = segmentation + cfg.psc_weight * psc
+
+        probe = self._probe_loss(plan, target, truth, pixel_mm)
+        loss = loss if probe is None else loss + probe
+
+        self.optimiser.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.module.parameters(), 1.0)
+        self.optimiser.step()
+        self.pipeline.decoder_changed()
+        return segmentation.item(), psc.item()
+
+    def _probe_loss(self, plan: Plan, target: np.ndarray, truth: Callable[[list[int]], torch.Tensor],
+                    pixel_mm: Sequence[float]) -> torch.Tensor | None:
+        """Dice + BCE of the whole structure from calibration probes (one random size per anchored slice).
+
+        Only probes that overlap the structure count, at most ``probes_per_step`` of them.
+        """
+        probes, shape = self.pipeline.probes, plan.view.slice_shape
+        chosen: list[tuple[int, tuple]] = []
+        for s, prompt in plan.consensus.prompts.items():
+            if not prompt.anchored:
+                continue
+            sizes = probe_boxes(np.mean(prompt.positives, axis=0), np.asarray(pixel_mm), shape, probes)
+            box = sizes[int(self.rng.integers(len(sizes)))]
+            r0, c0, r1, c1 = (int(round(v)) for v in box)
+            if np.take(target, s, axis=self.axis)[r0:r1 + 1, c0:c1 + 1].any():
+                chosen.append((s, box))
+        if not chosen:
+            return None
+        chosen = [chosen[k] for k in self.rng.permutation(len(chosen))[:self.config.probes_per_step]]
+        slices = [s for s, _ in chosen]
+        logits = self.decoder(plan.embeddings[[s - plan.first for s in slices]],
+                              np.array([box for _, box in chosen], dtype=np.float32), shape)
+        return dice_bce_per_slice(logits, truth(slices))
+
+    def fit(self, train: Sequence[LabelledVolume], val: Sequence[LabelledVolume], clock: Clock, deadline: float
+            ) -> tuple[dict[str, float], int, list[EpochRecord]]:
+        """Train up to ``max_epochs`` or the deadline; loads the best epoch's weights back.
+
+        Steps stop early enough for the epoch's validation to end by the deadline; a validation that
+        the deadline interrupts ends the stage (at epoch 0: the decoder is left as it was).
+
+        Returns:
+            validation Dice of the kept epoch, the kept epoch (0: unchanged) and the history.
+        """
+        cfg = self.config
+        items = [(v, name) for v in train for name in v.present(self.labels)]
+        watch = [v for v in val if v.present(self.labels)] or train
+        tic = time.monotonic()
+        scores = validate(self.pipeline, watch, self.labels, self.axis, cfg, deadline)
+        validation_s = time.monotonic() - tic
+        if scores is None:
+            logger.warning("decoder: no time left to tune it after validating the decoder as it is; kept unchanged")
+            return {}, 0, []
+        best = KeepBest(cfg.patience)
+        best.update(_mean(scores), 0, self.module.state_dict)
+        best_scores = scores
+        history = [EpochRecord("decoder", 0, None, scores, clock.elapsed())]
+        logger.info("decoder epoch 0 (before tuning): val Dice %s; mean %.3f [%.0f s]", _fmt(scores), _mean(scores),
+                    clock.elapsed())
+        for epoch in range(1, cfg.max_epochs + 1):
+            if clock.left(deadline) <= validation_s:
+                logger.info("decoder: time budget reached before epoch %d", epoch)
+                break
+            seg_losses, psc_losses = [], []
+            for k in self.rng.permutation(len(items)):
+                if clock.left(deadline) <= validation_s:
+                    break
+                seg, psc = self.step(*items[k])
+                seg_losses.append(seg)
+                psc_losses.append(psc)
+            if not seg_losses:
+                break
+            tic = time.monotonic()
+            scores = validate(self.pipeline, watch, self.labels, self.axis, cfg, deadline)
+            validation_s = time.monotonic() - tic
+            if scores is None:
+                logger.info("decoder: time budget reached while validating epoch %d; it is not kept", epoch)
+                break
+            best.update(_mean(scores), epoch, self.module.state_dict)
+            best_scores = scores if best.epoch == epoch else best_scores
+            loss = float(np.mean(seg_losses) + cfg.psc_weight * np.mean(psc_losses))
+            history.append(EpochRecord("decoder", epoch, loss, scores, clock.elapsed(),
+                                       {"dice_bce": float(np.mean(seg_losses)), "psc": float(np.mean(psc_losses))}))
+            logger.info("decoder epoch %d/%d: loss %.4f (Dice+BCE %.4f, PSC %.4f, %d steps); val Dice %s; mean %.3f "
+                        "(best %.3f at epoch %d) [%.0f s]", epoch, cfg.max_epochs, loss, np.mean(seg_losses),
+                        np.mean(psc_losses), len(seg_losses), _fmt(scores), _mean(scores), best.score, best.epoch,
+                        clock.elapsed())
+            if best.stop(epoch):
+                logger.info("decoder: no better validation Dice for %d epochs; stopping", cfg.patience)
+                break
+        self.module.load_state_dict(best.state)
+        self.pipeline.decoder_changed()
+        return best_scores, best.epoch, history
+
+
+# --------------------------------------------------------------------------- one round
+def run_training(pipeline: SPDPipeline, train: Sequence[LabelledVolume], val: Sequence[LabelledVolume],
+                 labels: Mapping[str, int], axis: int, config: TrainConfig, reserve_s: float = 20.0) -> TrainingResult:
+    """Embed, train the saliency head, then tune the decoder, within ``config.max_seconds``.
+
+    On return the pipeline serves the new heads and the kept decoder weights.
+
+    Args:
+        pipeline: pipeline whose backbone decoder is tuned in place and whose cache provides embeddings.
+        train: training volumes.
+        val: validation volumes (when none holds a trained label, training volumes are watched).
+        labels: label name -> value to train (each present in at least one training volume).
+        axis: slice axis of training.
+        config: limits and hyper-parameters.
+        reserve_s: seconds kept free at the end for publishing.
+    """
+    assert train, "training needs at least one labelled volume"
+    clock = Clock(config.max_seconds)
+    margin = max(config.click_every)
+    slabs: dict[str, Slab] = {}
+    kept = []
+    for n, volume in enumerate([*train, *val], start=1):
+        is_train = n <= len(train)
+        if is_train and kept and clock.left() < 0.4 * config.max_seconds:
+            logger.warning("time budget: %s not used; training on the %d volumes embedded so far", volume.name,
+                           len(kept))
+            continue
+        values = [labels[name] for name in volume.present(labels)]
+        tic = time.monotonic()
+        slabs[volume.name] = embed_slab(pipeline, volume, values, axis, margin)
+        kept += [volume] if is_train else []
+        logger.info("embedded %s (%s %d/%d): %d slices along axis %d in %.0f s [%.0f s]", volume.name,
+                    "train" if is_train else "val", n, len(train) + len(val), len(slabs[volume.name].indices), axis,
+                    time.monotonic() - tic, clock.elapsed())
+    train = kept
+    train_slabs = [slabs[v.name] for v in train]
+    val_slabs = [slabs[v.name] for v in val if v.name in slabs]
+    head, history = train_saliency_head(train_slabs, val_slabs, labels, config, clock,
+                                        deadline=time.monotonic() + 0.3 * max(clock.left() - reserve_s, 0))
+    pipeline.saliency_heads = {name: head.for_label(name) for name in labels}
+    decoder_state, decoder_epoch, val_dice = None, 0, {}
+    if pipeline.backbone.box_trained:
+        tuner = DecoderTuner(pipeline, labels, axis, config)
+        val_dice, decoder_epoch, decoder_history = tuner.fit(train, val, clock, deadline=clock.end - reserve_s)
+        history += decoder_history
+        decoder_state = {k: v.detach().cpu().clone() for k, v in tuner.module.state_dict().items()}
+    else:
+        logger.warning("decoder tuning skipped: %s is point-trained; only the saliency head is trained",
+                       pipeline.backbone.name)
+    return TrainingResult(head, decoder_state, history, val_dice, decoder_epoch, [v.name for v in train],
+                          [v.name for v in val])

@@ -1,0 +1,196 @@
+"""The ``spd_sam`` trainer: the datastore's final labels in, a new published SPD checkpoint out.
+
+MONAI Label runs it in a subprocess (``POST /train/spd_sam``) that builds the app again, so the
+pipeline here already serves the published checkpoint and training continues from it. Progress
+goes to the log, whose last lines ``GET /train/`` shows. Nothing is published unless the round
+completes; a stopped or crashed round leaves the served model as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+import numpy as np
+import SimpleITK as sitk
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
+from monailabel.interfaces.tasks.train import TrainTask
+
+from lib.infers.volume_io import VolumeReader
+from lib.spd.checkpoints import CheckpointStore
+from lib.spd.intensity import choose_window
+from lib.spd.pipeline import SPDPipeline
+from lib.spd.saliency_head import SaliencyHead
+from lib.spd.training import TrainConfig, run_training
+from lib.spd.training_data import LabelledVolume, split_by_volume, training_axis
+from lib.trainers.training_curve import render_training_curve
+
+logger = logging.getLogger(__name__)
+
+# Request parameters (also shown as the trainer's config in /info/): sized so that a round on
+# four labelled volumes finishes within 15 minutes on a 2-core CPU, embedding included.
+DEFAULTS: dict[str, Any] = {
+    "max_epochs": TrainConfig.max_epochs,  # decoder epochs
+    "head_epochs": TrainConfig.head_epochs,  # saliency head epochs
+    "max_minutes": 12.0,
+    "val_fraction": 0.25,
+    "patience": 4,
+    "labels": "",  # comma-separated names; "" = every label found in the final labels
+    "slice_axis": "",  # "" = the coarsest axis, the one the infer side embeds in the background
+    "psc_weight": TrainConfig.psc_weight,
+    "decoder_lr": TrainConfig.decoder_lr,
+    "head_lr": TrainConfig.head_lr,
+    "seed": 0,
+}
+
+
+class TrainRequestError(ValueError):
+    """A training parameter is malformed; the message names it."""
+
+
+def _number(request: dict, key: str, kind: type, low: float, high: float):
+    value = request.get(key, DEFAULTS[key])
+    try:
+        number = kind(float(value)) if kind is int else kind(value)
+    except (TypeError, ValueError):
+        raise TrainRequestError(f"{key} must be a number, got {value!r}") from None
+    if not low <= number <= high:
+        raise TrainRequestError(f"{key} must be within [{low}, {high}], got {value!r}")
+    return number
+
+
+def parse_request(request: dict, label_map: dict[str, int]) -> tuple[TrainConfig, float, list[str], int | None]:
+    """Training config, validation fraction, requested labels and slice axis from a train request.
+
+    Raises:
+        TrainRequestError: a value of the wrong type, out of range, or an unknown label.
+    """
+    names = request.get("labels", DEFAULTS["labels"]) or []
+    names = [n.strip() for n in names.split(",") if n.strip()] if isinstance(names, str) else list(names)
+    unknown = [n for n in names if n not in label_map]
+    if unknown:
+        raise TrainRequestError(f"unknown labels {unknown}; known labels: {', '.join(label_map)}")
+    axis = request.get("slice_axis", DEFAULTS["slice_axis"])
+    axis = None if axis in ("", None) else _number(request, "slice_axis", int, 0, 2)
+    config = TrainConfig(
+        max_epochs=_number(request, "max_epochs", int, 1, 1000),
+        head_epochs=_number(request, "head_epochs", int, 1, 10000),
+        max_seconds=60.0 * _number(request, "max_minutes", float, 0.1, 24 * 60),
+        patience=_number(request, "patience", int, 1, 1000),
+        psc_weight=_number(request, "psc_weight", float, 0.0, 100.0),
+        decoder_lr=_number(request, "decoder_lr", float, 0.0, 1.0),
+        head_lr=_number(request, "head_lr", float, 0.0, 1.0),
+        seed=_number(request, "seed", int, 0, 2**31 - 1),
+    )
+    return config, _number(request, "val_fraction", float, 0.0, 0.9), names, axis
+
+
+class SPDTrainer(TrainTask):
+    """Stage 1 (saliency head) and stage 2 (mask decoder with PSC) on the final labels.
+
+    Args:
+        pipeline: the pipeline of this process (its decoder is tuned in place).
+        labels: label name -> value in label volumes.
+        store: where checkpoints are published.
+        modality: intensity window choice, as for inference.
+    """
+
+    def __init__(self, pipeline: SPDPipeline, labels: dict[str, int], store: CheckpointStore, modality: str = "auto"):
+        super().__init__("SPD-SAM: saliency head and mask decoder (pairwise slice consistency) from final labels")
+        self.pipeline = pipeline
+        self.labels = dict(labels)
+        self.store = store
+        self.modality = modality
+
+    def config(self) -> dict:
+        return dict(DEFAULTS)
+
+    def stats(self) -> dict:
+        meta = self.store.metadata()
+        keys = ("version", "published", "labels", "val_dice", "decoder_epoch", "train_volumes", "val_volumes", "seconds")
+        return {k: meta[k] for k in keys if k in meta}
+
+    def __call__(self, request: dict, datastore: Datastore) -> dict:
+        started = time.monotonic()
+        config, val_fraction, wanted, axis = parse_request(request, self.labels)
+        volumes = self._load(datastore)
+        if not volumes:
+            raise RuntimeError("no image has a final label in the datastore: save labels with tag 'final' first")
+        axis = training_axis(volumes[0].spacing) if axis is None else axis
+        train_names, val_names = split_by_volume([v.name for v in volumes], val_fraction, config.seed)
+        by_name = {v.name: v for v in volumes}
+        train, val = [by_name[n] for n in train_names], [by_name[n] for n in val_names]
+        present = {n for v in train for n in v.present(self.labels)}
+        labels = {n: v for n, v in self.labels.items() if n in present and (not wanted or n in wanted)}
+        if not labels:
+            raise RuntimeError(f"none of the labels {wanted or list(self.labels)} occurs in the training volumes")
+        config = dataclasses.replace(config, max_seconds=config.max_seconds - (time.monotonic() - started))
+        logger.info("spd_sam training: %d train volumes %s, %d validation %s; labels %s; axis %d; at most %d head "
+                    "and %d decoder epochs, %.1f min", len(train), train_names, len(val), val_names, list(labels), axis,
+                    config.head_epochs, config.max_epochs, config.max_seconds / 60)
+
+        previous_heads = dict(self.pipeline.saliency_heads)
+        with self._training_copy():
+            result = run_training(self.pipeline, train, val, labels, axis, config)
+        backbone = self.pipeline.backbone
+        seconds = round(time.monotonic() - started, 1)
+        metadata = {
+            "backbone": backbone.name, "weights_id": backbone.weights_id, "labels": list(labels),
+            "val_dice": {k: round(v, 4) for k, v in result.val_dice.items()}, "decoder_epoch": result.decoder_epoch,
+            "train_volumes": result.train_volumes, "val_volumes": result.val_volumes, "slice_axis": axis,
+            "seconds": seconds, "published": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "params": dataclasses.asdict(config), "history": [r.to_json() for r in result.history],
+        }
+        payload = {"saliency_heads": self._heads_to_save(previous_heads, result.head),
+                   "decoder_state": result.decoder_state}
+        curve = render_training_curve(result.history, f"spd_sam: {len(train)} train / {len(val)} validation volumes")
+        version = self.store.publish(payload, metadata, {".png": curve})
+        logger.info("spd_sam training done in %.0f s: published v%04d (validation Dice %s, decoder epoch %d)",
+                    seconds, version, metadata["val_dice"], result.decoder_epoch)
+        return {"version": version, "seconds": seconds, "val_dice": metadata["val_dice"],
+                "decoder_epoch": result.decoder_epoch, "labels": list(labels)}
+
+    @contextmanager
+    def _training_copy(self) -> Iterator[None]:
+        """Tune a copy of the served decoder and put the served decoder and heads back afterwards.
+
+        MONAI Label trains in a subprocess of its own, but ``run_sync=true`` trains in the server:
+        there the served model must stay as it is until the new version is published (or forever,
+        when the round fails).
+        """
+        model, heads = self.pipeline.backbone.model, dict(self.pipeline.saliency_heads)
+        served = model.mask_decoder
+        model.mask_decoder = copy.deepcopy(served)
+        try:
+            yield
+        finally:
+            model.mask_decoder, self.pipeline.saliency_heads = served, heads
+            self.pipeline.decoder_changed()
+
+    @staticmethod
+    def _heads_to_save(previous: dict, new: SaliencyHead) -> list[dict]:
+        """The new head, after the published heads that still serve labels this round did not train."""
+        kept = {id(s.head): s.head for name, s in previous.items() if name not in new.labels}
+        return [{"config": h.config(), "state": h.state_dict()} for h in [*kept.values(), new]]
+
+    def _load(self, datastore: Datastore) -> list[LabelledVolume]:
+        """Images with a final label, read as the infer side reads them (same ids, same windows)."""
+        reader = VolumeReader(keep=1)
+        volumes = []
+        for name in sorted(datastore.get_labeled_images(DefaultLabelTag.FINAL)):
+            label_id = datastore.get_label_by_image_id(name, DefaultLabelTag.FINAL)
+            image = reader.read(datastore.get_image_uri(name))
+            labels = sitk.GetArrayFromImage(sitk.ReadImage(datastore.get_label_uri(label_id, DefaultLabelTag.FINAL)))
+            labels = labels.transpose(2, 1, 0)
+            if labels.shape != image.array.shape:
+                logger.warning("skipping %s: label shape %s differs from image shape %s", name, labels.shape,
+                               image.array.shape)
+                continue
+            volumes.append(LabelledVolume(name, np.ascontiguousarray(image.array), np.rint(labels).astype(np.int32),
+                                          image.spacing, image.volume_id, choose_window(image.array, self.modality)))
+        return volumes

@@ -1,0 +1,120 @@
+"""Integration: annotators save final labels, press Train, and the infer process serves the trained model.
+
+A real MONAI Label server on a temp studies folder holding a small **synthetic** cohort
+(``scripts/make_cohort.py``: Colin27 + AAL, elastically deformed, bias field, contrast change,
+noise; cropped around the right caudate and putamen, 2.5 mm slices). Three volumes get final
+labels through ``PUT /datastore/label``; the fourth is held out. The same rough clicks on the
+held-out volume must give a better right caudate after one short training round.
+"""
+
+from __future__ import annotations
+
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+from monailabel.client import MONAILabelClient
+
+import local_server
+from lib.spd.click_simulation import ClickStyle, simulate_clicks
+from make_cohort import make_cohort, write_cohort
+
+pytestmark = pytest.mark.server
+
+LABEL, LABEL_VALUE, NEIGHBOUR_VALUE = "right_caudate", 2, 4
+MIN_GAIN = 0.05  # held-out Dice must rise by at least this much (measured gain: about 0.2)
+ROUND = {"labels": LABEL, "max_epochs": 12, "head_epochs": 30, "max_minutes": 4}  # a short bounded round
+TIMEOUT_S = 420
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * float(np.logical_and(a, b).sum()) / max(float(a.sum() + b.sum()), 1.0)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """Four synthetic volumes: images in a studies folder, labels kept aside until annotators "save" them."""
+    work = tmp_path_factory.mktemp("training_server")
+    subjects = make_cohort(4, seed=3, labels=[LABEL, "right_putamen"], crop_margin_mm=(35, 35, 8), slice_mm=2.5)
+    write_cohort(subjects, work / "studies", label_dir=work / "labels")
+    return work, subjects
+
+
+@pytest.fixture(scope="module")
+def server(cohort):
+    work, _ = cohort
+    running = local_server.start(work, work / "studies", conf={"trained_dir": str(work / "trained")})
+    yield running
+    running.stop()
+    print(f"\nserver log: {running.log}")
+
+
+def client_for(server, work) -> MONAILabelClient:
+    """A client that saves results in its own folder: with the default (the temp folder) it would write to the
+    same path as the server's result file, which the server deletes after answering."""
+    (work / "client").mkdir(exist_ok=True)
+    return MONAILabelClient(server.url, tmpdir=str(work / "client"))
+
+
+def held_out_dice(client: MONAILabelClient, subject, clicks) -> tuple[float, dict]:
+    params = {"label": LABEL, "foreground": clicks, "background": [], "slice_axis": 2}
+    result_file, result = client.infer("spd_sam", subject.name, params)
+    return dice(np.asarray(nib.load(result_file).dataobj) > 0, subject.label == LABEL_VALUE), result
+
+
+def test_training_round_improves_the_held_out_volume(server, cohort):
+    work, subjects = cohort
+    client = client_for(server, work)
+    info = client.info()
+    assert info["trainers"]["spd_sam"]["config"]["max_minutes"] <= 15
+    held_out = subjects[-1]
+    clicks, _ = simulate_clicks(held_out.label == LABEL_VALUE, (1.0, 1.0, 2.5), 2, ClickStyle(3, 3.0, 0.15),
+                                np.random.default_rng(11), held_out.label == NEIGHBOUR_VALUE)
+    before, result = held_out_dice(client, held_out, clicks)
+    assert result["model_version"] is None
+
+    for subject in subjects[:3]:
+        client.save_label(subject.name, str(work / "labels" / f"{subject.name}.nii.gz"), tag="final")
+    started = time.monotonic()
+    client.train_start("spd_sam", ROUND)
+    status = client.train_status()
+    while status["status"] in ("SUBMITTED", "RUNNING") and time.monotonic() - started < TIMEOUT_S:
+        time.sleep(5)
+        status = client.train_status()
+    details = "\n".join(status.get("details") or [])
+    assert status["status"] == "DONE", f"training ended {status['status']}:\n{details}\n{server.log_tail()}"
+    train_s = time.monotonic() - started
+    log = server.log.read_text()
+    assert "decoder epoch" in log and "published checkpoint" in log, "progress and publication are logged"
+
+    after, result = held_out_dice(client, held_out, clicks)
+    print(f"held-out {LABEL} Dice: untrained {before:.3f}, after one round {after:.3f} (training {train_s:.0f} s)")
+    assert result["model_version"] == 1, "the infer process picked up the new checkpoint without a restart"
+    assert after >= before + MIN_GAIN, (before, after)
+
+    trained = work / "trained"
+    assert (trained / "current").read_text().strip() == "v0001.pt"
+    assert (trained / "v0001.png").stat().st_size > 1000, "training curve beside the checkpoint"
+    stats = client.info()["train_stats"]["spd_sam"]
+    assert stats["version"] == 1 and LABEL in stats["val_dice"]
+
+
+def test_a_stopped_round_leaves_the_served_model_intact(server, cohort):
+    work, subjects = cohort
+    client = client_for(server, work)
+    published = (work / "trained" / "current").read_text() if (work / "trained" / "current").exists() else None
+    rounds = server.log.read_text().count("spd_sam training:")
+    client.train_start("spd_sam", ROUND)
+    deadline = time.monotonic() + 90
+    while server.log.read_text().count("spd_sam training:") == rounds and time.monotonic() < deadline:
+        time.sleep(1)
+    assert client.train_stop()["status"] == "STOPPED"
+    assert client.train_status()["status"] == "STOPPED"
+    current = work / "trained" / "current"
+    assert (current.read_text() if current.exists() else None) == published
+    held_out = subjects[-1]
+    clicks, _ = simulate_clicks(held_out.label == LABEL_VALUE, (1.0, 1.0, 2.5), 2, ClickStyle(3, 3.0, 0.0),
+                                np.random.default_rng(0))
+    _, result = held_out_dice(client, held_out, clicks)
+    assert result["model_version"] == (1 if published else None)
