@@ -45,7 +45,8 @@ def free_port() -> int:
 
 def start(workdir: Path, studies: Path | str, conf: dict[str, str] | None = None, timeout_s: float = 300,
           env: dict[str, str] | None = None) -> LocalServer:
-    """Start the app on ``studies`` with every MONAI Label path inside ``workdir``; wait for ``/info/``.
+    """Start the app on ``studies`` with every MONAI Label path (and trained checkpoints) inside ``workdir``;
+    wait for ``/info/``.
 
     Raises:
         RuntimeError: the server exited or did not answer in time (with the log's tail).
@@ -62,7 +63,7 @@ def start(workdir: Path, studies: Path | str, conf: dict[str, str] | None = None
     })
     args = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies", str(studies),
             "--host", "127.0.0.1", "--port", str(port)]
-    for key, value in (conf or {}).items():
+    for key, value in {"trained_dir": str(workdir / "trained"), **(conf or {})}.items():
         args += ["--conf", key, value]
     log = workdir / "server.log"
     process = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=full_env, cwd=workdir)

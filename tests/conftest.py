@@ -26,9 +26,10 @@ def sample_studies() -> Path:
     return SAMPLE_STUDIES
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def server(tmp_path_factory, sample_studies) -> local_server.LocalServer:
-    """One server for the session on a temp copy of the sample studies."""
+    """One server per test module on a temp copy of the sample studies (stopped with the module, so its
+    background embedding does not compete with later modules for the CPU)."""
     workdir = tmp_path_factory.mktemp("server")
     studies = workdir / "studies"
     shutil.copytree(sample_studies, studies)

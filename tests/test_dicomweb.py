@@ -134,6 +134,7 @@ def test_search_filter_lists_ct_and_mr_unless_the_operator_sets_it(monkeypatch, 
     app = object.__new__(app_main.SPDSamApp)
     app.studies, app.app_dir = "http://127.0.0.1:9/dicom-web", str(tmp_path)
     assert app._init_dicomweb_datastore()["search_filter"] == expected
+    assert Settings().MONAI_LABEL_DICOMWEB_SEARCH_FILTER == expected, "train and scoring subprocesses list the same"
 
 
 def test_series_keep_the_nifti_voxel_grid(series, sample_studies):
@@ -212,3 +213,4 @@ def test_slicer_order_next_sample_infer_save(client, pacs, series, sample_studie
     client.save_label(sample["id"], str(label), tag="final", params={"label_info": [{"name": "right_eye", "idx": 1}]})
     segs = seg_instances(pacs, series[CT])
     assert [[s.SegmentLabel for s in seg.SegmentSequence] for seg in segs] == [["right_eye"]]
+

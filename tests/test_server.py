@@ -136,3 +136,56 @@ def test_next_sample_starts_background_embedding(server, client):
 def test_unknown_strategy_is_404(server):
     response = requests.post(f"{server.url}/activelearning/nope", json={}, timeout=30)
     assert response.status_code == 404 and "unknown strategy" in response.json()["detail"]
+
+
+def _put_label(server, image: str, tag: str, payload: bytes, name: str = "label.nii.gz") -> requests.Response:
+    return requests.put(f"{server.url}/datastore/label", params={"image": image, "tag": tag},
+                        files={"label": (name, payload)}, data={"params": "{}"}, timeout=60)
+
+
+def _nifti_bytes(array: np.ndarray, path) -> bytes:
+    nib.save(nib.Nifti1Image(array, np.eye(4)), path)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("case, status, words", [
+    ("wrong shape", 400, "differs from the image"),
+    ("truncated gzip", 400, "unreadable"),
+    ("not an image", 400, "unreadable"),
+    ("4D", 400, "3D scalar"),
+    ("path-like tag", 400, "invalid label tag"),
+    ("unknown image", 404, "unknown image"),
+])
+def test_bad_label_uploads_get_4xx_and_the_saved_label_is_unchanged(server, atlas, tmp_path, case, status, words):
+    final = server.studies / "labels" / "final" / f"{IMAGE}.nii.gz"
+    before = final.read_bytes()
+    good = _nifti_bytes(atlas.astype(np.uint8), tmp_path / "good.nii.gz")
+    image, tag, payload = IMAGE, "final", good
+    if case == "wrong shape":
+        payload = _nifti_bytes(atlas[:-1].astype(np.uint8), tmp_path / "small.nii.gz")
+    elif case == "truncated gzip":
+        payload = good[: len(good) // 2]
+    elif case == "not an image":
+        payload = b"not a label volume"
+    elif case == "4D":
+        payload = _nifti_bytes(np.zeros((*atlas.shape[:2], 4, 2), np.uint8), tmp_path / "four_d.nii.gz")
+    elif case == "path-like tag":
+        tag = "../../outside"
+    elif case == "unknown image":
+        image = "no_such_image"
+    response = _put_label(server, image, tag, payload)
+    assert response.status_code == status, response.text
+    assert words in response.json()["detail"]
+    assert final.read_bytes() == before, "the final label on disk is untouched"
+    assert not list(server.studies.parent.glob("outside*")) and not (server.studies / "outside").exists()
+    assert requests.get(f"{server.url}/info/", timeout=30).status_code == 200
+
+
+def test_a_good_label_upload_is_saved(server, atlas, tmp_path):
+    label = atlas.copy()
+    label[label != LABELS["right_caudate"]] = 0
+    payload = _nifti_bytes(label.astype(np.uint8), tmp_path / "caudate.nii.gz")
+    response = _put_label(server, IMAGE, "original", payload)
+    assert response.status_code == 200, response.text
+    saved = server.studies / "labels" / "original" / f"{IMAGE}.nii.gz"
+    assert np.array_equal(np.asarray(nib.load(saved).dataobj), label)

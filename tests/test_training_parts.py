@@ -70,7 +70,7 @@ def test_decoding_with_gradients_matches_serving():
     embedding = backbone.embed(image)
     boxes = np.array([[90, 120, 125, 150]], dtype=np.float32)
     served = backbone.decode(embedding, SlicePrompts(boxes=boxes), image.shape[1:])
-    logits = DifferentiableDecoder(backbone)(embedding, boxes, image.shape[1:])
+    (logits,) = DifferentiableDecoder(backbone)([(embedding, boxes, image.shape[1:])])
     inside = served[0] > -20  # the serving window; outside it serving writes a constant
     assert np.abs(logits.detach().numpy()[0][inside] - served[0][inside]).max() < 1e-3
     logits.sigmoid().mean().backward()

@@ -1,10 +1,11 @@
-"""Integration: annotators save final labels, press Train, and the infer process serves the trained model.
+"""Integration: the 3D Slicer flow on a local studies folder, with training.
 
 A real MONAI Label server on a temp studies folder holding a small **synthetic** cohort
 (``scripts/make_cohort.py``: Colin27 + AAL, elastically deformed, bias field, contrast change,
-noise; cropped around the right caudate and putamen, 2.5 mm slices). Three volumes get final
-labels through ``PUT /datastore/label``; the fourth is held out. The same rough clicks on the
-held-out volume must give a better right caudate after one short training round.
+noise; cropped around the right caudate and putamen, 2.5 mm slices), driven with
+``monailabel.client`` in the order the Slicer plugin uses: info -> next sample -> infer with
+clicks -> save label, for three volumes -> train -> infer again. The fourth volume is held out:
+the same rough clicks on it must give a better right caudate after one short training round.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.server
 
 LABEL, LABEL_VALUE, NEIGHBOUR_VALUE = "right_caudate", 2, 4
 MIN_GAIN = 0.05  # held-out Dice must rise by at least this much (measured gain: about 0.2)
-ROUND = {"labels": LABEL, "max_epochs": 12, "head_epochs": 30, "max_minutes": 4}  # a short bounded round
+ROUND = {"labels": LABEL, "max_epochs": 12, "head_epochs": 30, "max_minutes": 3}  # a short bounded round
 TIMEOUT_S = 420
 
 
@@ -57,25 +58,39 @@ def client_for(server, work) -> MONAILabelClient:
     return MONAILabelClient(server.url, tmpdir=str(work / "client"))
 
 
-def held_out_dice(client: MONAILabelClient, subject, clicks) -> tuple[float, dict]:
+def caudate_dice(client: MONAILabelClient, subject, clicks) -> tuple[float, dict]:
+    """Dice of the right caudate that ``clicks`` give on ``subject``, and the infer answer."""
     params = {"label": LABEL, "foreground": clicks, "background": [], "slice_axis": 2}
     result_file, result = client.infer("spd_sam", subject.name, params)
     return dice(np.asarray(nib.load(result_file).dataobj) > 0, subject.label == LABEL_VALUE), result
 
 
-def test_training_round_improves_the_held_out_volume(server, cohort):
+def rough_clicks(subject, seed: int) -> list[list[int]]:
+    """One click every 3rd slice along the right caudate, 3 mm drift, 15 % on the putamen."""
+    clicks, _ = simulate_clicks(subject.label == LABEL_VALUE, (1.0, 1.0, 2.5), 2, ClickStyle(3, 3.0, 0.15),
+                                np.random.default_rng(seed), subject.label == NEIGHBOUR_VALUE)
+    return clicks
+
+
+def test_slicer_flow_next_sample_infer_save_train_infer_again(server, cohort):
     work, subjects = cohort
     client = client_for(server, work)
     info = client.info()
+    assert info["models"]["spd_sam"]["type"] == "deepgrow"
     assert info["trainers"]["spd_sam"]["config"]["max_minutes"] <= 15
+    assert {"random", "first", "spd_uncertainty"} <= set(info["strategies"])
     held_out = subjects[-1]
-    clicks, _ = simulate_clicks(held_out.label == LABEL_VALUE, (1.0, 1.0, 2.5), 2, ClickStyle(3, 3.0, 0.15),
-                                np.random.default_rng(11), held_out.label == NEIGHBOUR_VALUE)
-    before, result = held_out_dice(client, held_out, clicks)
+    clicks = rough_clicks(held_out, 11)
+    before, result = caudate_dice(client, held_out, clicks)
     assert result["model_version"] is None
 
-    for subject in subjects[:3]:
+    for k, subject in enumerate(subjects[:3]):  # annotate: next sample, clicks, correct and submit
+        sample = client.next_sample("first", {})
+        assert sample["id"] == subject.name, "'first' proposes the unlabelled volumes in order"
+        score, _ = caudate_dice(client, subject, rough_clicks(subject, k))
+        assert score > 0.2, f"{subject.name}: the untrained model finds the structure ({score:.3f})"
         client.save_label(subject.name, str(work / "labels" / f"{subject.name}.nii.gz"), tag="final")
+    assert client.next_sample("first", {})["id"] == held_out.name
     started = time.monotonic()
     client.train_start("spd_sam", ROUND)
     status = client.train_status()
@@ -88,7 +103,7 @@ def test_training_round_improves_the_held_out_volume(server, cohort):
     log = server.log.read_text()
     assert "decoder epoch" in log and "published checkpoint" in log, "progress and publication are logged"
 
-    after, result = held_out_dice(client, held_out, clicks)
+    after, result = caudate_dice(client, held_out, clicks)
     print(f"held-out {LABEL} Dice: untrained {before:.3f}, after one round {after:.3f} (training {train_s:.0f} s)")
     assert result["model_version"] == 1, "the infer process picked up the new checkpoint without a restart"
     assert after >= before + MIN_GAIN, (before, after)
@@ -114,7 +129,5 @@ def test_a_stopped_round_leaves_the_served_model_intact(server, cohort):
     current = work / "trained" / "current"
     assert (current.read_text() if current.exists() else None) == published
     held_out = subjects[-1]
-    clicks, _ = simulate_clicks(held_out.label == LABEL_VALUE, (1.0, 1.0, 2.5), 2, ClickStyle(3, 3.0, 0.0),
-                                np.random.default_rng(0))
-    _, result = held_out_dice(client, held_out, clicks)
+    _, result = caudate_dice(client, held_out, rough_clicks(held_out, 0))
     assert result["model_version"] == (1 if published else None)

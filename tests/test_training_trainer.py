@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
 import torch
 
+from lib.configs.spd_sam import DEFAULTS as CONFIG_DEFAULTS
+from lib.configs.spd_sam import build_pipeline
 from lib.spd.backbones import load_backbone
 from lib.spd.checkpoints import CheckpointStore
 from lib.spd.embedding_cache import EmbeddingCache
 from lib.spd.pipeline import SPDPipeline
 from lib.spd.served_model import ServedModel
-from lib.trainers.spd_trainer import SPDTrainer
+from lib.trainers.spd_trainer import SPDTrainer, TrainRequestError
 from make_cohort import make_cohort, write_cohort
 
 APP_DIR = Path(__file__).resolve().parents[1] / "apps" / "spd_sam"
@@ -65,3 +68,30 @@ def test_a_round_publishes_a_version_and_leaves_the_served_model_alone(datastore
     assert meta["train_volumes"] and meta["val_volumes"] and meta["history"][0]["stage"] == "saliency"
     assert store.path(1, ".png").stat().st_size > 1000
     assert served.refresh() == 1 and set(pipeline.saliency_heads) == set(result["labels"])
+
+
+def test_a_round_under_ddp_with_two_cpu_processes(datastore, tmp_path):
+    store_, work = datastore
+    options = {**CONFIG_DEFAULTS, "embedding_cache_dir": str(work / "cache")}
+    factory = functools.partial(build_pipeline, options, str(APP_DIR / "model"))
+    pipeline = factory()
+    store = CheckpointStore(tmp_path / "trained")
+    trainer = SPDTrainer(pipeline, LABELS, store, pipeline_factory=factory)
+
+    result = trainer({"cpu_processes": 2, "max_epochs": 1, "head_epochs": 2, "max_minutes": 3}, store_)
+
+    assert result["version"] == 1 and result["world_size"] == 2 and store.current() == 1
+    meta = store.metadata()
+    assert meta["world_size"] == 2 and [r["stage"] for r in meta["history"]].count("decoder") >= 1
+    assert ServedModel(store, pipeline).refresh() == 1 and set(pipeline.saliency_heads) == set(result["labels"])
+
+
+@pytest.mark.parametrize("request_, message", [({"cpu_processes": "two"}, "cpu_processes"),
+                                               ({"cpu_processes": 0}, "cpu_processes"),
+                                               ({"max_epochs": -1}, "max_epochs"),
+                                               ({"labels": "spleen"}, "unknown labels")])
+def test_malformed_train_requests_are_refused_before_any_work(datastore, tmp_path, request_, message):
+    store_, work = datastore
+    pipeline = SPDPipeline(load_backbone(cache_dir=str(APP_DIR / "model" / "runtime")), EmbeddingCache(1 << 20))
+    with pytest.raises(TrainRequestError, match=message):
+        SPDTrainer(pipeline, LABELS, CheckpointStore(tmp_path / "trained"))(request_, store_)

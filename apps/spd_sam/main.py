@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -21,10 +21,10 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
 from lib.configs.spd_sam import SPDSamConfig
+from lib.datastore.label_uploads import IMAGE_ID, with_checked_label_saves
 
 logger = logging.getLogger(__name__)
 
-IMAGE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,255}$")  # datastore ids: no paths, no traversal
 DICOMWEB_SEARCH_FILTER = {"Modality": "CT,MR"}  # QIDO-RS list matching: CT and MR series, not SEG/SR/...
 DCMQI_TOOL = "itkimage2segimage"  # dcmqi's DICOM-SEG writer (PyPI package dcmqi), used for final labels
 
@@ -46,6 +46,10 @@ class SPDSamApp(MONAILabelApp):
             version="0.1.0",
             labels=self.spd.labels,
         )
+
+    def init_datastore(self) -> Datastore:
+        """MONAI Label's datastore, with label uploads checked (shape, readability, tag) and saved all-or-nothing."""
+        return with_checked_label_saves(super().init_datastore())
 
     def init_infers(self) -> Dict[str, InferTask]:
         return {"spd_sam": self.spd.infer()}
@@ -112,9 +116,12 @@ class SPDSamApp(MONAILabelApp):
         """List CT and MR series of a DICOMweb store unless the operator set MONAI_LABEL_DICOMWEB_SEARCH_FILTER.
 
         MONAI Label's own default lists CT only, so MR series could be neither proposed nor segmented.
+        The choice is exported to the environment, which the train and scoring subprocesses inherit
+        (MONAI Label writes its defaults there, where they would look set by the operator).
         """
         if "MONAI_LABEL_DICOMWEB_SEARCH_FILTER" not in settings.model_fields_set:
             settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER = DICOMWEB_SEARCH_FILTER
+            os.environ["MONAI_LABEL_DICOMWEB_SEARCH_FILTER"] = json.dumps(DICOMWEB_SEARCH_FILTER)
         logger.info(f"DICOMweb search filter: {settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER}")
         return super()._init_dicomweb_datastore()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -42,6 +43,23 @@ def _cache_root() -> Path:
     return Path(root)
 
 
+def build_pipeline(options: dict[str, str], model_dir: str, device: str | None = None) -> SPDPipeline:
+    """The SPD pipeline the options describe, on ``device`` (default: the ``device`` option).
+
+    Module-level so that ``functools.partial(build_pipeline, options, model_dir)`` can be sent to
+    the processes of a distributed training round.
+    """
+    backbone = load_backbone(
+        options["backbone"],
+        checkpoint=options["checkpoint"] or None,
+        device=device or options["device"] or None,
+        runtime=options["runtime"],
+        cache_dir=os.path.join(model_dir, "runtime"),
+    )
+    cache_dir = options["embedding_cache_dir"] or _cache_root() / "spd_embeddings"
+    return SPDPipeline(backbone, EmbeddingCache(int(options["embedding_cache_mb"]) << 20, cache_dir))
+
+
 class SPDSamConfig(TaskConfig):
     """One model, ``spd_sam``; options come from ``--conf key value`` (see ``DEFAULTS``)."""
 
@@ -50,16 +68,9 @@ class SPDSamConfig(TaskConfig):
         options = {k: conf.get(k, v) for k, v in DEFAULTS.items()}
         with open(options["labels"]) as handle:
             self.labels = {str(k): int(v) for k, v in json.load(handle).items()}
-        backbone = load_backbone(
-            options["backbone"],
-            checkpoint=options["checkpoint"] or None,
-            device=options["device"] or None,
-            runtime=options["runtime"],
-            cache_dir=os.path.join(model_dir, "runtime"),
-        )
-        cache_dir = options["embedding_cache_dir"] or _cache_root() / "spd_embeddings"
-        cache = EmbeddingCache(int(options["embedding_cache_mb"]) << 20, cache_dir)
-        self.pipeline = SPDPipeline(backbone, cache)
+        self.factory = functools.partial(build_pipeline, options, model_dir)
+        self.pipeline = self.factory()
+        backbone, cache_dir = self.pipeline.backbone, self.pipeline.cache.directory
         self.modality = options["modality"]
         self.background = BackgroundEmbedder()
         self.store = CheckpointStore(options["trained_dir"] or os.path.join(model_dir, name))
@@ -72,7 +83,7 @@ class SPDSamConfig(TaskConfig):
         return SPDInfer(self.pipeline, self.labels, self.background, self.modality, self.served)
 
     def trainer(self) -> SPDTrainer:
-        return SPDTrainer(self.pipeline, self.labels, self.store, self.modality)
+        return SPDTrainer(self.pipeline, self.labels, self.store, self.modality, self.factory)
 
     def strategy(self) -> SPDUncertainty:
         return SPDUncertainty()

@@ -1,32 +1,43 @@
 """Decoding with gradients, for fine-tuning a backbone's mask decoder on box prompts.
 
 ``Backbone.decode`` runs under inference mode, one slice at a time on a window of the embedding
-around each box. Here a batch of slices is decoded in one call on the union of their windows
+around each box. Here a group of slices is decoded in one call on the union of their windows
 (same crop margin, so the decoder sees the context it sees when serving) and the logits are
 mapped back to slice pixels with differentiable resizing.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .backbones import OUTSIDE_LOGIT, Backbone, Geometry, SlicePrompts
 
 
-class DifferentiableDecoder:
-    """Box prompts + embeddings -> slice logits with gradients through ``backbone.model.mask_decoder``.
+class DifferentiableDecoder(nn.Module):
+    """Box prompts + embeddings -> slice logits with gradients through the backbone's mask decoder.
+
+    The decoder is this module's only submodule (the prompt encoder stays frozen outside it), so
+    wrapping the module in DistributedDataParallel synchronises exactly the tuned weights. One
+    forward call decodes several groups of slices, each on its own window, so that a training
+    step is one forward and one backward however many groups it has.
 
     Args:
-        backbone: a box-trained backbone whose decoder is being tuned (its prompt encoder stays frozen).
+        backbone: a box-trained backbone whose decoder is being tuned.
     """
 
     def __init__(self, backbone: Backbone):
         assert backbone.box_trained, f"decoder tuning uses box prompts only; {backbone.name} is point-trained"
+        super().__init__()
         self.backbone = backbone
+        self.mask_decoder = backbone.model.mask_decoder
         with torch.no_grad():
-            self.dense_pe = backbone.model.prompt_encoder.get_dense_pe().detach().clone()
+            self.register_buffer("dense_pe", backbone.model.prompt_encoder.get_dense_pe().detach().clone(),
+                                 persistent=False)
 
     def window(self, boxes: np.ndarray, slice_shape: tuple[int, int]) -> tuple[slice, slice]:
         """The union of the per-slice decoding windows that serving would use for these boxes."""
@@ -37,14 +48,16 @@ class DifferentiableDecoder:
         return (slice(min(r.start for r, _ in windows), max(r.stop for r, _ in windows)),
                 slice(min(c.start for _, c in windows), max(c.stop for _, c in windows)))
 
-    def __call__(self, embeddings: torch.Tensor, boxes: np.ndarray, slice_shape: tuple[int, int]) -> torch.Tensor:
-        """(N, H, W) logits at slice resolution.
+    def forward(self, groups: Sequence[tuple[torch.Tensor, np.ndarray, tuple[int, int]]]) -> list[torch.Tensor]:
+        """(N, H, W) logits at slice resolution for each group of ``(embeddings, boxes, slice_shape)``.
 
         Args:
-            embeddings: (N, C, g, g) slice embeddings (any float dtype; the encoder is frozen).
-            boxes: (N, 4) boxes (row0, col0, row1, col1) in slice pixels, one per slice.
-            slice_shape: (H, W).
+            groups: per group, (N, C, g, g) slice embeddings (any float dtype; the encoder is frozen),
+                (N, 4) boxes (row0, col0, row1, col1) in slice pixels, one per slice, and (H, W).
         """
+        return [self._decode(*group) for group in groups]
+
+    def _decode(self, embeddings: torch.Tensor, boxes: np.ndarray, slice_shape: tuple[int, int]) -> torch.Tensor:
         model, device = self.backbone.model, self.backbone.device
         geometry = Geometry(tuple(int(v) for v in slice_shape), self.backbone.image_size)
         boxes = np.asarray(boxes, dtype=np.float64)
@@ -54,9 +67,9 @@ class DifferentiableDecoder:
         with torch.no_grad():
             sparse, dense = model.prompt_encoder(points=None, boxes=model_boxes, masks=None)
         rows, cols = self.window(boxes.astype(np.float32), geometry.slice_shape)
-        low_res, _ = model.mask_decoder(
+        low_res, _ = self.mask_decoder(
             image_embeddings=embeddings[..., rows, cols].to(device, torch.float32),
-            image_pe=self.dense_pe[..., rows, cols].to(device),
+            image_pe=self.dense_pe[..., rows, cols],
             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense[..., rows, cols],
             multimask_output=False)
         grid = self.dense_pe.shape[-1]

@@ -13,6 +13,10 @@ adjacent pairs), and the whole structure from calibration's square probes (Dice 
 Validation segments the held-out volumes with the full pipeline (real calibration) each epoch;
 the best epoch is kept (epoch 0, the decoder as it was, included), so a round never publishes a
 decoder worse than its start on the validation volumes.
+
+Under DDP (``ranks`` of :class:`~.distributed.Ranks`) every rank takes its share of slice batches,
+training steps, validation segmentations and slabs to embed; the head and the decoder are wrapped
+in DistributedDataParallel, so all ranks hold the same weights after every step.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from .click_simulation import ClickStyle
 from .box_calibration import probe_boxes
 from .consistency import pairwise_slice_consistency
 from .decoder_tuning import DifferentiableDecoder
+from .distributed import Ranks
 from .losses import dice_bce_per_slice
 from .pipeline import Plan, SPDPipeline
 from .saliency_head import SaliencyHead, grid_targets, saliency_loss
@@ -45,6 +50,8 @@ class TrainConfig:
     Args:
         max_epochs: decoder epochs at most.
         max_seconds: wall-clock budget of the whole round, embedding included.
+        train_seconds: budget of the two training stages once the slices are embedded (so that a round
+            whose embeddings are cached is short), within ``max_seconds``.
         patience: decoder epochs without a better validation Dice before stage 2 stops.
         head_epochs: saliency head epochs at most (cheap: one pass over the slab embeddings each).
         head_patience: saliency head epochs without a better validation Dice before stage 1 stops.
@@ -63,6 +70,7 @@ class TrainConfig:
 
     max_epochs: int = 20
     max_seconds: float = 720.0
+    train_seconds: float = 270.0
     patience: int = 4
     head_epochs: int = 60
     head_patience: int = 8
@@ -174,27 +182,28 @@ def grid_dice(head: SaliencyHead, embeddings: torch.Tensor, targets: torch.Tenso
 
 
 def train_saliency_head(train: Sequence[Slab], val: Sequence[Slab], labels: Mapping[str, int], config: TrainConfig,
-                        clock: Clock, deadline: float) -> tuple[SaliencyHead, list[EpochRecord]]:
+                        clock: Clock, deadline: float, ranks: Ranks = Ranks()) -> tuple[SaliencyHead, list[EpochRecord]]:
     """Stage 1: fit a head for ``labels`` (name -> value) on the slabs; keeps the best validation epoch."""
     torch.manual_seed(config.seed)
     head = SaliencyHead(list(labels))
+    net = ranks.wrap(head)
+    info = logger.info if ranks.main else logger.debug
     x, y = _stack_slabs(train, labels)
     val_x, val_y = _stack_slabs(val, labels) if val else (x, y)
     optimiser = torch.optim.AdamW(head.parameters(), lr=config.head_lr, weight_decay=1e-4)
     rng = np.random.default_rng(config.seed)
     best, history = KeepBest(config.head_patience), []
     for epoch in range(1, config.head_epochs + 1):
-        if clock.left(deadline) <= 0:
-            logger.info("saliency: time budget reached before epoch %d", epoch)
+        if not ranks.all_agree(clock.left(deadline) > 0):
+            info("saliency: time budget reached before epoch %d", epoch)
             break
         head.train()
         losses = []
-        order = torch.from_numpy(rng.permutation(len(x)))
-        for start in range(0, len(x), config.head_batch):
-            if clock.left(deadline) <= 0:
+        order = torch.from_numpy(rng.permutation(len(x)))  # the same on every rank: same seed
+        for batch in ranks.shard([order[s:s + config.head_batch] for s in range(0, len(x), config.head_batch)]):
+            if not ranks.all_agree(clock.left(deadline) > 0):
                 break
-            batch = order[start:start + config.head_batch]
-            loss = saliency_loss(head(x[batch]), y[batch].float())
+            loss = saliency_loss(net(x[batch]), y[batch].float())
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -203,12 +212,12 @@ def train_saliency_head(train: Sequence[Slab], val: Sequence[Slab], labels: Mapp
             break
         scores = grid_dice(head, val_x, val_y)
         best.update(_mean(scores), epoch, head.state_dict)
-        history.append(EpochRecord("saliency", epoch, float(np.mean(losses)), scores, clock.elapsed()))
-        logger.info("saliency epoch %d/%d: loss %.4f; val Dice (grid) %s; mean %.3f (best %.3f at epoch %d) [%.0f s]",
-                    epoch, config.head_epochs, np.mean(losses), _fmt(scores), _mean(scores), best.score, best.epoch,
-                    clock.elapsed())
+        loss = float(np.mean(ranks.gather(float(np.mean(losses)))))
+        history.append(EpochRecord("saliency", epoch, loss, scores, clock.elapsed()))
+        info("saliency epoch %d/%d: loss %.4f; val Dice (grid) %s; mean %.3f (best %.3f at epoch %d) [%.0f s]",
+             epoch, config.head_epochs, loss, _fmt(scores), _mean(scores), best.score, best.epoch, clock.elapsed())
         if best.stop(epoch):
-            logger.info("saliency: no better validation Dice for %d epochs; stopping", config.head_patience)
+            info("saliency: no better validation Dice for %d epochs; stopping", config.head_patience)
             break
     if best.state is not None:
         head.load_state_dict(best.state)
@@ -217,23 +226,31 @@ def train_saliency_head(train: Sequence[Slab], val: Sequence[Slab], labels: Mapp
 
 # --------------------------------------------------------------------------- stage 2: mask decoder
 def validate(pipeline: SPDPipeline, volumes: Sequence[LabelledVolume], labels: Mapping[str, int], axis: int,
-             config: TrainConfig, deadline: float = float("inf")) -> dict[str, float] | None:
+             config: TrainConfig, deadline: float = float("inf"), ranks: Ranks = Ranks()) -> dict[str, float] | None:
     """Dice per label of the full pipeline on ``volumes``, with clicks fixed per volume and label.
 
-    Returns None when the deadline (``time.monotonic()``) passes before every structure is segmented.
+    Ranks segment their share of the structures and every rank gets all the scores. Returns None
+    when the deadline (``time.monotonic()``) passes on any rank before its structures are segmented.
     """
     pipeline.decoder_changed()
-    scores: dict[str, list[float]] = {}
     style = ClickStyle(max(config.click_every), config.drift_mm, config.off_target)
-    for n, volume in enumerate(volumes):
-        for name in volume.present(labels):
-            if time.monotonic() > deadline:
-                return None
-            rng = np.random.default_rng([config.seed, n, labels[name]])
-            clicks = clicks_for(volume, labels[name], axis, style, rng)
-            seg = pipeline.segment(volume.volume, volume.spacing, volume.volume_id, clicks, volume.window,
-                                   label=name, slice_axis=axis)
-            scores.setdefault(name, []).append(dice(seg.mask, volume.labels == labels[name]))
+    jobs = [(n, volume, name) for n, volume in enumerate(volumes) for name in volume.present(labels)]
+    complete, mine = True, []
+    for n, volume, name in jobs[ranks.rank::ranks.world]:
+        if time.monotonic() > deadline:
+            complete = False
+            break
+        rng = np.random.default_rng([config.seed, n, labels[name]])
+        clicks = clicks_for(volume, labels[name], axis, style, rng)
+        seg = pipeline.segment(volume.volume, volume.spacing, volume.volume_id, clicks, volume.window,
+                               label=name, slice_axis=axis)
+        mine.append((name, dice(seg.mask, volume.labels == labels[name])))
+    gathered = ranks.gather((complete, mine))
+    if not all(done for done, _ in gathered):
+        return None
+    scores: dict[str, list[float]] = {}
+    for name, score in (item for _, part in gathered for item in part):
+        scores.setdefault(name, []).append(score)
     return {name: float(np.mean(v)) for name, v in scores.items()}
 
 
@@ -246,17 +263,21 @@ class DecoderTuner:
         labels: label name -> value of the labels to train.
         axis: slice axis.
         config: hyper-parameters.
+        ranks: this process's rank (steps are shared out, the decoder runs under DDP).
     """
 
-    def __init__(self, pipeline: SPDPipeline, labels: Mapping[str, int], axis: int, config: TrainConfig):
+    def __init__(self, pipeline: SPDPipeline, labels: Mapping[str, int], axis: int, config: TrainConfig,
+                 ranks: Ranks = Ranks()):
         self.pipeline = pipeline
         self.labels = dict(labels)
         self.axis = axis
         self.config = config
-        self.decoder = DifferentiableDecoder(pipeline.backbone)
+        self.ranks = ranks
+        self.decoder = ranks.wrap(DifferentiableDecoder(pipeline.backbone))
         self.module = pipeline.backbone.model.mask_decoder
         self.optimiser = torch.optim.AdamW(self.module.parameters(), lr=config.decoder_lr, weight_decay=1e-4)
-        self.rng = np.random.default_rng(config.seed + 1)
+        self.rng = np.random.default_rng(config.seed + 1 + 7919 * ranks.rank)  # clicks: each rank its own
+        self.order = np.random.default_rng(config.seed + 1)  # order of steps: the same on every rank
 
     def step(self, volume: LabelledVolume, name: str) -> tuple[float, float]:
         """One update on one structure with freshly simulated clicks; returns (Dice + BCE, PSC).
@@ -285,15 +306,20 @@ class DecoderTuner:
         start = int(self.rng.integers(0, len(plan.embeddings) - count + 1))
         run = list(range(plan.first + start, plan.first + start + count))
         boxes = np.array([plan.consensus.prompts[s].box for s in run], dtype=np.float32)
-        logits = self.decoder(plan.embeddings[start:start + count], boxes, shape)
+        probes = self._probes(plan, target, pixel_mm)
+        groups = [(plan.embeddings[start:start + count], boxes, shape)]
+        if probes:
+            slices = [s for s, _ in probes]
+            groups.append((plan.embeddings[[s - plan.first for s in slices]],
+                           np.array([box for _, box in probes], dtype=np.float32), shape))
+        logits = self.decoder(groups)  # one forward for both groups: one DDP synchronisation per step
         run_truth = truth(run)
-        segmentation = dice_bce_per_slice(logits, run_truth)
-        psc = pairwise_slice_consistency(torch.sigmoid(logits), run_truth,
+        segmentation = dice_bce_per_slice(logits[0], run_truth)
+        psc = pairwise_slice_consistency(torch.sigmoid(logits[0]), run_truth,
                                          max(1, round(cfg.psc_band_mm / min(pixel_mm))))
         loss = segmentation + cfg.psc_weight * psc
-
-        probe = self._probe_loss(plan, target, truth, pixel_mm)
-        loss = loss if probe is None else loss + probe
+        if probes:
+            loss = loss + dice_bce_per_slice(logits[1], truth(slices))
 
         self.optimiser.zero_grad()
         loss.backward()
@@ -302,11 +328,9 @@ class DecoderTuner:
         self.pipeline.decoder_changed()
         return segmentation.item(), psc.item()
 
-    def _probe_loss(self, plan: Plan, target: np.ndarray, truth: Callable[[list[int]], torch.Tensor],
-                    pixel_mm: Sequence[float]) -> torch.Tensor | None:
-        """Dice + BCE of the whole structure from calibration probes (one random size per anchored slice).
-
-        Only probes that overlap the structure count, at most ``probes_per_step`` of them.
+    def _probes(self, plan: Plan, target: np.ndarray, pixel_mm: Sequence[float]) -> list[tuple[int, tuple]]:
+        """(slice, box) of calibration probes to learn the whole structure from (one random size per anchored
+        slice), only probes that overlap the structure, at most ``probes_per_step`` of them.
         """
         probes, shape = self.pipeline.probes, plan.view.slice_shape
         chosen: list[tuple[int, tuple]] = []
@@ -318,13 +342,7 @@ class DecoderTuner:
             r0, c0, r1, c1 = (int(round(v)) for v in box)
             if np.take(target, s, axis=self.axis)[r0:r1 + 1, c0:c1 + 1].any():
                 chosen.append((s, box))
-        if not chosen:
-            return None
-        chosen = [chosen[k] for k in self.rng.permutation(len(chosen))[:self.config.probes_per_step]]
-        slices = [s for s, _ in chosen]
-        logits = self.decoder(plan.embeddings[[s - plan.first for s in slices]],
-                              np.array([box for _, box in chosen], dtype=np.float32), shape)
-        return dice_bce_per_slice(logits, truth(slices))
+        return [chosen[k] for k in self.rng.permutation(len(chosen))[:self.config.probes_per_step]]
 
     def fit(self, train: Sequence[LabelledVolume], val: Sequence[LabelledVolume], clock: Clock, deadline: float
             ) -> tuple[dict[str, float], int, list[EpochRecord]]:
@@ -336,11 +354,12 @@ class DecoderTuner:
         Returns:
             validation Dice of the kept epoch, the kept epoch (0: unchanged) and the history.
         """
-        cfg = self.config
+        cfg, ranks = self.config, self.ranks
+        info = logger.info if ranks.main else logger.debug
         items = [(v, name) for v in train for name in v.present(self.labels)]
         watch = [v for v in val if v.present(self.labels)] or train
         tic = time.monotonic()
-        scores = validate(self.pipeline, watch, self.labels, self.axis, cfg, deadline)
+        scores = validate(self.pipeline, watch, self.labels, self.axis, cfg, deadline, ranks)
         validation_s = time.monotonic() - tic
         if scores is None:
             logger.warning("decoder: no time left to tune it after validating the decoder as it is; kept unchanged")
@@ -349,15 +368,15 @@ class DecoderTuner:
         best.update(_mean(scores), 0, self.module.state_dict)
         best_scores = scores
         history = [EpochRecord("decoder", 0, None, scores, clock.elapsed())]
-        logger.info("decoder epoch 0 (before tuning): val Dice %s; mean %.3f [%.0f s]", _fmt(scores), _mean(scores),
-                    clock.elapsed())
+        info("decoder epoch 0 (before tuning): val Dice %s; mean %.3f [%.0f s]", _fmt(scores), _mean(scores),
+             clock.elapsed())
         for epoch in range(1, cfg.max_epochs + 1):
-            if clock.left(deadline) <= validation_s:
-                logger.info("decoder: time budget reached before epoch %d", epoch)
+            if not ranks.all_agree(clock.left(deadline) > validation_s):
+                info("decoder: time budget reached before epoch %d", epoch)
                 break
             seg_losses, psc_losses = [], []
-            for k in self.rng.permutation(len(items)):
-                if clock.left(deadline) <= validation_s:
+            for k in ranks.shard(list(self.order.permutation(len(items)))):
+                if not ranks.all_agree(clock.left(deadline) > validation_s):
                     break
                 seg, psc = self.step(*items[k])
                 seg_losses.append(seg)
@@ -365,22 +384,22 @@ class DecoderTuner:
             if not seg_losses:
                 break
             tic = time.monotonic()
-            scores = validate(self.pipeline, watch, self.labels, self.axis, cfg, deadline)
+            scores = validate(self.pipeline, watch, self.labels, self.axis, cfg, deadline, ranks)
             validation_s = time.monotonic() - tic
             if scores is None:
-                logger.info("decoder: time budget reached while validating epoch %d; it is not kept", epoch)
+                info("decoder: time budget reached while validating epoch %d; it is not kept", epoch)
                 break
             best.update(_mean(scores), epoch, self.module.state_dict)
             best_scores = scores if best.epoch == epoch else best_scores
-            loss = float(np.mean(seg_losses) + cfg.psc_weight * np.mean(psc_losses))
+            seg_loss, psc_loss = np.mean(ranks.gather((np.mean(seg_losses), np.mean(psc_losses))), axis=0)
+            loss = float(seg_loss + cfg.psc_weight * psc_loss)
             history.append(EpochRecord("decoder", epoch, loss, scores, clock.elapsed(),
-                                       {"dice_bce": float(np.mean(seg_losses)), "psc": float(np.mean(psc_losses))}))
-            logger.info("decoder epoch %d/%d: loss %.4f (Dice+BCE %.4f, PSC %.4f, %d steps); val Dice %s; mean %.3f "
-                        "(best %.3f at epoch %d) [%.0f s]", epoch, cfg.max_epochs, loss, np.mean(seg_losses),
-                        np.mean(psc_losses), len(seg_losses), _fmt(scores), _mean(scores), best.score, best.epoch,
-                        clock.elapsed())
+                                       {"dice_bce": float(seg_loss), "psc": float(psc_loss)}))
+            info("decoder epoch %d/%d: loss %.4f (Dice+BCE %.4f, PSC %.4f, %d steps x %d ranks); val Dice %s; "
+                 "mean %.3f (best %.3f at epoch %d) [%.0f s]", epoch, cfg.max_epochs, loss, seg_loss, psc_loss,
+                 len(seg_losses), ranks.world, _fmt(scores), _mean(scores), best.score, best.epoch, clock.elapsed())
             if best.stop(epoch):
-                logger.info("decoder: no better validation Dice for %d epochs; stopping", cfg.patience)
+                info("decoder: no better validation Dice for %d epochs; stopping", cfg.patience)
                 break
         self.module.load_state_dict(best.state)
         self.pipeline.decoder_changed()
@@ -389,7 +408,8 @@ class DecoderTuner:
 
 # --------------------------------------------------------------------------- one round
 def run_training(pipeline: SPDPipeline, train: Sequence[LabelledVolume], val: Sequence[LabelledVolume],
-                 labels: Mapping[str, int], axis: int, config: TrainConfig, reserve_s: float = 20.0) -> TrainingResult:
+                 labels: Mapping[str, int], axis: int, config: TrainConfig, reserve_s: float = 20.0,
+                 ranks: Ranks = Ranks()) -> TrainingResult:
     """Embed, train the saliency head, then tune the decoder, within ``config.max_seconds``.
 
     On return the pipeline serves the new heads and the kept decoder weights.
@@ -402,15 +422,21 @@ def run_training(pipeline: SPDPipeline, train: Sequence[LabelledVolume], val: Se
         axis: slice axis of training.
         config: limits and hyper-parameters.
         reserve_s: seconds kept free at the end for publishing.
+        ranks: this process's rank under DDP (all ranks call this with the same arguments).
     """
     assert train, "training needs at least one labelled volume"
     clock = Clock(config.max_seconds)
     margin = max(config.click_every)
+    volumes = [*train, *val]
+    if ranks.distributed:  # each rank embeds its share into the shared cache, then reads the others' from disk
+        for volume in volumes[ranks.rank::ranks.world]:
+            embed_slab(pipeline, volume, [labels[name] for name in volume.present(labels)], axis, margin)
+        ranks.barrier()
     slabs: dict[str, Slab] = {}
     kept = []
-    for n, volume in enumerate([*train, *val], start=1):
+    for n, volume in enumerate(volumes, start=1):
         is_train = n <= len(train)
-        if is_train and kept and clock.left() < 0.4 * config.max_seconds:
+        if is_train and kept and not ranks.all_agree(clock.left() >= 0.4 * config.max_seconds):
             logger.warning("time budget: %s not used; training on the %d volumes embedded so far", volume.name,
                            len(kept))
             continue
@@ -422,14 +448,16 @@ def run_training(pipeline: SPDPipeline, train: Sequence[LabelledVolume], val: Se
                     "train" if is_train else "val", n, len(train) + len(val), len(slabs[volume.name].indices), axis,
                     time.monotonic() - tic, clock.elapsed())
     train = kept
+    clock.end = min(clock.end, time.monotonic() + config.train_seconds)
     train_slabs = [slabs[v.name] for v in train]
     val_slabs = [slabs[v.name] for v in val if v.name in slabs]
     head, history = train_saliency_head(train_slabs, val_slabs, labels, config, clock,
-                                        deadline=time.monotonic() + 0.3 * max(clock.left() - reserve_s, 0))
+                                        deadline=time.monotonic() + 0.3 * max(clock.left() - reserve_s, 0),
+                                        ranks=ranks)
     pipeline.saliency_heads = {name: head.for_label(name) for name in labels}
     decoder_state, decoder_epoch, val_dice = None, 0, {}
     if pipeline.backbone.box_trained:
-        tuner = DecoderTuner(pipeline, labels, axis, config)
+        tuner = DecoderTuner(pipeline, labels, axis, config, ranks)
         val_dice, decoder_epoch, decoder_history = tuner.fit(train, val, clock, deadline=clock.end - reserve_s)
         history += decoder_history
         decoder_state = {k: v.detach().cpu().clone() for k, v in tuner.module.state_dict().items()}

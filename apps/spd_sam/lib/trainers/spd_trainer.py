@@ -13,11 +13,11 @@ import dataclasses
 import logging
 import time
 from contextlib import contextmanager
-from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
@@ -25,10 +25,10 @@ from lib.infers.volume_io import VolumeReader
 from lib.spd.checkpoints import CheckpointStore
 from lib.spd.intensity import choose_window
 from lib.spd.pipeline import SPDPipeline
-from lib.spd.saliency_head import SaliencyHead
 from lib.spd.training import TrainConfig, run_training
 from lib.spd.training_data import LabelledVolume, split_by_volume, training_axis
-from lib.trainers.training_curve import render_training_curve
+from lib.trainers.distributed_round import Job, LaunchError, plan_launch, run_distributed
+from lib.trainers.publishing import publish_round
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ logger = logging.getLogger(__name__)
 DEFAULTS: dict[str, Any] = {
     "max_epochs": TrainConfig.max_epochs,  # decoder epochs
     "head_epochs": TrainConfig.head_epochs,  # saliency head epochs
-    "max_minutes": 12.0,
+    "max_minutes": 12.0,  # the whole round, embedding included
+    "train_minutes": TrainConfig.train_seconds / 60,  # the training stages, once the slices are embedded
     "val_fraction": 0.25,
     "patience": 4,
     "labels": "",  # comma-separated names; "" = every label found in the final labels
@@ -46,6 +47,9 @@ DEFAULTS: dict[str, Any] = {
     "decoder_lr": TrainConfig.decoder_lr,
     "head_lr": TrainConfig.head_lr,
     "seed": 0,
+    "multi_gpu": True,  # MONAI Label's switch: DDP over the GPUs in `gpus` when there are two or more
+    "gpus": "all",
+    "cpu_processes": 1,  # without CUDA: DDP over this many CPU processes (gloo)
 }
 
 
@@ -81,6 +85,7 @@ def parse_request(request: dict, label_map: dict[str, int]) -> tuple[TrainConfig
         max_epochs=_number(request, "max_epochs", int, 1, 1000),
         head_epochs=_number(request, "head_epochs", int, 1, 10000),
         max_seconds=60.0 * _number(request, "max_minutes", float, 0.1, 24 * 60),
+        train_seconds=60.0 * _number(request, "train_minutes", float, 0.1, 24 * 60),
         patience=_number(request, "patience", int, 1, 1000),
         psc_weight=_number(request, "psc_weight", float, 0.0, 100.0),
         decoder_lr=_number(request, "decoder_lr", float, 0.0, 1.0),
@@ -98,26 +103,37 @@ class SPDTrainer(TrainTask):
         labels: label name -> value in label volumes.
         store: where checkpoints are published.
         modality: intensity window choice, as for inference.
+        pipeline_factory: device -> a new pipeline like ``pipeline`` (picklable; each DDP rank builds one).
+            None: distributed training is not available.
     """
 
-    def __init__(self, pipeline: SPDPipeline, labels: dict[str, int], store: CheckpointStore, modality: str = "auto"):
+    def __init__(self, pipeline: SPDPipeline, labels: dict[str, int], store: CheckpointStore, modality: str = "auto",
+                 pipeline_factory: Callable[[str], SPDPipeline] | None = None):
         super().__init__("SPD-SAM: saliency head and mask decoder (pairwise slice consistency) from final labels")
         self.pipeline = pipeline
         self.labels = dict(labels)
         self.store = store
         self.modality = modality
+        self.pipeline_factory = pipeline_factory
 
     def config(self) -> dict:
         return dict(DEFAULTS)
 
     def stats(self) -> dict:
         meta = self.store.metadata()
-        keys = ("version", "published", "labels", "val_dice", "decoder_epoch", "train_volumes", "val_volumes", "seconds")
+        keys = ("version", "published", "labels", "val_dice", "decoder_epoch", "train_volumes", "val_volumes", "seconds",
+                "world_size")
         return {k: meta[k] for k in keys if k in meta}
 
     def __call__(self, request: dict, datastore: Datastore) -> dict:
         started = time.monotonic()
         config, val_fraction, wanted, axis = parse_request(request, self.labels)
+        try:
+            launch = plan_launch(request, self.pipeline.backbone.device, torch.cuda.device_count())
+        except LaunchError as error:
+            raise TrainRequestError(str(error)) from None
+        if launch and self.pipeline_factory is None:
+            raise TrainRequestError("distributed training needs a pipeline factory; this trainer has none")
         volumes = self._load(datastore)
         if not volumes:
             raise RuntimeError("no image has a final label in the datastore: save labels with tag 'final' first")
@@ -134,26 +150,14 @@ class SPDTrainer(TrainTask):
                     "and %d decoder epochs, %.1f min", len(train), train_names, len(val), val_names, list(labels), axis,
                     config.head_epochs, config.max_epochs, config.max_seconds / 60)
 
+        if launch:
+            return run_distributed(Job(launch, self.pipeline_factory, str(self.store.directory), train, val, labels, axis,
+                                       config, time.monotonic() - started, logging.getLogger().getEffectiveLevel()))
         previous_heads = dict(self.pipeline.saliency_heads)
         with self._training_copy():
             result = run_training(self.pipeline, train, val, labels, axis, config)
-        backbone = self.pipeline.backbone
-        seconds = round(time.monotonic() - started, 1)
-        metadata = {
-            "backbone": backbone.name, "weights_id": backbone.weights_id, "labels": list(labels),
-            "val_dice": {k: round(v, 4) for k, v in result.val_dice.items()}, "decoder_epoch": result.decoder_epoch,
-            "train_volumes": result.train_volumes, "val_volumes": result.val_volumes, "slice_axis": axis,
-            "seconds": seconds, "published": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "params": dataclasses.asdict(config), "history": [r.to_json() for r in result.history],
-        }
-        payload = {"saliency_heads": self._heads_to_save(previous_heads, result.head),
-                   "decoder_state": result.decoder_state}
-        curve = render_training_curve(result.history, f"spd_sam: {len(train)} train / {len(val)} validation volumes")
-        version = self.store.publish(payload, metadata, {".png": curve})
-        logger.info("spd_sam training done in %.0f s: published v%04d (validation Dice %s, decoder epoch %d)",
-                    seconds, version, metadata["val_dice"], result.decoder_epoch)
-        return {"version": version, "seconds": seconds, "val_dice": metadata["val_dice"],
-                "decoder_epoch": result.decoder_epoch, "labels": list(labels)}
+        return publish_round(self.store, self.pipeline, previous_heads, result, axis, config,
+                             time.monotonic() - started)
 
     @contextmanager
     def _training_copy(self) -> Iterator[None]:
@@ -171,12 +175,6 @@ class SPDTrainer(TrainTask):
         finally:
             model.mask_decoder, self.pipeline.saliency_heads = served, heads
             self.pipeline.decoder_changed()
-
-    @staticmethod
-    def _heads_to_save(previous: dict, new: SaliencyHead) -> list[dict]:
-        """The new head, after the published heads that still serve labels this round did not train."""
-        kept = {id(s.head): s.head for name, s in previous.items() if name not in new.labels}
-        return [{"config": h.config(), "state": h.state_dict()} for h in [*kept.values(), new]]
 
     def _load(self, datastore: Datastore) -> list[LabelledVolume]:
         """Images with a final label, read as the infer side reads them (same ids, same windows)."""
