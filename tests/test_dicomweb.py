@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import monailabel.interfaces.app as monailabel_app
@@ -214,3 +215,30 @@ def test_slicer_order_next_sample_infer_save(client, pacs, series, sample_studie
     segs = seg_instances(pacs, series[CT])
     assert [[s.SegmentLabel for s in seg.SegmentSequence] for seg in segs] == [["right_eye"]]
 
+
+
+def test_slicer_order_continued_train_then_infer_again(client, series, atlas_caudate, caudate_clicks, sample_studies,
+                                                       tmp_path):
+    """Train from the final label saved over DICOMweb; the next infer serves the published model."""
+    label = tmp_path / "right_caudate.nii.gz"
+    nib.save(nib.Nifti1Image(atlas_caudate.astype(np.uint8) * RIGHT_CAUDATE,
+                             nib.load(sample_studies / f"{MR}.nii.gz").affine), label)
+    client.save_label(series[MR].series_uid, str(label), tag="final",
+                      params={"label_info": [{"name": "right_caudate", "idx": RIGHT_CAUDATE}]})
+    client.train_start("spd_sam", {"labels": "right_caudate", "val_fraction": 0, "max_minutes": 1.5,
+                                   "max_epochs": 1, "head_epochs": 10})
+    deadline = time.monotonic() + 480
+    status = client.train_status()
+    while status["status"] in ("SUBMITTED", "RUNNING") and time.monotonic() < deadline:
+        time.sleep(3)
+        status = client.train_status()
+    assert status["status"] == "DONE", "\n".join(status.get("details") or [])
+    stats = client.info()["train_stats"]["spd_sam"]
+    assert stats["version"] == 1 and series[MR].series_uid in stats["train_volumes"]
+
+    params = {"label": "right_caudate", "foreground": caudate_clicks, "background": []}
+    result_file, result = client.infer("spd_sam", series[MR].series_uid, params)
+    assert result["model_version"] == 1, "the infer process picked up the new checkpoint without a restart"
+    score = dice(np.asarray(nib.load(result_file).dataobj) > 0, atlas_caudate)
+    print(f"right caudate Dice after training on it: {score:.3f}")
+    assert score >= 0.5

@@ -416,17 +416,19 @@ def run_training(pipeline: SPDPipeline, train: Sequence[LabelledVolume], val: Se
 
     Args:
         pipeline: pipeline whose backbone decoder is tuned in place and whose cache provides embeddings.
-        train: training volumes.
-        val: validation volumes (when none holds a trained label, training volumes are watched).
+        train: training volumes (those holding none of ``labels`` are left out).
+        val: validation volumes (likewise; when none is left, training volumes are watched).
         labels: label name -> value to train (each present in at least one training volume).
         axis: slice axis of training.
         config: limits and hyper-parameters.
         reserve_s: seconds kept free at the end for publishing.
         ranks: this process's rank under DDP (all ranks call this with the same arguments).
     """
-    assert train, "training needs at least one labelled volume"
     clock = Clock(config.max_seconds)
     margin = max(config.click_every)
+    train = [v for v in train if v.present(labels)]
+    val = [v for v in val if v.present(labels)]
+    assert train, "none of the training volumes holds a label to train"
     volumes = [*train, *val]
     if ranks.distributed:  # each rank embeds its share into the shared cache, then reads the others' from disk
         for volume in volumes[ranks.rank::ranks.world]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import os
 import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
@@ -18,6 +19,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import SimpleITK as sitk
 import torch
+from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
@@ -95,6 +97,24 @@ def parse_request(request: dict, label_map: dict[str, int]) -> tuple[TrainConfig
     return config, _number(request, "val_fraction", float, 0.0, 0.9), names, axis
 
 
+def final_label_file(datastore: Datastore, image_id: str) -> str | None:
+    """The final label of an image as a local file with the app's label values, or None.
+
+    A DICOMweb datastore is a local datastore over its cache that keeps a copy of every label saved
+    through this server; its own ``get_label_uri`` would instead fetch the DICOM-SEG whose series id
+    is the label id (for those copies: the image id, which fails), and a SEG read back carries
+    segment numbers 1..n rather than the app's label values. So the local copy is used.
+    """
+    label_id = datastore.get_label_by_image_id(image_id, DefaultLabelTag.FINAL)
+    if not label_id:
+        return None
+    if isinstance(datastore, LocalDatastore):
+        path = LocalDatastore.get_label_uri(datastore, label_id, DefaultLabelTag.FINAL)
+    else:
+        path = datastore.get_label_uri(label_id, DefaultLabelTag.FINAL)
+    return path if path and os.path.isfile(path) else None
+
+
 class SPDTrainer(TrainTask):
     """Stage 1 (saliency head) and stage 2 (mask decoder with PSC) on the final labels.
 
@@ -137,6 +157,13 @@ class SPDTrainer(TrainTask):
         volumes = self._load(datastore)
         if not volumes:
             raise RuntimeError("no image has a final label in the datastore: save labels with tag 'final' first")
+        requested = {n: self.labels[n] for n in (wanted or self.labels)}
+        unused = [v.name for v in volumes if not v.present(requested)]
+        if unused:
+            logger.info("not used: %s (none of the labels %s in their final label)", unused, list(requested))
+        volumes = [v for v in volumes if v.present(requested)]
+        if not volumes:
+            raise RuntimeError(f"no final label holds any of the labels {list(requested)}")
         axis = training_axis(volumes[0].spacing) if axis is None else axis
         train_names, val_names = split_by_volume([v.name for v in volumes], val_fraction, config.seed)
         by_name = {v.name: v for v in volumes}
@@ -180,10 +207,14 @@ class SPDTrainer(TrainTask):
         """Images with a final label, read as the infer side reads them (same ids, same windows)."""
         reader = VolumeReader(keep=1)
         volumes = []
-        for name in sorted(datastore.get_labeled_images(DefaultLabelTag.FINAL)):
-            label_id = datastore.get_label_by_image_id(name, DefaultLabelTag.FINAL)
+        for name in sorted(set(datastore.get_labeled_images(DefaultLabelTag.FINAL))):  # DICOMweb: one per SEG
+            label_file = final_label_file(datastore, name)
+            if label_file is None:
+                logger.warning("skipping %s: its final label is not in this server's datastore (a DICOM-SEG saved "
+                               "to the PACS by another tool?)", name)
+                continue
             image = reader.read(datastore.get_image_uri(name))
-            labels = sitk.GetArrayFromImage(sitk.ReadImage(datastore.get_label_uri(label_id, DefaultLabelTag.FINAL)))
+            labels = sitk.GetArrayFromImage(sitk.ReadImage(label_file))
             labels = labels.transpose(2, 1, 0)
             if labels.shape != image.array.shape:
                 logger.warning("skipping %s: label shape %s differs from image shape %s", name, labels.shape,
