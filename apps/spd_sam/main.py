@@ -21,7 +21,7 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
 from lib.configs.spd_sam import SPDSamConfig
-from lib.datastore.label_uploads import IMAGE_ID, with_checked_label_saves
+from lib.datastore.label_uploads import check_image_id, with_checked_label_saves
 
 logger = logging.getLogger(__name__)
 
@@ -92,11 +92,7 @@ class SPDSamApp(MONAILabelApp):
             raise HTTPException(status_code=404, detail=f"unknown model {model!r}; available: {', '.join(self._infers)}")
         image = request.get("image")
         if isinstance(image, str) and not self._is_upload(image):
-            if not IMAGE_ID.match(image):
-                raise HTTPException(status_code=400, detail=f"invalid image id {image!r}: ids are names, not paths")
-            store = datastore or self.datastore()
-            if image not in store.list_images():
-                raise HTTPException(status_code=404, detail=f"unknown image id {image!r}")
+            check_image_id(datastore or self.datastore(), image)
         return super().infer(request, datastore)
 
     def info(self):

@@ -29,6 +29,14 @@ IMAGE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,255}$")  # datastore ids: 
 LABEL_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
 
 
+def check_image_id(datastore, image_id: str) -> None:
+    """Raise HTTPException 400 for an id that is not a plain name (a path), 404 for one the datastore lacks."""
+    if not IMAGE_ID.match(image_id or ""):
+        raise HTTPException(400, f"invalid image id {image_id!r}: ids are names, not paths")
+    if image_id not in datastore.list_images():
+        raise HTTPException(404, f"unknown image id {image_id!r}")
+
+
 def image_size(path: str) -> tuple[int, ...]:
     """Voxel grid size of an image, from its header only."""
     reader = sitk.ImageFileReader()
@@ -106,10 +114,7 @@ class CheckedLabelSaves:
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         if not LABEL_TAG.match(label_tag or ""):
             raise HTTPException(400, f"invalid label tag {label_tag!r}: letters, digits, '_' and '-' only")
-        if not IMAGE_ID.match(image_id or ""):
-            raise HTTPException(400, f"invalid image id {image_id!r}: ids are names, not paths")
-        if image_id not in self.list_images():
-            raise HTTPException(404, f"unknown image id {image_id!r}")
+        check_image_id(self, image_id)
         check_label_file(label_filename, self.get_image_uri(image_id))
         with previous_label_kept(self._datastore.label_path(label_tag), image_id):
             return super().save_label(image_id, label_filename, label_tag, label_info)
