@@ -196,7 +196,7 @@ def main(argv=None) -> None:
     cache_dir = Path(tempfile.mkdtemp(prefix="spd_bench_cache_"))
     fast = load_backbone(cache_dir=str(cache_dir / "runtime"))
     eager = load_backbone(runtime="torch")
-    eager.embed_chunk_size = 1  # batching does not help eager TinyViT on the CPU; one slice at a time is its best
+    eager.runner.settings.chunk = 1  # batching does not help eager TinyViT on the CPU; one slice at a time is its best
     pipeline = SPDPipeline(fast, EmbeddingCache(4 << 30, cache_dir / "embeddings"))
 
     print(f"== accuracy: Colin27 T1 + AAL, clicks every 3rd slice on axis {args.axis}, 3 mm drift, "

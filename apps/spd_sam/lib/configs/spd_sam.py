@@ -18,6 +18,7 @@ from lib.spd.background import BackgroundEmbedder
 from lib.spd.backbones import load_backbone
 from lib.spd.checkpoints import CheckpointStore
 from lib.spd.embedding_cache import EmbeddingCache
+from lib.spd.encoder_runner import EncoderSettings
 from lib.spd.pipeline import SPDPipeline
 from lib.spd.served_model import ServedModel
 from lib.trainers.spd_trainer import SPDTrainer
@@ -28,8 +29,11 @@ APP_DIR = Path(__file__).resolve().parents[2]
 DEFAULTS = {
     "backbone": "lite_medsam",  # lite_medsam | vit_b | vit_l | vit_h | medsam
     "checkpoint": "",  # required for the ViT backbones and MedSAM
-    "device": "",  # "" = CUDA when available, else CPU
+    "device": "",  # "" = every visible GPU (the first also decodes), else CPU; or e.g. cuda:1, cpu
     "runtime": "auto",  # auto | torch | onnxruntime (image encoder on the CPU)
+    "precision": "auto",  # auto (bf16 autocast on CUDA, float32 on the CPU) | float32 | bfloat16
+    "gpu_memory_mb": "0",  # GPU memory per device for embedding chunks; 0 = 80 % of what is free
+    "compile": "false",  # torch.compile the image encoder on CUDA (the first request compiles)
     "modality": "auto",  # auto | CT | MR (intensity window)
     "labels": str(APP_DIR / "labels.json"),
     "embedding_cache_mb": "2048",
@@ -55,6 +59,9 @@ def build_pipeline(options: dict[str, str], model_dir: str, device: str | None =
         device=device or options["device"] or None,
         runtime=options["runtime"],
         cache_dir=os.path.join(model_dir, "runtime"),
+        encoder_settings=EncoderSettings(precision=options["precision"],
+                                         memory_budget_bytes=int(options["gpu_memory_mb"]) << 20,
+                                         compile=options["compile"].lower() in ("1", "true", "yes")),
     )
     cache_dir = options["embedding_cache_dir"] or _cache_root() / "spd_embeddings"
     return SPDPipeline(backbone, EmbeddingCache(int(options["embedding_cache_mb"]) << 20, cache_dir))

@@ -53,14 +53,40 @@ def keep_prompted_components(volume: np.ndarray, seeds: Iterable[tuple[int, int,
     """Keep the 3D connected components (26-connectivity) that contain a seed voxel.
 
     When no seed lies inside the mask (a prompt just off the predicted boundary), the component
-    nearest to the seeds is kept rather than nothing.
+    nearest to the seeds is kept rather than nothing. Labelling runs on the bounding box of the
+    mask and the seeds only, which is all that can change.
     """
+    seeds = np.asarray(list(seeds), dtype=int).reshape(-1, 3)
+    box = _bounding_box(volume, seeds)
+    if box is None:
+        return volume.astype(bool)
+    out = np.zeros(volume.shape, dtype=bool)
+    out[box] = _keep_seeded(volume[box], seeds - [b.start for b in box])
+    return out
+
+
+def _bounding_box(volume: np.ndarray, seeds: np.ndarray) -> tuple[slice, ...] | None:
+    """Smallest box holding every True voxel and every seed (None for an empty volume)."""
+    bounds = []
+    for axis in range(volume.ndim):
+        occupied = np.flatnonzero(volume.any(axis=tuple(a for a in range(volume.ndim) if a != axis)))
+        if occupied.size == 0:
+            return None
+        lo, hi = occupied[0], occupied[-1]
+        if len(seeds):
+            lo, hi = min(lo, seeds[:, axis].min()), max(hi, seeds[:, axis].max())
+        bounds.append(slice(int(lo), int(hi) + 1))
+    return tuple(bounds)
+
+
+def _keep_seeded(volume: np.ndarray, seeds: np.ndarray) -> np.ndarray:
     labels, count = ndimage.label(volume, structure=np.ones((3, 3, 3), dtype=bool))
     if count <= 1:
         return volume.astype(bool)
-    seeds = np.asarray(list(seeds), dtype=int).reshape(-1, 3)
     hit = set(labels[tuple(seeds.T)].tolist()) - {0}
     if not hit:
         distance, (ii, jj, kk) = ndimage.distance_transform_edt(labels == 0, return_indices=True)
         hit = {int(labels[ii[tuple(s)], jj[tuple(s)], kk[tuple(s)]]) for s in seeds}
-    return np.isin(labels, list(hit))
+    keep = np.zeros(count + 1, dtype=bool)
+    keep[list(hit)] = True
+    return keep[labels]

@@ -25,7 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .batched_decoding import decode_low_res
+from .encoder_runner import EncoderRunner, EncoderSettings
 from .onnx_encoder import load_onnx_encoder
+from .sam_attention import use_sdpa_attention
 
 logger = logging.getLogger(__name__)
 
@@ -87,15 +90,19 @@ class Backbone:
         box_trained: True for LiteMedSAM and MedSAM (give them boxes).
         uses_mask_prompt: whether decode uses `SlicePrompts.mask_logits` (SAM ViTs only).
         weights_id: first 16 hex digits of the checkpoint's sha256.
-        device: torch device of the model.
+        device: torch device of the model (the prompt encoder and decoder run here).
         runtime: "onnxruntime" or "torch": what `embed` actually uses.
-        embed_chunk_size: slices preprocessed and encoded per chunk.
+        runner: runs the image encoder in chunks on ``devices`` (see ``encoder_runner``).
+        batch_decoding: decode a chunk of slices in one call on the whole embedding grid (default on
+            CUDA); otherwise one slice at a time, cropped when ``crop_decoding`` (default on the CPU).
+        decode_chunk: slices per decoding call (128 on CUDA, 16 on the CPU).
         crop_decoding: decode on an embedding window around each box (default True).
         crop_margin: window margin in embedding cells on each side of the box.
     """
 
     def __init__(self, name: str, model: torch.nn.Module, image_size: int, weights_id: str,
-                 device: torch.device, encoder: Callable[[torch.Tensor], torch.Tensor], runtime: str) -> None:
+                 device: torch.device, encoder: Callable[[torch.Tensor], torch.Tensor], runtime: str,
+                 devices: list[torch.device] | None = None, encoder_settings: EncoderSettings | None = None) -> None:
         self.name = name
         self.model = model
         self.image_size = image_size
@@ -104,10 +111,11 @@ class Backbone:
         self.weights_id = weights_id
         self.device = device
         self.runtime = runtime
-        self.embed_chunk_size = 4
+        self.runner = EncoderRunner(encoder, devices or [device], encoder_settings)
+        self.batch_decoding = device.type == "cuda"
+        self.decode_chunk = 128 if device.type == "cuda" else 16
         self.crop_decoding = True
         self.crop_margin = 12
-        self._encoder = encoder
         with torch.inference_mode():
             self._dense_pe = model.prompt_encoder.get_dense_pe()
 
@@ -119,26 +127,32 @@ class Backbone:
             slices: (N, H, W) float32 in [0, 1] (already windowed).
 
         Returns:
-            (N, 256, 64, 64) float32 embeddings on the CPU.
+            (N, 256, 64, 64) embeddings on the CPU: float32 when encoded on the CPU, float16 from a GPU.
         """
         assert slices.ndim == 3, f"slices must be (N, H, W), got shape {slices.shape}"
-        geometry = Geometry(tuple(slices.shape[1:]), self.image_size)
-        chunks = []
-        with torch.inference_mode():
-            for start in range(0, len(slices), self.embed_chunk_size):
-                batch = torch.from_numpy(np.ascontiguousarray(slices[start:start + self.embed_chunk_size],
-                                                              dtype=np.float32))
-                chunks.append(self._encoder(self._preprocess(batch.to(self.device), geometry)).float().cpu())
-        return torch.cat(chunks) if chunks else torch.zeros(0, 256, 64, 64)
+        return self.embed_lazily(lambda chunk: slices[chunk], range(len(slices)), tuple(slices.shape[1:]))
+
+    def embed_lazily(self, read: Callable[[list[int]], np.ndarray], indices, slice_shape: tuple[int, int]
+                     ) -> torch.Tensor:
+        """Embed slices ``indices``, reading each chunk with ``read`` (indices -> (n, H, W) in [0, 1]) only
+        when it is due, so that a volume is never windowed whole and reading overlaps encoding."""
+        indices = list(indices)
+        if not indices:
+            return torch.zeros(0, 256, 64, 64)
+        geometry = Geometry(tuple(int(v) for v in slice_shape), self.image_size)
+        return self.runner.run(read, indices, lambda batch: self._preprocess(batch, geometry))
 
     def _preprocess(self, batch: torch.Tensor, geometry: Geometry) -> torch.Tensor:
-        """(B, H, W) in [0, 1] -> (B, 3, S, S) model input: resized, normalised, padded bottom/right."""
+        """(B, H, W) in [0, 1] -> (B, 3, S, S) model input: resized, normalised, padded bottom/right.
+
+        Runs on the batch's device (the CPU too, for the encoder's out-of-memory fallback)."""
         resized = F.interpolate(batch[:, None], size=geometry.resized, mode="bilinear", align_corners=False,
                                 antialias=True).clamp_(0.0, 1.0).expand(-1, 3, -1, -1)
-        if self.name == LITE_MEDSAM:
-            pad_h, pad_w = self.image_size - resized.shape[-2], self.image_size - resized.shape[-1]
-            return F.pad(resized, (0, pad_w, 0, pad_h)).contiguous()
-        return self.model.preprocess(resized * 255.0)  # SAM: pixel mean/std, then zero padding
+        if self.name != LITE_MEDSAM:  # SAM: pixel mean and std of 0-255 RGB, then zero padding
+            mean, std = (getattr(self.model, key).to(batch.device) for key in ("pixel_mean", "pixel_std"))
+            resized = (resized * 255.0 - mean) / std
+        pad_h, pad_w = self.image_size - resized.shape[-2], self.image_size - resized.shape[-1]
+        return F.pad(resized, (0, pad_w, 0, pad_h)).contiguous()
 
     # ---------------------------------------------------------------------------------- decode
     def decode(self, embeddings: torch.Tensor, prompts: SlicePrompts, slice_shape: tuple[int, int]) -> np.ndarray:
@@ -156,23 +170,47 @@ class Backbone:
         n = len(embeddings)
         _check_prompts(prompts, n, slice_shape)
         geometry = Geometry(tuple(int(v) for v in slice_shape), self.image_size)
-        out = np.empty((n, *geometry.slice_shape), dtype=np.float32)
         with torch.inference_mode():
+            if self.batch_decoding:
+                return self._decode_batch(embeddings.to(self.device), prompts, geometry)
+            out = np.empty((n, *geometry.slice_shape), dtype=np.float32)
             for i in range(n):
                 out[i] = self._decode_one(embeddings[i:i + 1].to(self.device), prompts, i, geometry)
         return out
 
+    def _decode_batch(self, embeddings: torch.Tensor, prompts: SlicePrompts, geometry: Geometry) -> np.ndarray:
+        """All slices in one decoder call on the whole grid; returns (N, H, W) logits."""
+        boxes = points = None
+        if prompts.boxes is not None:
+            corners = np.asarray(prompts.boxes, dtype=np.float64)
+            x, y = geometry.to_model_xy(corners[:, [0, 2]], corners[:, [1, 3]])
+            boxes = torch.tensor(np.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], axis=1), dtype=torch.float32,
+                                 device=self.device)
+        if prompts.points is not None:
+            pts = np.asarray(prompts.points, dtype=np.float64)
+            x, y = geometry.to_model_xy(pts[..., 0], pts[..., 1])
+            points = (torch.tensor(np.stack([x, y], axis=-1), dtype=torch.float32, device=self.device),
+                      torch.as_tensor(np.asarray(prompts.point_labels), dtype=torch.int64, device=self.device))
+        masks = None
+        if prompts.mask_logits is not None and self.uses_mask_prompt:
+            masks = self._mask_prompts(prompts.mask_logits, geometry)
+        low_res = decode_low_res(self.model, embeddings, self._dense_pe, boxes, points, masks)
+        grid = embeddings.shape[-1]
+        return self._postprocess(low_res, slice(0, grid), slice(0, grid), grid, geometry)
+
     def _decode_one(self, embedding: torch.Tensor, prompts: SlicePrompts, i: int, geometry: Geometry) -> np.ndarray:
         """Decode slice `i` of `prompts` against its (1, C, G, G) embedding; returns (H, W) logits."""
         boxes, points = self._model_prompts(prompts, i, geometry)
-        masks = self._mask_prompt(prompts, i, geometry)
+        masks = None
+        if prompts.mask_logits is not None and self.uses_mask_prompt:
+            masks = self._mask_prompts(prompts.mask_logits[i:i + 1], geometry)
         sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=masks)
         rows, cols = self._window(prompts, i, geometry, embedding.shape[-1])
         low_res, _ = self.model.mask_decoder(
             image_embeddings=embedding[..., rows, cols], image_pe=self._dense_pe[..., rows, cols],
             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense[..., rows, cols],
             multimask_output=False)
-        return self._postprocess(low_res, rows, cols, embedding.shape[-1], geometry)
+        return self._postprocess(low_res, rows, cols, embedding.shape[-1], geometry)[0]
 
     def _model_prompts(self, prompts: SlicePrompts, i: int, geometry: Geometry
                        ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
@@ -190,15 +228,13 @@ class Backbone:
             points = (coords, labels)
         return boxes, points
 
-    def _mask_prompt(self, prompts: SlicePrompts, i: int, geometry: Geometry) -> torch.Tensor | None:
-        """Slice-resolution prior logits -> (1, 1, 4G, 4G) mask prompt in the model frame, or None."""
-        if prompts.mask_logits is None or not self.uses_mask_prompt:
-            return None
+    def _mask_prompts(self, mask_logits: np.ndarray, geometry: Geometry) -> torch.Tensor:
+        """(n, H, W) slice-resolution prior logits -> (n, 1, 4G, 4G) mask prompts in the model frame."""
         side = 4 * self.model.prompt_encoder.image_embedding_size[0]
         new_h, new_w = geometry.resized
         size = (round(new_h * side / self.image_size), round(new_w * side / self.image_size))
-        prior = torch.as_tensor(np.asarray(prompts.mask_logits[i], dtype=np.float32), device=self.device)
-        prior = F.interpolate(prior[None, None], size=size, mode="bilinear", align_corners=False)
+        prior = torch.as_tensor(np.asarray(mask_logits, dtype=np.float32), device=self.device)
+        prior = F.interpolate(prior[:, None], size=size, mode="bilinear", align_corners=False)
         return F.pad(prior, (0, side - size[1], 0, side - size[0]), value=OUTSIDE_LOGIT)
 
     def _window(self, prompts: SlicePrompts, i: int, geometry: Geometry, grid: int) -> tuple[slice, slice]:
@@ -225,13 +261,13 @@ class Backbone:
 
     def _postprocess(self, low_res: torch.Tensor, rows: slice, cols: slice, grid: int, geometry: Geometry
                      ) -> np.ndarray:
-        """Window logits (1, 1, 4h, 4w) -> (H, W) logits: paste, upscale to the input frame, unpad, resize."""
+        """Window logits (n, 1, 4h, 4w) -> (n, H, W) logits: paste, upscale to the input frame, unpad, resize."""
         up = low_res.shape[-1] // (cols.stop - cols.start)  # low-res pixels per embedding cell (4)
         side = up * grid
         if (rows.start, rows.stop, cols.start, cols.stop) == (0, grid, 0, grid):
             canvas = low_res
         else:
-            canvas = low_res.new_full((1, 1, side, side), OUTSIDE_LOGIT)
+            canvas = low_res.new_full((len(low_res), 1, side, side), OUTSIDE_LOGIT)
             canvas[..., up * rows.start:up * rows.stop, up * cols.start:up * cols.stop] = low_res
         if side != self.image_size:
             canvas = F.interpolate(canvas, size=(self.image_size, self.image_size), mode="bilinear",
@@ -239,7 +275,7 @@ class Backbone:
         new_h, new_w = geometry.resized
         logits = F.interpolate(canvas[..., :new_h, :new_w], size=geometry.slice_shape, mode="bilinear",
                                align_corners=False)
-        return logits[0, 0].float().cpu().numpy()
+        return logits[:, 0].float().cpu().numpy()
 
 
 def _check_prompts(prompts: SlicePrompts, n: int, slice_shape: tuple[int, int]) -> None:
@@ -351,11 +387,13 @@ def _build_model(name: str) -> tuple[torch.nn.Module, int]:
     return sam, sam.image_encoder.img_size
 
 
-def _pick_device(device: str | None) -> torch.device:
-    """CUDA when available, else CPU; `device` overrides."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _pick_devices(device: str | None) -> list[torch.device]:
+    """Devices to embed on, the first also decoding: every visible GPU for None or "cuda", else ``device``."""
+    if device is None and not torch.cuda.is_available():
+        return [torch.device("cpu")]
+    if device in (None, "cuda"):
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    return [torch.device(device)]
 
 
 def _default_cache_dir() -> Path:
@@ -381,17 +419,20 @@ def _pick_encoder(name: str, model: torch.nn.Module, image_size: int, weights_id
 
 
 def load_backbone(name: str = LITE_MEDSAM, checkpoint: str | None = None, device: str | None = None,
-                  runtime: str = "auto", cache_dir: str | None = None) -> Backbone:
+                  runtime: str = "auto", cache_dir: str | None = None,
+                  encoder_settings: EncoderSettings | None = None) -> Backbone:
     """Load a backbone with strictly checked weights.
 
     Args:
         name: "lite_medsam" (default), "vit_b", "vit_l", "vit_h" or "medsam" (ViT-B architecture).
         checkpoint: checkpoint file; None uses the bundled LiteMedSAM file (sha256 verified).
             Required for SAM and MedSAM.
-        device: torch device; default CUDA when available, else CPU.
+        device: torch device; default (or "cuda"): every visible GPU (the first also decodes), else the CPU.
         runtime: "auto" (ONNX Runtime for LiteMedSAM on the CPU, falling back to torch),
             "torch" (eager) or "onnxruntime" (forced; CPU only).
-        cache_dir: folder for exported ONNX encoders (default $SPD_SAM_CACHE or ~/.cache/spd_sam).
+        cache_dir: folder for exported ONNX encoders and compiled kernels (default $SPD_SAM_CACHE or
+            ~/.cache/spd_sam).
+        encoder_settings: precision, chunking, GPU memory budget and compilation of the image encoder.
 
     Raises:
         BackboneError: unknown name or runtime, missing/truncated/unreadable file, wrong
@@ -410,10 +451,24 @@ def load_backbone(name: str = LITE_MEDSAM, checkpoint: str | None = None, device
     sha = sha or file_sha256(path)
     model, image_size = _build_model(name)
     _load_strict(model, state, name, path)
-    torch_device = _pick_device(device)
-    model = model.eval().to(torch_device)
-    weights_id = sha[:16]
+    return assemble_backbone(name, model, image_size, sha[:16], device, runtime, cache_dir, encoder_settings,
+                             source=str(path))
+
+
+def assemble_backbone(name: str, model: torch.nn.Module, image_size: int, weights_id: str,
+                      device: str | None = None, runtime: str = "auto", cache_dir: str | None = None,
+                      encoder_settings: EncoderSettings | None = None, source: str = "memory") -> Backbone:
+    """A :class:`Backbone` around a network whose weights are already in place (``load_backbone`` checks
+    files first; benchmarks pass randomly initialised networks). SAM ViT attention runs through SDPA."""
+    devices = _pick_devices(device)
+    if not devices:
+        raise BackboneError(f"device {device!r}: no CUDA device is visible")
+    model = model.eval().to(devices[0])
+    use_sdpa_attention(model.image_encoder)
     cache = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
-    encoder, used = _pick_encoder(name, model, image_size, weights_id, torch_device, runtime, cache)
-    logger.info("backbone %s from %s (sha256 %s), runtime %s, device %s", name, path, weights_id, used, torch_device)
-    return Backbone(name, model, image_size, weights_id, torch_device, encoder, used)
+    if encoder_settings is not None and encoder_settings.compile:
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))  # compiled kernels survive restarts
+    encoder, used = _pick_encoder(name, model, image_size, weights_id, devices[0], runtime, cache)
+    logger.info("backbone %s from %s (sha256 %s), runtime %s, devices %s", name, source, weights_id, used,
+                ", ".join(map(str, devices)))
+    return Backbone(name, model, image_size, weights_id, devices[0], encoder, used, devices, encoder_settings)

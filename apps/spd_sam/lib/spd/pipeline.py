@@ -89,7 +89,7 @@ class SPDPipeline:
         saliency_heads: trained saliency per label name; labels without one use appearance saliency.
         cpd: distillation tolerances.
         probes: box probe sizes for measuring the structure on validated slices.
-        decode_chunk: slices decoded per call.
+        decode_chunk: slices decoded per call (None: the backbone's ``decode_chunk``).
     """
 
     def __init__(
@@ -99,16 +99,17 @@ class SPDPipeline:
         saliency_heads: Mapping[str, SaliencyModel] | None = None,
         cpd: CPDConfig = CPDConfig(),
         probes: ProbeConfig = ProbeConfig(),
-        decode_chunk: int = 16,
+        decode_chunk: int | None = None,
     ):
         self.backbone = backbone
         self.cache = cache
         self.saliency_heads = dict(saliency_heads or {})
         self.cpd = cpd
         self.probes = probes
-        self.decode_chunk = decode_chunk
+        self.decode_chunk = decode_chunk or backbone.decode_chunk
         self.memo = MaskMemo()
         self.fallback_saliency = AppearanceSaliency()
+        self._hot: tuple[str, int, torch.Tensor] | None = None  # the last request's slab, kept on the GPU
 
     def cache_key(self, volume_id: str, view: VolumeView) -> str:
         """Names the embeddings of one volume seen along one axis by one backbone and window."""
@@ -116,9 +117,9 @@ class SPDPipeline:
         return f"{volume_id}-ax{view.axis}-{self.backbone.name}-{self.backbone.weights_id}-{w.low:.6g}_{w.high:.6g}"
 
     def embed(self, volume_id: str, view: VolumeView, indices: Sequence[int]) -> torch.Tensor:
-        """Embeddings of the given slices, through the cache."""
+        """Embeddings of the given slices, through the cache (missing slices are windowed chunk by chunk)."""
         return self.cache.get(self.cache_key(volume_id, view), indices,
-                              lambda todo: self.backbone.embed(view.slices(todo)))
+                              lambda todo: self.backbone.embed_lazily(view.slices, todo, view.slice_shape))
 
     def segment(
         self,
@@ -193,7 +194,7 @@ class SPDPipeline:
         sclicks = [c for c in sclicks if first <= c.slice <= last]
         lap("prepare")
 
-        embeddings = self.embed(volume_id, view, indices)
+        embeddings = self._embeddings_on_device(volume_id, view, indices)
         lap("embed")
 
         images = view.slices(indices)
@@ -219,6 +220,18 @@ class SPDPipeline:
         consensus.assign_boxes(measured, view.slice_shape)
         lap("calibrate")
         return Plan(view, first, key, embeddings, saliency, consensus, timings)
+
+    def _embeddings_on_device(self, volume_id: str, view: VolumeView, indices: list[int]) -> torch.Tensor:
+        """Embeddings of consecutive slices ``indices`` on the backbone's device. On a GPU the last slab
+        stays there, so a re-click on the same structure copies nothing."""
+        key = self.cache_key(volume_id, view)
+        hot = self._hot
+        if hot is not None and hot[0] == key and hot[1] <= indices[0] and indices[-1] < hot[1] + len(hot[2]):
+            return hot[2][indices[0] - hot[1]:indices[-1] - hot[1] + 1]
+        embeddings = self.embed(volume_id, view, indices).to(self.backbone.device)
+        if embeddings.device.type == "cuda":
+            self._hot = (key, indices[0], embeddings)
+        return embeddings
 
     def decoder_changed(self) -> None:
         """Forget remembered masks: call after the backbone's mask decoder weights change."""
@@ -253,21 +266,35 @@ class SPDPipeline:
     def _assemble(self, masks: np.ndarray, saliency: np.ndarray, consensus: Consensus, view: VolumeView, first: int,
                   roi) -> np.ndarray:
         """Slab of slice masks -> full-size volume; ends where saliency fades and components without a
-        prompt are dropped."""
+        prompt are dropped. Works on the in-plane box that holds the masks and the prompts."""
+        seeds = np.array([(s - first, r, c) for s, p in consensus.prompts.items() for r, c in p.positives],
+                         dtype=float).reshape(-1, 3).round().astype(int)
+        rows, cols = _in_plane_box(masks, seeds[:, 1:])
+        masks, saliency = masks[:, rows, cols], saliency[:, rows, cols]
         support = np.array([float(s[m].mean()) if m.any() else 0.0 for s, m in zip(saliency, masks)])
         masks = trim_unanchored_ends(masks, first, consensus.anchored_range, support)
         if roi is not None:
-            rows, cols = (roi[a] for a in view.in_plane)
+            (r0, r1), (c0, c1) = (roi[a] for a in view.in_plane)
             inside = np.zeros(masks.shape[1:], dtype=bool)
-            inside[rows[0] : rows[1] + 1, cols[0] : cols[1] + 1] = True
+            inside[max(r0 - rows.start, 0):max(r1 + 1 - rows.start, 0),
+                   max(c0 - cols.start, 0):max(c1 + 1 - cols.start, 0)] = True
             masks &= inside
-        seeds = [(s - first, int(round(r)), int(round(c))) for s, p in consensus.prompts.items() for r, c in p.positives]
-        masks = keep_prompted_components(masks, seeds)
+        masks = keep_prompted_components(masks, seeds - [0, rows.start, cols.start])
         volume = np.zeros(view.volume.shape, dtype=bool)
         target = [slice(None)] * 3
         target[view.axis] = slice(first, first + masks.shape[0])
+        target[view.in_plane[0]], target[view.in_plane[1]] = rows, cols
         volume[tuple(target)] = np.moveaxis(masks, 0, view.axis)
         return volume
+
+
+def _in_plane_box(masks: np.ndarray, points: np.ndarray) -> tuple[slice, slice]:
+    """(rows, cols) slices of the smallest in-plane box holding every mask pixel and every point."""
+    box = []
+    for axis in (1, 2):
+        occupied = list(np.flatnonzero(masks.any(axis=(0, 3 - axis)))) + list(points[:, axis - 1])
+        box.append(slice(int(min(occupied)), int(max(occupied)) + 1) if occupied else slice(0, 0))
+    return box[0], box[1]
 
 
 def _pad_points(prompts) -> tuple[np.ndarray, np.ndarray]:

@@ -59,11 +59,12 @@ class AppearanceSaliency:
         self, images: np.ndarray, embeddings: torch.Tensor, clicks: Sequence[tuple[int, float, float]]
     ) -> np.ndarray:
         assert clicks, "appearance saliency needs at least one click"
-        intensity = self._intensity_likelihood(images, clicks)
+        intensity = self._intensity_likelihood(images, clicks, embeddings.device)
         similarity = self._embedding_similarity(embeddings, clicks, images.shape[1:])
-        return np.sqrt(intensity * similarity).astype(np.float32)
+        return (intensity * similarity).sqrt_().cpu().numpy()
 
-    def _intensity_likelihood(self, images: np.ndarray, clicks) -> np.ndarray:
+    def _intensity_likelihood(self, images: np.ndarray, clicks, device: torch.device) -> torch.Tensor:
+        """(N, H, W) likelihood of each pixel's intensity under the clicked intensities, on ``device``."""
         p = self.patch
         values = []
         for n, row, col in clicks:
@@ -72,19 +73,19 @@ class AppearanceSaliency:
         values = np.asarray(values)
         centre = float(np.median(values))
         sigma = max(1.4826 * float(np.median(np.abs(values - centre))), self.min_sigma)
-        z = (images - np.float32(centre)) / np.float32(sigma)
-        return np.exp(-0.5 * z * z / 4.0).astype(np.float32)  # 2-sigma wide: tolerant to partial volume
+        z = (torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(device) - centre) / sigma
+        return torch.exp(-0.125 * z * z)  # exp(-z^2 / 2 / 4): 2-sigma wide, tolerant to partial volume
 
     def _embedding_similarity(self, embeddings: torch.Tensor, clicks, slice_shape, chunk: int = 8) -> np.ndarray:
         g = embeddings.shape[-1]
         cells = [(n, *_grid_index(r, c, slice_shape, g)) for n, r, c in clicks]
         vectors = F.normalize(torch.stack([embeddings[n, :, gr, gc].float() for n, gr, gc in cells]), dim=1)
         reference = F.normalize(vectors.median(dim=0).values, dim=0)
-        cosine = torch.empty(embeddings.shape[0], g, g)
+        cosine = torch.empty(embeddings.shape[0], g, g, device=embeddings.device)
         for start in range(0, embeddings.shape[0], chunk):  # float32 copies of a few slices at a time
             part = embeddings[start:start + chunk].float()
             cosine[start:start + chunk] = torch.einsum("nchw,c->nhw", part, reference) / part.norm(dim=1).clamp_min(1e-6)
         high = float(torch.stack([cosine[n, gr, gc] for n, gr, gc in cells]).median())
         low = float(cosine.median())
         scaled = ((cosine - low) / max(high - low, 1e-3)).clamp(0.0, 1.0)
-        return embedding_grid_to_slice(scaled, slice_shape).clamp(0.0, 1.0).numpy()
+        return embedding_grid_to_slice(scaled, slice_shape).clamp(0.0, 1.0)

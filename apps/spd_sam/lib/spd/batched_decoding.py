@@ -1,0 +1,38 @@
+"""One mask-decoder call for many slices, each with its own embedding and prompts.
+
+SAM's ``MaskDecoder.forward`` decodes several prompts against one image (it repeats the image
+embedding per prompt). Here every slice brings its own embedding, so the decoder's parts are
+driven directly with slice i's embedding paired with slice i's prompt tokens. Only the first
+mask token is used: it is the one SAM returns with ``multimask_output=False``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def decode_low_res(model: nn.Module, embeddings: torch.Tensor, dense_pe: torch.Tensor,
+                   boxes: torch.Tensor | None, points: tuple[torch.Tensor, torch.Tensor] | None,
+                   masks: torch.Tensor | None) -> torch.Tensor:
+    """Low-resolution mask logits (N, 1, 4g, 4g) for N slices.
+
+    Args:
+        model: a SAM-family model (``prompt_encoder`` and ``mask_decoder``).
+        embeddings: (N, C, g, g) slice embeddings.
+        dense_pe: (1, C, g, g) dense positional encoding of the prompt encoder.
+        boxes: (N, 4) model-frame xyxy boxes, or None.
+        points: ((N, P, 2) model-frame xy, (N, P) labels with -1 for padding), or None.
+        masks: (N, 1, 4g, 4g) mask-prompt logits, or None.
+    """
+    decoder = model.mask_decoder
+    sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=masks)
+    count = len(embeddings)
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight]).expand(count, -1, -1)
+    tokens = torch.cat([output_tokens, sparse], dim=1)
+    image = embeddings.to(dense.dtype) + dense
+    channels, height, width = image.shape[1:]
+    hidden, image = decoder.transformer(image, dense_pe.expand(count, -1, -1, -1), tokens)
+    upscaled = decoder.output_upscaling(image.transpose(1, 2).reshape(count, channels, height, width))
+    weights = decoder.output_hypernetworks_mlps[0](hidden[:, 1])  # first mask token
+    return torch.einsum("nc,nchw->nhw", weights, upscaled)[:, None]
