@@ -42,3 +42,15 @@ def test_capacity_is_bounded():
     for s in range(5):
         memo.masks("v", [s], SlicePrompts(boxes=np.array([[0, 0, 1, 1]], dtype=np.float32)), (8, 9), fake_decoder(calls))
     assert len(memo._items) == 2
+
+
+def test_dense_prior_change_on_one_slice_decodes_that_slice_only():
+    memo, calls = MaskMemo(), []
+    boxes = np.array([[1, 1, 3, 3]] * 3, dtype=np.float32)
+    prior = np.random.default_rng(0).normal(size=(3, 8, 9)).astype(np.float32)
+    memo.masks("v", [0, 1, 2], SlicePrompts(boxes=boxes, mask_logits=prior), (8, 9), fake_decoder(calls))
+    memo.masks("v", [0, 1, 2], SlicePrompts(boxes=boxes, mask_logits=prior.copy()), (8, 9), fake_decoder(calls))
+    changed = prior.copy()
+    changed[1, 4, 4] += 1e-3
+    memo.masks("v", [0, 1, 2], SlicePrompts(boxes=boxes, mask_logits=changed), (8, 9), fake_decoder(calls))
+    assert calls == [[0, 1, 2], [1]]

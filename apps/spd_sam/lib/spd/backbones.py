@@ -155,7 +155,8 @@ class Backbone:
         return F.pad(resized, (0, pad_w, 0, pad_h)).contiguous()
 
     # ---------------------------------------------------------------------------------- decode
-    def decode(self, embeddings: torch.Tensor, prompts: SlicePrompts, slice_shape: tuple[int, int]) -> np.ndarray:
+    def decode(self, embeddings: torch.Tensor, prompts: SlicePrompts, slice_shape: tuple[int, int],
+               binary: bool = False) -> np.ndarray:
         """Decode one prompt set per slice.
 
         Args:
@@ -163,22 +164,24 @@ class Backbone:
             prompts: prompts for the N slices (a box and/or points each; mask_logits used only
                 when `uses_mask_prompt`).
             slice_shape: (H, W) of the slices.
+            binary: return masks (logit > 0, thresholded on the device) instead of logits.
 
         Returns:
-            (N, H, W) float32 mask logits at slice resolution (threshold 0).
+            (N, H, W) float32 mask logits at slice resolution (threshold 0), or bool masks when ``binary``.
         """
         n = len(embeddings)
         _check_prompts(prompts, n, slice_shape)
         geometry = Geometry(tuple(int(v) for v in slice_shape), self.image_size)
         with torch.inference_mode():
             if self.batch_decoding:
-                return self._decode_batch(embeddings.to(self.device), prompts, geometry)
-            out = np.empty((n, *geometry.slice_shape), dtype=np.float32)
+                return self._decode_batch(embeddings.to(self.device), prompts, geometry, binary)
+            out = np.empty((n, *geometry.slice_shape), dtype=bool if binary else np.float32)
             for i in range(n):
-                out[i] = self._decode_one(embeddings[i:i + 1].to(self.device), prompts, i, geometry)
+                out[i] = self._decode_one(embeddings[i:i + 1].to(self.device), prompts, i, geometry, binary)
         return out
 
-    def _decode_batch(self, embeddings: torch.Tensor, prompts: SlicePrompts, geometry: Geometry) -> np.ndarray:
+    def _decode_batch(self, embeddings: torch.Tensor, prompts: SlicePrompts, geometry: Geometry,
+                      binary: bool) -> np.ndarray:
         """All slices in one decoder call on the whole grid; returns (N, H, W) logits."""
         boxes = points = None
         if prompts.boxes is not None:
@@ -196,10 +199,11 @@ class Backbone:
             masks = self._mask_prompts(prompts.mask_logits, geometry)
         low_res = decode_low_res(self.model, embeddings, self._dense_pe, boxes, points, masks)
         grid = embeddings.shape[-1]
-        return self._postprocess(low_res, slice(0, grid), slice(0, grid), grid, geometry)
+        return self._postprocess(low_res, slice(0, grid), slice(0, grid), grid, geometry, binary)
 
-    def _decode_one(self, embedding: torch.Tensor, prompts: SlicePrompts, i: int, geometry: Geometry) -> np.ndarray:
-        """Decode slice `i` of `prompts` against its (1, C, G, G) embedding; returns (H, W) logits."""
+    def _decode_one(self, embedding: torch.Tensor, prompts: SlicePrompts, i: int, geometry: Geometry,
+                    binary: bool) -> np.ndarray:
+        """Decode slice `i` of `prompts` against its (1, C, G, G) embedding; returns (H, W) logits or a mask."""
         boxes, points = self._model_prompts(prompts, i, geometry)
         masks = None
         if prompts.mask_logits is not None and self.uses_mask_prompt:
@@ -210,7 +214,7 @@ class Backbone:
             image_embeddings=embedding[..., rows, cols], image_pe=self._dense_pe[..., rows, cols],
             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense[..., rows, cols],
             multimask_output=False)
-        return self._postprocess(low_res, rows, cols, embedding.shape[-1], geometry)[0]
+        return self._postprocess(low_res, rows, cols, embedding.shape[-1], geometry, binary)[0]
 
     def _model_prompts(self, prompts: SlicePrompts, i: int, geometry: Geometry
                        ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
@@ -233,7 +237,7 @@ class Backbone:
         side = 4 * self.model.prompt_encoder.image_embedding_size[0]
         new_h, new_w = geometry.resized
         size = (round(new_h * side / self.image_size), round(new_w * side / self.image_size))
-        prior = torch.as_tensor(np.asarray(mask_logits, dtype=np.float32), device=self.device)
+        prior = torch.as_tensor(mask_logits, dtype=torch.float32, device=self.device)
         prior = F.interpolate(prior[:, None], size=size, mode="bilinear", align_corners=False)
         return F.pad(prior, (0, side - size[1], 0, side - size[0]), value=OUTSIDE_LOGIT)
 
@@ -259,8 +263,8 @@ class Backbone:
             return slice(0, grid), slice(0, grid)
         return slice(r0, r1), slice(c0, c1)
 
-    def _postprocess(self, low_res: torch.Tensor, rows: slice, cols: slice, grid: int, geometry: Geometry
-                     ) -> np.ndarray:
+    def _postprocess(self, low_res: torch.Tensor, rows: slice, cols: slice, grid: int, geometry: Geometry,
+                     binary: bool = False) -> np.ndarray:
         """Window logits (n, 1, 4h, 4w) -> (n, H, W) logits: paste, upscale to the input frame, unpad, resize."""
         up = low_res.shape[-1] // (cols.stop - cols.start)  # low-res pixels per embedding cell (4)
         side = up * grid
@@ -275,7 +279,8 @@ class Backbone:
         new_h, new_w = geometry.resized
         logits = F.interpolate(canvas[..., :new_h, :new_w], size=geometry.slice_shape, mode="bilinear",
                                align_corners=False)
-        return logits[:, 0].float().cpu().numpy()
+        logits = logits[:, 0]
+        return (logits > 0).cpu().numpy() if binary else logits.float().cpu().numpy()
 
 
 def _check_prompts(prompts: SlicePrompts, n: int, slice_shape: tuple[int, int]) -> None:

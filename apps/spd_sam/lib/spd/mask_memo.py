@@ -7,17 +7,27 @@ from collections import OrderedDict
 from typing import Callable, Hashable, Sequence
 
 import numpy as np
+import torch
 
 from .backbones import SlicePrompts
 
 
-def prompt_key(prompts: SlicePrompts, i: int) -> tuple:
-    """A hashable summary of slice ``i``'s prompts (coordinates rounded to 1/4 pixel)."""
+def prompt_key(prompts: SlicePrompts, i: int, dense: float | None = None) -> tuple:
+    """A hashable summary of slice ``i``'s prompts (coordinates rounded to 1/4 pixel; ``dense`` from
+    :func:`dense_digests`)."""
     def rounded(values):
         return None if values is None else tuple(np.round(np.asarray(values[i], dtype=float) * 4).astype(int).ravel())
 
-    dense = None if prompts.mask_logits is None else hash(np.asarray(prompts.mask_logits[i]).tobytes())
     return rounded(prompts.boxes), rounded(prompts.points), rounded(prompts.point_labels), dense
+
+
+def dense_digests(mask_logits) -> list[float]:
+    """Per slice, a number that changes with that slice's dense prior: its product with a fixed random
+    pattern, in float64 rounded to 12 digits, computed where the priors are (a GPU: no copy to the host)."""
+    values = torch.as_tensor(mask_logits)
+    pattern = torch.rand(values.shape[-2:], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sums = torch.einsum("nhw,hw->n", values.double(), pattern.to(values.device))
+    return [float(f"{v:.12g}") for v in sums.tolist()]
 
 
 class MaskMemo:
@@ -43,7 +53,8 @@ class MaskMemo:
             shape: slice shape.
             decode: returns logits for the given row positions.
         """
-        keys = [(view_key, s, prompt_key(prompts, i)) for i, s in enumerate(slices)]
+        digests = dense_digests(prompts.mask_logits) if prompts.mask_logits is not None else [None] * len(slices)
+        keys = [(view_key, s, prompt_key(prompts, i, digests[i])) for i, s in enumerate(slices)]
         out = np.zeros((len(slices), *shape), dtype=bool)
         todo = []
         with self._lock:

@@ -245,8 +245,7 @@ class SPDPipeline:
         if not self.backbone.box_trained:
             points, labels = _pad_points(prompts)
         if self.backbone.uses_mask_prompt:
-            clipped = np.clip(saliency, 1e-4, 1 - 1e-4)
-            dense = np.log(clipped / (1 - clipped)).astype(np.float32)
+            dense = torch.logit(torch.as_tensor(saliency, device=self.backbone.device), eps=1e-4)
         slices = [p.slice for p in prompts]
         return self._masks(key, slices, embeddings, SlicePrompts(boxes, points, labels, dense), slice_shape)
 
@@ -258,7 +257,7 @@ class SPDPipeline:
                 part = slice(start, start + self.decode_chunk)
                 chunk = SlicePrompts(*(None if v is None else v[part] for v in
                                        (subset.boxes, subset.points, subset.point_labels, subset.mask_logits)))
-                out.append(self.backbone.decode(embeddings[rows[part]], chunk, slice_shape))
+                out.append(self.backbone.decode(embeddings[rows[part]], chunk, slice_shape, binary=True))
             return np.concatenate(out)
 
         return self.memo.masks(key, slices, prompts, slice_shape, decode)
