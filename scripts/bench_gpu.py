@@ -130,9 +130,9 @@ def bench_backbone(name: str, args: argparse.Namespace, device: torch.device) ->
     pipeline = SPDPipeline(backbone, EmbeddingCache(args.cache_mb << 20))
     spacing = (1.0, 0.8, 0.8)
     last = args.slices - 1
-    # kernels, cuDNN plans and the chunk size (with --compile: the compilations) on another volume id
-    warm = args.slices if args.compile else min(8, args.slices)
-    pipeline.segment(volume, spacing, "warm-up", centre_clicks(centre, 0, warm - 1), window, slice_axis=0)
+    if device.type == "cuda":  # kernels, cuDNN plans, the chunk size (with --compile: compilation), another volume id
+        warm = args.slices if args.compile else min(8, args.slices)
+        pipeline.segment(volume, spacing, "warm-up", centre_clicks(centre, 0, warm - 1), window, slice_axis=0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     sync(device)

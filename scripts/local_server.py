@@ -44,9 +44,9 @@ def free_port() -> int:
 
 
 def start(workdir: Path, studies: Path | str, conf: dict[str, str] | None = None, timeout_s: float = 300,
-          env: dict[str, str] | None = None) -> LocalServer:
+          env: dict[str, str] | None = None, probe: str = "/info/") -> LocalServer:
     """Start the app on ``studies`` with every MONAI Label path (and trained checkpoints) inside ``workdir``;
-    wait for ``/info/``.
+    wait for ``probe`` to answer (``/auth/`` when authentication is on: ``/info/`` then needs a token).
 
     Raises:
         RuntimeError: the server exited or did not answer in time (with the log's tail).
@@ -68,7 +68,7 @@ def start(workdir: Path, studies: Path | str, conf: dict[str, str] | None = None
     log = workdir / "server.log"
     process = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=full_env, cwd=workdir)
     server = LocalServer(f"http://127.0.0.1:{port}", Path(studies), log, process)
-    return wait_until_up(server, f"{server.url}/info/", "MONAI Label server", timeout_s)
+    return wait_until_up(server, f"{server.url}{probe}", "MONAI Label server", timeout_s)
 
 
 def wait_until_up(server, probe_url: str, name: str, timeout_s: float, poll_s: float = 0.5):

@@ -91,16 +91,24 @@ def test_chunked_and_multi_device_encoding_equal_one_call(sam_backbone):
         return slices[chunk]
 
     settings = sam_backbone.runner.settings
+    single, hooks = sam_backbone.runner, []
     try:
         settings.chunk = 7
         whole = sam_backbone.embed(slices)
         settings.chunk = 2
         chunked = sam_backbone.embed_lazily(read, range(7), (100, 100))
         sam_backbone.runner = EncoderRunner(sam_backbone.model.image_encoder, ["cpu", "cpu"], settings)
+        calls = [0, 0]
+        hooks = [replica.register_forward_hook(lambda *_, n=n: calls.__setitem__(n, calls[n] + 1))
+                 for n, replica in enumerate(sam_backbone.runner.replicas)]
         spread = sam_backbone.embed(slices)
     finally:
         settings.chunk = 0
+        sam_backbone.runner = single
+        for hook in hooks:
+            hook.remove()
     assert torch.allclose(chunked, whole, atol=1e-5) and torch.allclose(spread, whole, atol=1e-5)
+    assert calls == [2, 2], "the 4 chunks of 2 slices are dealt out to both replicas"
     assert max(len(chunk) for chunk in reads) == 2, "slices must be read chunk by chunk, not all at once"
     assert sorted(s for chunk in reads for s in chunk) == list(range(7))
 
@@ -138,7 +146,7 @@ def test_out_of_memory_halves_the_chunk(sam_backbone, caplog):
 def test_gpu_benchmark_runs_in_cpu_mode(tmp_path):
     report = tmp_path / "bench.json"
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_gpu.py"), "--device", "cpu", "--backbones",
-                          "lite_medsam", "--slices", "3", "--size", "64", "--stock-slices", "1", "--json", str(report)],
+                          "lite_medsam", "--slices", "2", "--size", "64", "--stock-slices", "1", "--json", str(report)],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "stock" in run.stdout and "re-click" in run.stdout

@@ -189,3 +189,20 @@ def test_a_good_label_upload_is_saved(server, atlas, tmp_path):
     assert response.status_code == 200, response.text
     saved = server.studies / "labels" / "original" / f"{IMAGE}.nii.gz"
     assert np.array_equal(np.asarray(nib.load(saved).dataobj), label)
+
+
+def test_concurrent_clients_mixing_infers_and_saves(server, caudate_clicks, tmp_path):
+    """A short version of scripts/soak.py: 4 clients x 4 requests on the server the module started, re-clicks
+    along the right caudate (embedded by the tests above)."""
+    from soak import Target, run_soak
+
+    targets = [Target(IMAGE, "right_caudate", caudate_clicks)]
+    report = run_soak(server.url, targets, clients=4, requests_each=4, save_every=2, workdir=tmp_path, train=None,
+                      server_pid=server.process.pid)
+    print("\n".join(report.lines()))
+    assert not report.errors
+    assert len(report.latencies["infer"]) == 4 * 2 and len(report.latencies["save"]) == 4 * 2
+    growth_mib = (report.rss_peak - report.rss_start) / 2**20
+    assert growth_mib < 2048, "the server grew beyond its embedding-cache budget"
+    saved = server.studies / "labels" / "soak" / f"{IMAGE}.nii.gz"
+    assert nib.load(saved).shape == nib.load(server.studies / f"{IMAGE}.nii.gz").shape

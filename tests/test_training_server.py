@@ -6,6 +6,11 @@ noise; cropped around the right caudate and putamen, 2.5 mm slices), driven with
 ``monailabel.client`` in the order the Slicer plugin uses: info -> next sample -> infer with
 clicks -> save label, for three volumes -> train -> infer again. The fourth volume is held out:
 the same rough clicks on it must give a better right caudate after one short training round.
+
+The server runs with MONAI Label's authentication on, and the client logs in first as Slicer then
+does. The identity provider is ``scripts/oidc_realm.py``, a local realm serving what MONAI Label
+reads from Keycloak (public key, token endpoint, RS256 tokens with realm roles); Keycloak itself
+cannot run here. The MONAI Label server and the app are the real ones.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ import time
 import nibabel as nib
 import numpy as np
 import pytest
+import requests
 from monailabel.client import MONAILabelClient
 
 import local_server
+import oidc_realm
 from lib.spd.click_simulation import ClickStyle, simulate_clicks
 from make_cohort import make_cohort, write_cohort
 
@@ -25,7 +32,7 @@ pytestmark = pytest.mark.server
 
 LABEL, LABEL_VALUE, NEIGHBOUR_VALUE = "right_caudate", 2, 4
 MIN_GAIN = 0.05  # held-out Dice must rise by at least this much (measured gain: about 0.2)
-ROUND = {"labels": LABEL, "max_epochs": 12, "head_epochs": 30, "max_minutes": 3}  # a short bounded round
+ROUND = {"labels": LABEL, "max_epochs": 4, "head_epochs": 20, "max_minutes": 3}  # a short bounded round
 TIMEOUT_S = 420
 
 
@@ -43,19 +50,60 @@ def cohort(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(cohort):
+def realm():
+    realm = oidc_realm.start()
+    yield realm
+    realm.stop()
+
+
+@pytest.fixture(scope="module")
+def server(cohort, realm):
     work, _ = cohort
-    running = local_server.start(work, work / "studies", conf={"trained_dir": str(work / "trained")})
+    env = {"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": realm.uri}
+    running = local_server.start(work, work / "studies", conf={"trained_dir": str(work / "trained")}, env=env,
+                                 probe="/auth/")
     yield running
     running.stop()
     print(f"\nserver log: {running.log}")
 
 
-def client_for(server, work) -> MONAILabelClient:
-    """A client that saves results in its own folder: with the default (the temp folder) it would write to the
-    same path as the server's result file, which the server deletes after answering."""
+def client_for(server, work, user: str = "admin") -> MONAILabelClient:
+    """A client logged in as ``user`` (password from the realm), as the Slicer plugin logs in when the server
+    has auth on. It saves results in its own folder: with the default (the temp folder) it would write to
+    the same path as the server's result file, which the server deletes after answering."""
     (work / "client").mkdir(exist_ok=True)
-    return MONAILabelClient(server.url, tmpdir=str(work / "client"))
+    client = MONAILabelClient(server.url, tmpdir=str(work / "client"))
+    assert client.auth_enabled()
+    client.update_auth(client.auth_token(user, oidc_realm.DEFAULT_USERS[user][0]))
+    return client
+
+
+def test_requests_without_a_valid_token_are_refused(server, realm):
+    assert requests.get(f"{server.url}/info/", timeout=30).status_code == 401
+    forged = oidc_realm.start()  # a realm with another key signs the same claims
+    try:
+        tokens = {"forged": forged.token("admin", oidc_realm.ALL_ROLES),
+                  "expired": realm.token("admin", oidc_realm.ALL_ROLES, lifetime_s=-60)}
+    finally:
+        forged.stop()
+    for kind, token in tokens.items():
+        response = requests.get(f"{server.url}/info/", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        assert response.status_code == 401, kind
+
+
+def test_roles_are_enforced(server, cohort):
+    work, subjects = cohort
+    viewer = client_for(server, work, "viewer")
+    assert viewer.info()["models"]["spd_sam"]["type"] == "deepgrow", "a plain user may read /info/"
+    label = work / "empty_label.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(subjects[0].label.shape, np.uint8), np.eye(4)), label)
+    with label.open("rb") as handle:
+        response = requests.put(f"{server.url}/datastore/label", params={"image": subjects[0].name, "tag": "final"},
+                                files={"label": ("label.nii.gz", handle)}, headers=viewer._headers, timeout=60)
+    assert response.status_code == 403, "a plain user may not save labels"
+    annotator = client_for(server, work, "annotator")
+    response = requests.post(f"{server.url}/train/spd_sam", json={}, headers=annotator._headers, timeout=60)
+    assert response.status_code == 403, "only admins start training"
 
 
 def caudate_dice(client: MONAILabelClient, subject, clicks) -> tuple[float, dict]:

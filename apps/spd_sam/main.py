@@ -20,6 +20,7 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
+from lib.auth.token_algorithms import name_token_algorithms
 from lib.configs.spd_sam import SPDSamConfig
 from lib.datastore.label_uploads import check_image_id, with_checked_label_saves
 
@@ -35,6 +36,8 @@ class SPDSamApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]):
         self.model_dir = os.path.join(app_dir, "model")
         os.makedirs(self.model_dir, exist_ok=True)
+        if settings.MONAI_LABEL_AUTH_ENABLE:
+            name_token_algorithms()
         self.spd = SPDSamConfig()
         self.spd.init("spd_sam", self.model_dir, conf, None)
         super().__init__(

@@ -225,20 +225,20 @@ class ContextualPromptDistiller:
     def _distance_mm(self, a, b) -> float:
         return float(np.hypot(*((np.asarray(a) - np.asarray(b)) * self.pixel_mm)))
 
-    def _disc(self, shape, centre, radius_mm) -> np.ndarray:
-        rr, cc = np.ogrid[: shape[0], : shape[1]]
-        return ((rr - centre[0]) * self.pixel_mm[0]) ** 2 + ((cc - centre[1]) * self.pixel_mm[1]) ** 2 <= radius_mm**2
-
     def _salient_at(self, saliency: np.ndarray, row: float, col: float) -> bool:
         r, c = int(round(row)), int(round(col))
         return bool(saliency[max(r - 1, 0) : r + 2, max(c - 1, 0) : c + 2].max() >= self.config.saliency_threshold)
 
     def _nearest_salient(self, saliency: np.ndarray, centre, radius_mm: float):
-        """The salient pixel nearest to ``centre`` within ``radius_mm``, or None."""
-        candidates = (saliency >= self.config.saliency_threshold) & self._disc(saliency.shape, centre, radius_mm)
-        rows, cols = np.nonzero(candidates)
+        """The salient pixel nearest to ``centre`` within ``radius_mm``, or None (searched in the disc's box)."""
+        reach = np.ceil(radius_mm / np.asarray(self.pixel_mm)).astype(int)
+        r0, c0 = (max(int(np.floor(centre[a])) - reach[a], 0) for a in (0, 1))
+        r1, c1 = (max(min(int(np.ceil(centre[a])) + reach[a] + 1, saliency.shape[a]), start)
+                  for a, start in ((0, r0), (1, c0)))
+        rr, cc = np.ogrid[r0:r1, c0:c1]
+        d = ((rr - centre[0]) * self.pixel_mm[0]) ** 2 + ((cc - centre[1]) * self.pixel_mm[1]) ** 2
+        rows, cols = np.nonzero((saliency[r0:r1, c0:c1] >= self.config.saliency_threshold) & (d <= radius_mm**2))
         if rows.size == 0:
             return None
-        d = ((rows - centre[0]) * self.pixel_mm[0]) ** 2 + ((cols - centre[1]) * self.pixel_mm[1]) ** 2
-        best = int(np.argmin(d))
-        return float(rows[best]), float(cols[best])
+        best = int(np.argmin(d[rows, cols]))
+        return float(rows[best] + r0), float(cols[best] + c0)

@@ -63,34 +63,28 @@ class EncoderRunner:
         if self.settings.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.settings.precision!r}, expected one of {', '.join(PRECISIONS)}")
         self.devices = [torch.device(d) for d in devices]
-        self._module = encoder
-        self._replicas = {self.devices[0]: encoder}
-        for device in self.devices[1:]:
-            self._replicas[device] = copy.deepcopy(encoder).to(device)
-        self._encoders = dict(self._replicas)
+        self.replicas = [encoder] + [copy.deepcopy(encoder).to(device) for device in self.devices[1:]]
+        self._encoders = [torch.compile(module) if self.settings.compile and device.type == "cuda" else module
+                          for device, module in zip(self.devices, self.replicas)]
         self._chunks: dict[torch.device, int] = {}
         self._cpu_encoder: Callable | None = None
         self._lock = threading.Lock()
-        if self.settings.compile:
-            for device, module in self._encoders.items():
-                if device.type == "cuda":
-                    self._encoders[device] = torch.compile(module)
 
     def run(self, read: Reader, indices: Sequence[int], preprocess: Preprocess) -> torch.Tensor:
         """Embeddings (N, C, g, g) of slices ``indices`` on the CPU: float32 from the CPU, float16 from a GPU."""
         indices = list(indices)
         if not indices:
             return torch.zeros(0)
-        shares: dict[torch.device, list[list[int]]] = {d: [] for d in self.devices}
+        shares: list[list[list[int]]] = [[] for _ in self.devices]  # chunks per replica
         position = 0
         turn = 0
         while position < len(indices):
-            device = self.devices[turn % len(self.devices)]
-            size = self.chunk_size(device, preprocess, read, indices[0])
-            shares[device].append(indices[position:position + size])
+            worker = turn % len(self.devices)
+            size = self.chunk_size(self.devices[worker], preprocess, read, indices[0])
+            shares[worker].append(indices[position:position + size])
             position += size
             turn += 1
-        work = [(device, chunks) for device, chunks in shares.items() if chunks]
+        work = [(worker, chunks) for worker, chunks in enumerate(shares) if chunks]
         if len(work) == 1:
             results = [self._run_on(*work[0], read, preprocess)]
         else:
@@ -107,16 +101,17 @@ class EncoderRunner:
             return 4
         with self._lock:
             if device not in self._chunks:
-                self._chunks[device] = self._measure_chunk(device, preprocess(self._to(read([sample]), device)))
+                replica = self.replicas[self.devices.index(device)]
+                self._chunks[device] = self._measure_chunk(device, replica, preprocess(self._to(read([sample]), device)))
             return self._chunks[device]
 
-    def _measure_chunk(self, device: torch.device, one: torch.Tensor) -> int:
+    def _measure_chunk(self, device: torch.device, replica: Callable, one: torch.Tensor) -> int:
         """Encode one slice, read the peak memory it added and fit as many as the budget allows."""
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         with torch.inference_mode(), self._autocast(device):
-            self._replicas[device](one)  # eager: measuring must not wait for a compilation
+            replica(one)  # eager: measuring must not wait for a compilation
         per_slice = max(torch.cuda.max_memory_allocated(device) - before, 1)
         budget = self.settings.memory_budget_bytes or int(0.8 * torch.cuda.mem_get_info(device)[0])
         chunk = int(max(1, min(self.settings.max_chunk, budget // per_slice)))
@@ -124,9 +119,10 @@ class EncoderRunner:
                     device, per_slice / 2**20, budget / 2**20, chunk)
         return chunk
 
-    def _run_on(self, device: torch.device, chunks: list[list[int]], read: Reader, preprocess: Preprocess
+    def _run_on(self, worker: int, chunks: list[list[int]], read: Reader, preprocess: Preprocess
                 ) -> list[tuple[int, torch.Tensor]]:
-        """Encode ``chunks`` on ``device`` while a loader thread reads the next one."""
+        """Encode ``chunks`` with replica ``worker`` while a loader thread reads the next one."""
+        device = self.devices[worker]
         outputs: list[tuple[int, torch.Tensor]] = []
         context = torch.cuda.device(device) if device.type == "cuda" else nullcontext()
         with ThreadPoolExecutor(1) as loader, context, torch.inference_mode(), self._autocast(device):
@@ -135,7 +131,7 @@ class EncoderRunner:
                 batch = pending.result()
                 if n + 1 < len(chunks):
                     pending = loader.submit(self._load, read, chunks[n + 1], device)
-                embeddings = self._encode(device, batch, preprocess)
+                embeddings = self._encode(worker, batch, preprocess)
                 outputs.extend(zip(chunk, embeddings))
         return outputs
 
@@ -148,11 +144,12 @@ class EncoderRunner:
     def _to(array: np.ndarray, device: torch.device) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(device)
 
-    def _encode(self, device: torch.device, batch: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
+    def _encode(self, worker: int, batch: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
         """Encoder output on the CPU for a (n, H, W) host batch; on CUDA out of memory, halve and retry,
         and at one slice pre-process and encode on the CPU."""
+        device = self.devices[worker]
         try:
-            return self._to_host(device, self._encoders[device](preprocess(batch.to(device, non_blocking=True))))
+            return self._to_host(device, self._encoders[worker](preprocess(batch.to(device, non_blocking=True))))
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             if len(batch) > 1:
@@ -161,7 +158,7 @@ class EncoderRunner:
                     self._chunks[device] = max(1, min(self._chunks.get(device, half), half))
                 logger.warning("CUDA out of memory encoding %d slices on %s; retrying in chunks of %d",
                                len(batch), device, half)
-                return torch.cat([self._encode(device, part, preprocess) for part in (batch[:half], batch[half:])])
+                return torch.cat([self._encode(worker, part, preprocess) for part in (batch[:half], batch[half:])])
             logger.warning("CUDA out of memory encoding one slice on %s; encoding it on the CPU", device)
             with torch.autocast("cuda", enabled=False):
                 return self._to_host(device, self._cpu(preprocess(batch.cpu())))
@@ -178,8 +175,8 @@ class EncoderRunner:
             if self._cpu_encoder is None:
                 on_host = {id(t): (nn.Parameter(t.detach().float().cpu(), requires_grad=False)
                                    if isinstance(t, nn.Parameter) else t.cpu())
-                           for t in (*self._module.parameters(), *self._module.buffers())}
-                self._cpu_encoder = copy.deepcopy(self._module, memo=on_host)
+                           for t in (*self.replicas[0].parameters(), *self.replicas[0].buffers())}
+                self._cpu_encoder = copy.deepcopy(self.replicas[0], memo=on_host)
         return self._cpu_encoder(batch)
 
     def _autocast(self, device: torch.device):
