@@ -57,7 +57,7 @@ def keep_prompted_components(volume: np.ndarray, seeds: Iterable[tuple[int, int,
     mask and the seeds only, which is all that can change.
     """
     seeds = np.asarray(list(seeds), dtype=int).reshape(-1, 3)
-    box = _bounding_box(volume, seeds)
+    box = bounding_box(volume, seeds, axes=(0, 1, 2))
     if box is None:
         return volume.astype(bool)
     out = np.zeros(volume.shape, dtype=bool)
@@ -65,16 +65,17 @@ def keep_prompted_components(volume: np.ndarray, seeds: Iterable[tuple[int, int,
     return out
 
 
-def _bounding_box(volume: np.ndarray, seeds: np.ndarray) -> tuple[slice, ...] | None:
-    """Smallest box holding every True voxel and every seed (None for an empty volume)."""
+def bounding_box(mask: np.ndarray, points: np.ndarray, axes: tuple[int, ...]) -> tuple[slice, ...] | None:
+    """Along each of ``axes``, the smallest range holding every True voxel of ``mask`` and every point
+    (``points``: (n, mask.ndim) indices); None when the mask is empty."""
     bounds = []
-    for axis in range(volume.ndim):
-        occupied = np.flatnonzero(volume.any(axis=tuple(a for a in range(volume.ndim) if a != axis)))
+    for axis in axes:
+        occupied = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
         if occupied.size == 0:
             return None
         lo, hi = occupied[0], occupied[-1]
-        if len(seeds):
-            lo, hi = min(lo, seeds[:, axis].min()), max(hi, seeds[:, axis].max())
+        if len(points):
+            lo, hi = min(lo, points[:, axis].min()), max(hi, points[:, axis].max())
         bounds.append(slice(int(lo), int(hi) + 1))
     return tuple(bounds)
 

@@ -183,17 +183,7 @@ class Backbone:
     def _decode_batch(self, embeddings: torch.Tensor, prompts: SlicePrompts, geometry: Geometry,
                       binary: bool) -> np.ndarray:
         """All slices in one decoder call on the whole grid; returns (N, H, W) logits."""
-        boxes = points = None
-        if prompts.boxes is not None:
-            corners = np.asarray(prompts.boxes, dtype=np.float64)
-            x, y = geometry.to_model_xy(corners[:, [0, 2]], corners[:, [1, 3]])
-            boxes = torch.tensor(np.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], axis=1), dtype=torch.float32,
-                                 device=self.device)
-        if prompts.points is not None:
-            pts = np.asarray(prompts.points, dtype=np.float64)
-            x, y = geometry.to_model_xy(pts[..., 0], pts[..., 1])
-            points = (torch.tensor(np.stack([x, y], axis=-1), dtype=torch.float32, device=self.device),
-                      torch.as_tensor(np.asarray(prompts.point_labels), dtype=torch.int64, device=self.device))
+        boxes, points = self.model_prompts(prompts, slice(None), geometry)
         masks = None
         if prompts.mask_logits is not None and self.uses_mask_prompt:
             masks = self._mask_prompts(prompts.mask_logits, geometry)
@@ -204,7 +194,7 @@ class Backbone:
     def _decode_one(self, embedding: torch.Tensor, prompts: SlicePrompts, i: int, geometry: Geometry,
                     binary: bool) -> np.ndarray:
         """Decode slice `i` of `prompts` against its (1, C, G, G) embedding; returns (H, W) logits or a mask."""
-        boxes, points = self._model_prompts(prompts, i, geometry)
+        boxes, points = self.model_prompts(prompts, slice(i, i + 1), geometry)
         masks = None
         if prompts.mask_logits is not None and self.uses_mask_prompt:
             masks = self._mask_prompts(prompts.mask_logits[i:i + 1], geometry)
@@ -216,20 +206,21 @@ class Backbone:
             multimask_output=False)
         return self._postprocess(low_res, rows, cols, embedding.shape[-1], geometry, binary)[0]
 
-    def _model_prompts(self, prompts: SlicePrompts, i: int, geometry: Geometry
-                       ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
-        """Slice-pixel prompts of slice `i` -> SAM's model-frame box (1, 4) xyxy and points ((1, P, 2), (1, P))."""
+    def model_prompts(self, prompts: SlicePrompts, rows: slice, geometry: Geometry
+                      ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Slice-pixel prompts of the slices ``rows`` -> SAM's model-frame boxes (n, 4) xyxy and points
+        ((n, P, 2) xy, (n, P) labels), on the model's device."""
         boxes = points = None
         if prompts.boxes is not None:
-            r0, c0, r1, c1 = np.asarray(prompts.boxes[i], dtype=np.float64)
-            x, y = geometry.to_model_xy(np.array([r0, r1]), np.array([c0, c1]))
-            boxes = torch.tensor([[x[0], y[0], x[1], y[1]]], dtype=torch.float32, device=self.device)
+            corners = np.asarray(prompts.boxes[rows], dtype=np.float64)
+            x, y = geometry.to_model_xy(corners[:, [0, 2]], corners[:, [1, 3]])
+            boxes = torch.tensor(np.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], axis=1), dtype=torch.float32,
+                                 device=self.device)
         if prompts.points is not None:
-            pts = np.asarray(prompts.points[i], dtype=np.float64)
-            x, y = geometry.to_model_xy(pts[:, 0], pts[:, 1])
-            coords = torch.tensor(np.stack([x, y], axis=-1)[None], dtype=torch.float32, device=self.device)
-            labels = torch.as_tensor(np.asarray(prompts.point_labels[i])[None], dtype=torch.int64, device=self.device)
-            points = (coords, labels)
+            pts = np.asarray(prompts.points[rows], dtype=np.float64)
+            x, y = geometry.to_model_xy(pts[..., 0], pts[..., 1])
+            points = (torch.tensor(np.stack([x, y], axis=-1), dtype=torch.float32, device=self.device),
+                      torch.as_tensor(np.asarray(prompts.point_labels[rows]), dtype=torch.int64, device=self.device))
         return boxes, points
 
     def _mask_prompts(self, mask_logits: np.ndarray, geometry: Geometry) -> torch.Tensor:

@@ -60,13 +60,11 @@ class DifferentiableDecoder(nn.Module):
     def _decode(self, embeddings: torch.Tensor, boxes: np.ndarray, slice_shape: tuple[int, int]) -> torch.Tensor:
         model, device = self.backbone.model, self.backbone.device
         geometry = Geometry(tuple(int(v) for v in slice_shape), self.backbone.image_size)
-        boxes = np.asarray(boxes, dtype=np.float64)
-        x, y = geometry.to_model_xy(boxes[:, [0, 2]], boxes[:, [1, 3]])
-        model_boxes = torch.tensor(np.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], axis=1)[:, None],
-                                   dtype=torch.float32, device=device)
+        boxes = np.asarray(boxes, dtype=np.float32)
+        model_boxes, _ = self.backbone.model_prompts(SlicePrompts(boxes=boxes), slice(None), geometry)
         with torch.no_grad():
             sparse, dense = model.prompt_encoder(points=None, boxes=model_boxes, masks=None)
-        rows, cols = self.window(boxes.astype(np.float32), geometry.slice_shape)
+        rows, cols = self.window(boxes, geometry.slice_shape)
         low_res, _ = self.mask_decoder(
             image_embeddings=embeddings[..., rows, cols].to(device, torch.float32),
             image_pe=self.dense_pe[..., rows, cols],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from functools import lru_cache
 from typing import Callable, Hashable, Sequence
 
 import numpy as np
@@ -25,9 +26,14 @@ def dense_digests(mask_logits) -> list[float]:
     """Per slice, a number that changes with that slice's dense prior: its product with a fixed random
     pattern, in float64 rounded to 12 digits, computed where the priors are (a GPU: no copy to the host)."""
     values = torch.as_tensor(mask_logits)
-    pattern = torch.rand(values.shape[-2:], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    sums = torch.einsum("nhw,hw->n", values.double(), pattern.to(values.device))
+    sums = torch.einsum("nhw,hw->n", values.double(), _pattern(tuple(values.shape[-2:])).to(values.device))
     return [float(f"{v:.12g}") for v in sums.tolist()]
+
+
+@lru_cache(maxsize=8)
+def _pattern(shape: tuple[int, int]) -> torch.Tensor:
+    """The fixed random pattern of :func:`dense_digests` for slices of ``shape``."""
+    return torch.rand(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
 
 class MaskMemo:

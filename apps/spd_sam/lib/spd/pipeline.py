@@ -9,7 +9,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .assembly import keep_prompted_components, trim_unanchored_ends
+from .assembly import bounding_box, keep_prompted_components, trim_unanchored_ends
 from .box_calibration import ProbeConfig, calibrate_anchor_boxes
 from .backbones import Backbone, SlicePrompts
 from .distillation import Consensus, ContextualPromptDistiller, CPDConfig
@@ -268,7 +268,7 @@ class SPDPipeline:
         prompt are dropped. Works on the in-plane box that holds the masks and the prompts."""
         seeds = np.array([(s - first, r, c) for s, p in consensus.prompts.items() for r, c in p.positives],
                          dtype=float).reshape(-1, 3).round().astype(int)
-        rows, cols = _in_plane_box(masks, seeds[:, 1:])
+        rows, cols = bounding_box(masks, seeds, axes=(1, 2)) or (slice(0, 0), slice(0, 0))
         masks, saliency = masks[:, rows, cols], saliency[:, rows, cols]
         support = np.array([float(s[m].mean()) if m.any() else 0.0 for s, m in zip(saliency, masks)])
         masks = trim_unanchored_ends(masks, first, consensus.anchored_range, support)
@@ -285,15 +285,6 @@ class SPDPipeline:
         target[view.in_plane[0]], target[view.in_plane[1]] = rows, cols
         volume[tuple(target)] = np.moveaxis(masks, 0, view.axis)
         return volume
-
-
-def _in_plane_box(masks: np.ndarray, points: np.ndarray) -> tuple[slice, slice]:
-    """(rows, cols) slices of the smallest in-plane box holding every mask pixel and every point."""
-    box = []
-    for axis in (1, 2):
-        occupied = list(np.flatnonzero(masks.any(axis=(0, 3 - axis)))) + list(points[:, axis - 1])
-        box.append(slice(int(min(occupied)), int(max(occupied)) + 1) if occupied else slice(0, 0))
-    return box[0], box[1]
 
 
 def _pad_points(prompts) -> tuple[np.ndarray, np.ndarray]:
