@@ -63,6 +63,18 @@ def test_slice_axis_follows_click_extent_in_mm():
         choose_slice_axis(clicks, (1.0, 1.0, 1.0), requested=3)
 
 
+def test_slice_axis_leaves_no_one_voxel_wide_slices():
+    spread_in_plane = [Click((10, 20, 0), True), Click((40, 30, 0), True)]
+    assert choose_slice_axis(spread_in_plane, (0.8, 0.8, 3.0)) == 0  # without the shape: the spread decides
+    assert choose_slice_axis(spread_in_plane, (0.8, 0.8, 0.5), shape=(64, 64, 1)) == 2
+    assert choose_slice_axis([Click((0, 5, 5), True)], (3.0, 1.0, 0.5), shape=(1, 64, 64)) == 0
+    assert choose_slice_axis(spread_in_plane, (1.0, 1.0, 1.0), requested=2, shape=(64, 64, 1)) == 2
+    with pytest.raises(PromptError, match=r"slice_axis 0 gives slices of 64x1 voxels.*use slice_axis 2"):
+        choose_slice_axis(spread_in_plane, (1.0, 1.0, 1.0), requested=0, shape=(64, 64, 1))
+    with pytest.raises(PromptError, match="no 2D slices"):
+        choose_slice_axis([Click((3, 0, 0), True)], (1.0, 1.0, 1.0), shape=(64, 1, 1))
+
+
 def test_slice_clicks_keep_in_plane_axis_order():
     (c,) = to_slice_clicks([Click((1, 2, 3), True)], axis=1)
     assert (c.slice, c.row, c.col) == (2, 1.0, 3.0)

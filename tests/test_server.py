@@ -206,3 +206,76 @@ def test_concurrent_clients_mixing_infers_and_saves(server, caudate_clicks, tmp_
     assert growth_mib < 2048, "the server grew beyond its embedding-cache budget"
     saved = server.studies / "labels" / "soak" / f"{IMAGE}.nii.gz"
     assert nib.load(saved).shape == nib.load(server.studies / f"{IMAGE}.nii.gz").shape
+
+
+# Unusual volumes uploaded through the datastore (they run last: the 2,000-slice volume leaves the server
+# embedding its remaining slices in the background).
+
+def _rotation(degrees_x: float, degrees_y: float) -> np.ndarray:
+    ax, ay = np.radians(degrees_x), np.radians(degrees_y)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    return ry @ rx
+
+
+def _edge_volume(case: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[list[int]]]:
+    """(image, affine, painted structure, foreground clicks): a bright ellipsoid in a noisy volume.
+
+    The 2,000-slice volume is a CT (a body in air, in HU): an MR-like volume of flat noise that long
+    would get a percentile window from noise alone (the structure is 0.03 % of its voxels).
+    """
+    if case == "one slice":
+        shape, spacing, centre, radii, click_slices = (64, 64, 1), (0.8, 0.8, 3.0), (30, 34, 0), (11, 8, 1), [0, 0]
+    elif case == "2000 slices":
+        shape, spacing, centre, radii = (48, 48, 2000), (1.0, 1.0, 1.0), (22, 25, 1200), (9, 7, 4)
+        click_slices = [1199, 1201]
+    else:  # oblique: rotated 25 and 20 degrees about two axes, anisotropic voxels
+        shape, spacing, centre, radii, click_slices = (48, 40, 12), (0.9, 1.1, 2.0), (22, 20, 6), (10, 8, 3), [5, 6]
+    grid = np.indices(shape, dtype=np.float32)
+    structure = sum(((grid[a] - centre[a]) / radii[a]) ** 2 for a in range(3)) <= 1.0
+    noise = np.random.default_rng(3).standard_normal(shape)
+    if case == "2000 slices":
+        body = (grid[0] - shape[0] / 2) ** 2 + (grid[1] - shape[1] / 2) ** 2 <= (0.45 * shape[0]) ** 2
+        image = (np.where(body, 40, -1000) + 10 * noise + 160 * structure).astype(np.int16)
+    else:
+        image = (100 + 8 * noise + 300 * structure).astype(np.int16)
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = (-20.0, 35.0, -60.0)
+    if case == "oblique":
+        affine[:3, :3] = _rotation(25.0, 20.0) @ np.diag(spacing)
+    step = 4 if case == "one slice" else 1  # two clicks in the one slice spread in-plane
+    clicks = [[centre[0] + d, centre[1] - d, k] for d, k in zip((0, step), click_slices)]
+    assert all(structure[tuple(c)] for c in clicks)
+    return image, affine, structure, clicks
+
+
+@pytest.mark.parametrize("case", ["one slice", "oblique", "2000 slices"])
+def test_unusual_volumes_upload_and_segment(server, client, tmp_path, case):
+    """Uploaded like Slicer's "upload volume", then segmented from two clicks: the label has the image's
+    grid and geometry and covers the painted structure on the slices segmented."""
+    image, affine, structure, clicks = _edge_volume(case)
+    image_id = "edge_" + case.replace(" ", "_")
+    path = tmp_path / f"{image_id}.nii.gz"
+    nib.save(nib.Nifti1Image(image, affine), path)
+    assert client.upload_image(str(path), image_id)["image"] == image_id
+    started = time.monotonic()
+    result_file, result = client.infer("spd_sam", image_id, {"foreground": clicks, "background": []})
+    elapsed = time.monotonic() - started
+    label = nib.load(result_file)
+    mask = np.asarray(label.dataobj) > 0
+    assert mask.shape == image.shape
+    assert np.allclose(label.affine, affine, atol=1e-4), f"result geometry {label.affine} != image {affine}"
+    first, last = result["slice_range"]
+    assert result["slice_axis"] == 2, "the single slice, or the axis the clicks run along"
+    assert first <= min(c[2] for c in clicks) and last >= max(c[2] for c in clicks) and last - first <= 8
+    segmented = np.zeros_like(structure)
+    segmented[:, :, first:last + 1] = structure[:, :, first:last + 1]
+    score = dice(mask, segmented)
+    print(f"{case}: Dice {score:.3f} on slices {first}..{last}; {elapsed:.1f}s; timing {result['timing']}")
+    assert score >= 0.75
+    if case == "one slice":  # slices across the single slice would be one voxel wide
+        response = requests.post(f"{server.url}/infer/spd_sam", params={"image": image_id},
+                                 data={"params": json.dumps({"foreground": clicks, "slice_axis": 0})}, timeout=60)
+        assert response.status_code == 400, response.text
+        assert "slice_axis 0 gives slices of 64x1 voxels" in response.json()["detail"]
+    assert requests.get(f"{server.url}/info/", timeout=30).status_code == 200

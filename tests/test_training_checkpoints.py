@@ -24,7 +24,8 @@ class FakePipeline:
     def __init__(self):
         model = nn.Module()
         model.mask_decoder = nn.Linear(4, 2)
-        self.backbone = SimpleNamespace(name=BACKBONE["backbone"], weights_id=BACKBONE["weights_id"], model=model)
+        self.backbone = SimpleNamespace(name=BACKBONE["backbone"], weights_id=BACKBONE["weights_id"], model=model,
+                                        encoder_tag="")
         self.saliency_heads = {}
         self.resets = 0
 

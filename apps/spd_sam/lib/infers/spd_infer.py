@@ -9,11 +9,12 @@ from typing import Any
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
+from lib.infers.heap import release_free_memory
 from lib.infers.volume_io import RESULT_DTYPES, RESULT_EXTENSIONS, ImageReadError, VolumeReader, write_label
 from lib.spd.background import BackgroundEmbedder
 from lib.spd.intensity import choose_window
 from lib.spd.pipeline import SPDPipeline, VolumeView
-from lib.spd.prompts import PromptError, choose_slice_axis, parse_clicks, parse_roi
+from lib.spd.prompts import PromptError, choose_slice_axis, coarsest_axis, parse_clicks, parse_roi, slice_axes
 from lib.spd.served_model import ServedModel
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class SPDInfer(InferTask):
             label_name, label_value = self._resolve_label(request.get("label"))
             clicks = parse_clicks(request, volume.array.shape)
             roi = parse_roi(request.get("roi"), volume.array.shape)
-            axis = choose_slice_axis(clicks, volume.spacing, request.get("slice_axis"))
+            axis = choose_slice_axis(clicks, volume.spacing, request.get("slice_axis"), volume.array.shape)
             extension, dtype, compress = self._result_format(request)
         except (PromptError, ImageReadError) as error:
             raise HTTPException(status_code=400, detail=str(error)) from None
@@ -82,6 +83,7 @@ class SPDInfer(InferTask):
 
         written = time.perf_counter()
         path = write_label(seg.mask.astype("uint8") * label_value, volume.image, extension, dtype, compress)
+        release_free_memory()
         timings = {"load": round(loaded - started, 4), **seg.timings,
                    "write": round(time.perf_counter() - written, 4),
                    "total": round(time.perf_counter() - started, 4)}
@@ -105,8 +107,10 @@ class SPDInfer(InferTask):
     def prefetch(self, image_path: str) -> None:
         """Queue background embedding of a volume along its coarsest axis (e.g. a proposed next sample)."""
         volume = self.reader.read(image_path)
-        spacing = list(volume.spacing)
-        axis = max(range(3), key=lambda a: (spacing[a], a))
+        axes = slice_axes(volume.array.shape)
+        if not axes:
+            return  # no 2D slices (a line of voxels): nothing a click could use
+        axis = coarsest_axis(volume.spacing, axes)
         self._embed_rest_later(volume, VolumeView(volume.array, axis, self._window(volume)))
 
     def _embed_rest_later(self, volume, view: VolumeView) -> None:

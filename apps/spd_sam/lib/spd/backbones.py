@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .batched_decoding import decode_low_res
+from . import encoder_lora
 from .encoder_runner import EncoderRunner, EncoderSettings
 from .onnx_encoder import load_onnx_encoder
 from .sam_attention import use_sdpa_attention
@@ -90,6 +91,8 @@ class Backbone:
         box_trained: True for LiteMedSAM and MedSAM (give them boxes).
         uses_mask_prompt: whether decode uses `SlicePrompts.mask_logits` (SAM ViTs only).
         weights_id: first 16 hex digits of the checkpoint's sha256.
+        encoder_tag: names what was added to the image encoder's weights ("" for nothing; the digest
+            of LoRA adapters, see ``encoder_lora``); with ``weights_id`` it keys cached embeddings.
         device: torch device of the model (the prompt encoder and decoder run here).
         runtime: "onnxruntime" or "torch": what `embed` actually uses.
         runner: runs the image encoder in chunks on ``devices`` (see ``encoder_runner``).
@@ -109,6 +112,7 @@ class Backbone:
         self.box_trained = name in (LITE_MEDSAM, "medsam")
         self.uses_mask_prompt = not self.box_trained
         self.weights_id = weights_id
+        self.encoder_tag = ""
         self.device = device
         self.runtime = runtime
         self.runner = EncoderRunner(encoder, devices or [device], encoder_settings)
@@ -118,6 +122,22 @@ class Backbone:
         self.crop_margin = 12
         with torch.inference_mode():
             self._dense_pe = model.prompt_encoder.get_dense_pe()
+
+    @property
+    def embedding_id(self) -> str:
+        """Names the encoder that makes this backbone's embeddings: weights, plus adapters if any."""
+        return f"{self.weights_id}+{self.encoder_tag}" if self.encoder_tag else self.weights_id
+
+    def encoder_changed(self, tag: str) -> None:
+        """Call after the image encoder's weights change (adapters put on or off); ``tag`` names them."""
+        self.encoder_tag = tag
+        self.runner.encoder_changed()
+
+    def install_adapters(self, saved: dict | None) -> None:
+        """Put LoRA adapters ``saved`` (``encoder_lora.state``) on the image encoder, or remove them for None,
+        and key embeddings by them."""
+        encoder_lora.load(self.model.image_encoder, saved)
+        self.encoder_changed(encoder_lora.digest(saved))
 
     # ----------------------------------------------------------------------------------- embed
     def embed(self, slices: np.ndarray) -> torch.Tensor:
@@ -141,6 +161,13 @@ class Backbone:
             return torch.zeros(0, 256, 64, 64)
         geometry = Geometry(tuple(int(v) for v in slice_shape), self.image_size)
         return self.runner.run(read, indices, lambda batch: self._preprocess(batch, geometry))
+
+    def encode_with_grad(self, slices: np.ndarray) -> torch.Tensor:
+        """(N, H, W) slices in [0, 1] -> (N, C, g, g) float32 embeddings on the device, straight through
+        the torch image encoder with gradients (for training adapters on it; no cache, no chunking)."""
+        geometry = Geometry(tuple(int(v) for v in slices.shape[1:]), self.image_size)
+        batch = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32)).to(self.device)
+        return self.model.image_encoder(self._preprocess(batch, geometry))
 
     def _preprocess(self, batch: torch.Tensor, geometry: Geometry) -> torch.Tensor:
         """(B, H, W) in [0, 1] -> (B, 3, S, S) model input: resized, normalised, padded bottom/right.

@@ -25,8 +25,14 @@ def decode_low_res(model: nn.Module, embeddings: torch.Tensor, dense_pe: torch.T
         points: ((N, P, 2) model-frame xy, (N, P) labels with -1 for padding), or None.
         masks: (N, 1, 4g, 4g) mask-prompt logits, or None.
     """
-    decoder = model.mask_decoder
     sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=masks)
+    return decode_prompted(model.mask_decoder, embeddings, dense_pe, sparse, dense)
+
+
+def decode_prompted(decoder: nn.Module, embeddings: torch.Tensor, dense_pe: torch.Tensor, sparse: torch.Tensor,
+                    dense: torch.Tensor) -> torch.Tensor:
+    """Low-resolution mask logits (N, 1, 4h, 4w) from N slice embeddings (N, C, h, w) and their encoded prompts
+    (sparse (N, T, C), dense (N, C, h, w)); ``dense_pe`` (1, C, h, w) covers the same grid cells."""
     count = len(embeddings)
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight]).expand(count, -1, -1)
     tokens = torch.cat([output_tokens, sparse], dim=1)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import OUTSIDE_LOGIT, Backbone, Geometry, SlicePrompts
+from .batched_decoding import decode_prompted
 
 
 class DifferentiableDecoder(nn.Module):
@@ -65,11 +66,8 @@ class DifferentiableDecoder(nn.Module):
         with torch.no_grad():
             sparse, dense = model.prompt_encoder(points=None, boxes=model_boxes, masks=None)
         rows, cols = self.window(boxes, geometry.slice_shape)
-        low_res, _ = self.mask_decoder(
-            image_embeddings=embeddings[..., rows, cols].to(device, torch.float32),
-            image_pe=self.dense_pe[..., rows, cols],
-            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense[..., rows, cols],
-            multimask_output=False)
+        low_res = decode_prompted(self.mask_decoder, embeddings[..., rows, cols].to(device, torch.float32),
+                                  self.dense_pe[..., rows, cols], sparse, dense[..., rows, cols])
         grid = self.dense_pe.shape[-1]
         up = low_res.shape[-1] // (cols.stop - cols.start)
         canvas = F.pad(low_res, (up * cols.start, up * (grid - cols.stop), up * rows.start, up * (grid - rows.stop)),

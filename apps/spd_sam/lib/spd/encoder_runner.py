@@ -63,12 +63,20 @@ class EncoderRunner:
         if self.settings.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.settings.precision!r}, expected one of {', '.join(PRECISIONS)}")
         self.devices = [torch.device(d) for d in devices]
+        self._chunks: dict[torch.device, int] = {}
+        self._lock = threading.Lock()
+        self._replicate(encoder)
+
+    def _replicate(self, encoder: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.replicas = [encoder] + [copy.deepcopy(encoder).to(device) for device in self.devices[1:]]
         self._encoders = [torch.compile(module) if self.settings.compile and device.type == "cuda" else module
                           for device, module in zip(self.devices, self.replicas)]
-        self._chunks: dict[torch.device, int] = {}
         self._cpu_encoder: Callable | None = None
-        self._lock = threading.Lock()
+
+    def encoder_changed(self) -> None:
+        """Copy the first replica's modules and weights again to the other devices (and to the CPU copy)."""
+        with self._lock:
+            self._replicate(self.replicas[0])
 
     def run(self, read: Reader, indices: Sequence[int], preprocess: Preprocess) -> torch.Tensor:
         """Embeddings (N, C, g, g) of slices ``indices`` on the CPU: float32 from the CPU, float16 from a GPU."""

@@ -114,7 +114,7 @@ class SPDPipeline:
     def cache_key(self, volume_id: str, view: VolumeView) -> str:
         """Names the embeddings of one volume seen along one axis by one backbone and window."""
         w = view.window
-        return f"{volume_id}-ax{view.axis}-{self.backbone.name}-{self.backbone.weights_id}-{w.low:.6g}_{w.high:.6g}"
+        return f"{volume_id}-ax{view.axis}-{self.backbone.name}-{self.backbone.embedding_id}-{w.low:.6g}_{w.high:.6g}"
 
     def embed(self, volume_id: str, view: VolumeView, indices: Sequence[int]) -> torch.Tensor:
         """Embeddings of the given slices, through the cache (missing slices are windowed chunk by chunk)."""
@@ -183,7 +183,7 @@ class SPDPipeline:
             timings[name] = round(now - tic, 4)
             tic = now
 
-        axis = choose_slice_axis(clicks, spacing, slice_axis)
+        axis = choose_slice_axis(clicks, spacing, slice_axis, volume.shape)
         view = VolumeView(volume, axis, window)
         sclicks = to_slice_clicks(clicks, axis)
         fg_slices = [c.slice for c in sclicks if c.positive]

@@ -90,23 +90,48 @@ def parse_clicks(params: dict, shape: Sequence[int]) -> list[Click]:
     return [Click(p, True) for p in fg] + [Click(p, False) for p in bg]
 
 
-def choose_slice_axis(clicks: Sequence[Click], spacing: Sequence[float], requested: Any = None) -> int:
+def slice_axes(shape: Sequence[int]) -> list[int]:
+    """The axes whose slices are 2D: both other axes longer than one voxel (a 64x64x1 volume: [2])."""
+    return [a for a in range(3) if all(shape[b] > 1 for b in range(3) if b != a)]
+
+
+def coarsest_axis(spacing: Sequence[float], axes: Sequence[int] = (0, 1, 2)) -> int:
+    """Of ``axes``, the one with the coarsest spacing (the acquisition direction); ties go to the last."""
+    return max(axes, key=lambda a: (float(spacing[a]), a))
+
+
+def choose_slice_axis(clicks: Sequence[Click], spacing: Sequence[float], requested: Any = None,
+                      shape: Sequence[int] | None = None) -> int:
     """The axis to segment along.
 
     An explicit ``slice_axis`` wins. Otherwise the axis along which the foreground clicks spread
     furthest (in mm): clicks placed every few slices along a structure run along its long axis.
     A single click falls back to the axis with the coarsest spacing (the acquisition direction).
+    Given the image ``shape``, only axes with 2D slices are chosen (see :func:`slice_axes`): a
+    single-slice volume is segmented in its one slice.
+
+    Raises:
+        PromptError: ``requested`` is not 0, 1 or 2, or (with ``shape``) its slices or those of
+            every axis are one voxel wide.
     """
     if requested is not None:
         if isinstance(requested, bool) or not isinstance(requested, int) or requested not in (0, 1, 2):
             raise PromptError(f"slice_axis must be 0, 1 or 2, got {requested!r}")
+    axes = [0, 1, 2] if shape is None else slice_axes(shape)
+    if not axes:
+        raise PromptError(f"the image (shape {list(shape)}) has no 2D slices to segment: "
+                          "at least two of its axes must be longer than one voxel")
+    if requested is not None:
+        if requested not in axes:
+            rows, cols = (int(shape[b]) for b in range(3) if b != requested)
+            raise PromptError(f"slice_axis {requested} gives slices of {rows}x{cols} voxels in an image of shape "
+                              f"{list(shape)}; use slice_axis {' or '.join(map(str, axes))}")
         return requested
     fg = np.array([c.ijk for c in clicks if c.positive], dtype=float)
     extent = (fg.max(axis=0) - fg.min(axis=0)) * np.asarray(spacing, dtype=float)
-    if extent.max() <= 0:
-        coarsest = np.asarray(spacing, dtype=float)
-        return int(np.flatnonzero(coarsest == coarsest.max())[-1])
-    return int(np.argmax(extent))
+    if extent[axes].max() <= 0:
+        return coarsest_axis(spacing, axes)
+    return max(axes, key=lambda a: (extent[a], -a))
 
 
 def to_slice_clicks(clicks: Sequence[Click], axis: int) -> list[SliceClick]:

@@ -35,7 +35,10 @@ from .box_calibration import probe_boxes
 from .consistency import pairwise_slice_consistency
 from .decoder_tuning import DifferentiableDecoder
 from .distributed import Ranks
+from . import encoder_lora
+from .embedding_cache import EmbeddingCache
 from .losses import dice_bce_per_slice
+from .backbones import Backbone
 from .pipeline import Plan, SPDPipeline
 from .saliency_head import SaliencyHead, grid_targets, saliency_loss
 from .training_data import LabelledVolume, Slab, clicks_for, embed_slab, ideal_anchor_boxes
@@ -66,6 +69,10 @@ class TrainConfig:
         drift_mm: RMS distance of simulated clicks from the centre line.
         off_target: fraction of simulated clicks on the nearest other structure.
         seed: seed of click simulation and shuffling.
+        lora_rank: rank of LoRA adapters on the image encoder's attention projections, trained with the
+            decoder in stage 2 (0: the encoder stays frozen; SAM ViT backbones only).
+        lora_alpha: LoRA scale numerator (the update is scaled by ``lora_alpha / lora_rank``).
+        lora_lr: learning rate of the adapters.
     """
 
     max_epochs: int = 20
@@ -85,6 +92,9 @@ class TrainConfig:
     drift_mm: float = 3.0
     off_target: float = 0.15
     seed: int = 0
+    lora_rank: int = 0
+    lora_alpha: float = 8.0
+    lora_lr: float = 1e-4
 
 
 @dataclass
@@ -114,6 +124,7 @@ class TrainingResult:
     decoder_epoch: int
     train_volumes: list[str]
     val_volumes: list[str]
+    adapters: dict | None = None  # the image encoder's LoRA adapters (``encoder_lora.state``), if it has any
 
 
 class Clock:
@@ -182,10 +193,14 @@ def grid_dice(head: SaliencyHead, embeddings: torch.Tensor, targets: torch.Tenso
 
 
 def train_saliency_head(train: Sequence[Slab], val: Sequence[Slab], labels: Mapping[str, int], config: TrainConfig,
-                        clock: Clock, deadline: float, ranks: Ranks = Ranks()) -> tuple[SaliencyHead, list[EpochRecord]]:
-    """Stage 1: fit a head for ``labels`` (name -> value) on the slabs; keeps the best validation epoch."""
+                        clock: Clock, deadline: float, ranks: Ranks = Ranks(), start: SaliencyHead | None = None,
+                        stage: str = "saliency") -> tuple[SaliencyHead, list[EpochRecord]]:
+    """Stage 1: fit a head for ``labels`` (name -> value) on the slabs; keeps the best validation epoch.
+
+    ``start``: a head for the same labels to continue from (default: a new one); ``stage``: its name
+    in the history and the log."""
     torch.manual_seed(config.seed)
-    head = SaliencyHead(list(labels))
+    head = copy.deepcopy(start) if start is not None else SaliencyHead(list(labels))
     net = ranks.wrap(head)
     info = logger.info if ranks.main else logger.debug
     x, y = _stack_slabs(train, labels)
@@ -195,7 +210,7 @@ def train_saliency_head(train: Sequence[Slab], val: Sequence[Slab], labels: Mapp
     best, history = KeepBest(config.head_patience), []
     for epoch in range(1, config.head_epochs + 1):
         if not ranks.all_agree(clock.left(deadline) > 0):
-            info("saliency: time budget reached before epoch %d", epoch)
+            info("%s: time budget reached before epoch %d", stage, epoch)
             break
         head.train()
         losses = []
@@ -213,11 +228,11 @@ def train_saliency_head(train: Sequence[Slab], val: Sequence[Slab], labels: Mapp
         scores = grid_dice(head, val_x, val_y)
         best.update(_mean(scores), epoch, head.state_dict)
         loss = float(np.mean(ranks.gather(float(np.mean(losses)))))
-        history.append(EpochRecord("saliency", epoch, loss, scores, clock.elapsed()))
-        info("saliency epoch %d/%d: loss %.4f; val Dice (grid) %s; mean %.3f (best %.3f at epoch %d) [%.0f s]",
-             epoch, config.head_epochs, loss, _fmt(scores), _mean(scores), best.score, best.epoch, clock.elapsed())
+        history.append(EpochRecord(stage, epoch, loss, scores, clock.elapsed()))
+        info("%s epoch %d/%d: loss %.4f; val Dice (grid) %s; mean %.3f (best %.3f at epoch %d) [%.0f s]",
+             stage, epoch, config.head_epochs, loss, _fmt(scores), _mean(scores), best.score, best.epoch, clock.elapsed())
         if best.stop(epoch):
-            info("saliency: no better validation Dice for %d epochs; stopping", config.head_patience)
+            info("%s: no better validation Dice for %d epochs; stopping", stage, config.head_patience)
             break
     if best.state is not None:
         head.load_state_dict(best.state)
@@ -256,7 +271,9 @@ def validate(pipeline: SPDPipeline, volumes: Sequence[LabelledVolume], labels: M
 
 class DecoderTuner:
     """Stage 2: fine-tunes ``pipeline.backbone.model.mask_decoder`` in place (it has no dropout or batch norm,
-    so the same mode serves training and the pipeline's probes).
+    so the same mode serves training and the pipeline's probes), and with ``config.lora_rank`` the LoRA
+    adapters on the image encoder: then the slices a step decodes are embedded afresh, with gradients,
+    while CPD still plans on the embeddings the round started from (those the saliency head knows).
 
     Args:
         pipeline: the SPD pipeline (with the trained saliency heads installed).
@@ -275,7 +292,16 @@ class DecoderTuner:
         self.ranks = ranks
         self.decoder = ranks.wrap(DifferentiableDecoder(pipeline.backbone))
         self.module = pipeline.backbone.model.mask_decoder
-        self.optimiser = torch.optim.AdamW(self.module.parameters(), lr=config.decoder_lr, weight_decay=1e-4)
+        self.encoder = pipeline.backbone.model.image_encoder
+        self.adapters = encoder_lora.adapters(self.encoder) if config.lora_rank else []
+        if self.adapters and ranks.distributed:
+            raise ValueError("LoRA adapters are trained in one process only")
+        groups = [{"params": list(self.module.parameters()), "lr": config.decoder_lr}]
+        if self.adapters:
+            groups.append({"params": [p for a in self.adapters for p in (a.down, a.up)], "lr": config.lora_lr})
+        self.tuned = [p for group in groups for p in group["params"]]
+        self.optimiser = torch.optim.AdamW(groups, weight_decay=1e-4)
+        self.start_adapters = encoder_lora.digest(encoder_lora.state(self.encoder))
         self.rng = np.random.default_rng(config.seed + 1 + 7919 * ranks.rank)  # clicks: each rank its own
         self.order = np.random.default_rng(config.seed + 1)  # order of steps: the same on every rank
 
@@ -307,11 +333,11 @@ class DecoderTuner:
         run = list(range(plan.first + start, plan.first + start + count))
         boxes = np.array([plan.consensus.prompts[s].box for s in run], dtype=np.float32)
         probes = self._probes(plan, target, pixel_mm)
-        groups = [(plan.embeddings[start:start + count], boxes, shape)]
+        groups = [(self._embeddings(plan, run), boxes, shape)]
         if probes:
             slices = [s for s, _ in probes]
-            groups.append((plan.embeddings[[s - plan.first for s in slices]],
-                           np.array([box for _, box in probes], dtype=np.float32), shape))
+            groups.append((self._embeddings(plan, slices), np.array([box for _, box in probes], dtype=np.float32),
+                           shape))
         logits = self.decoder(groups)  # one forward for both groups: one DDP synchronisation per step
         run_truth = truth(run)
         segmentation = dice_bce_per_slice(logits[0], run_truth)
@@ -323,10 +349,33 @@ class DecoderTuner:
 
         self.optimiser.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.module.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(self.tuned, 1.0)
         self.optimiser.step()
         self.pipeline.decoder_changed()
         return segmentation.item(), psc.item()
+
+    def _embeddings(self, plan: Plan, slices: list[int]) -> torch.Tensor:
+        """The slices' embeddings: the plan's, or with adapters being trained, the encoder's with gradients."""
+        if self.adapters:
+            return self.pipeline.backbone.encode_with_grad(plan.view.slices(slices))
+        return plan.embeddings[[s - plan.first for s in slices]]
+
+    def _state(self) -> dict:
+        return {"decoder": self.module.state_dict(), "adapters": encoder_lora.state(self.encoder)}
+
+    def _validate(self, volumes: Sequence[LabelledVolume], deadline: float) -> dict[str, float] | None:
+        """:func:`validate`; once the adapters have changed, on embeddings made afresh and kept in memory only."""
+        tag = encoder_lora.digest(encoder_lora.state(self.encoder)) if self.adapters else self.start_adapters
+        if tag == self.start_adapters:
+            return validate(self.pipeline, volumes, self.labels, self.axis, self.config, deadline, self.ranks)
+        backbone, cache, start_tag = self.pipeline.backbone, self.pipeline.cache, self.pipeline.backbone.encoder_tag
+        self.pipeline.cache = EmbeddingCache(cache.budget_bytes)
+        backbone.encoder_changed(tag)
+        try:
+            return validate(self.pipeline, volumes, self.labels, self.axis, self.config, deadline, self.ranks)
+        finally:
+            self.pipeline.cache = cache
+            backbone.encoder_changed(start_tag)
 
     def _probes(self, plan: Plan, target: np.ndarray, pixel_mm: Sequence[float]) -> list[tuple[int, tuple]]:
         """(slice, box) of calibration probes to learn the whole structure from (one random size per anchored
@@ -359,13 +408,13 @@ class DecoderTuner:
         items = [(v, name) for v in train for name in v.present(self.labels)]
         watch = [v for v in val if v.present(self.labels)] or train
         tic = time.monotonic()
-        scores = validate(self.pipeline, watch, self.labels, self.axis, cfg, deadline, ranks)
+        scores = self._validate(watch, deadline)
         validation_s = time.monotonic() - tic
         if scores is None:
             logger.warning("decoder: no time left to tune it after validating the decoder as it is; kept unchanged")
             return {}, 0, []
         best = KeepBest(cfg.patience)
-        best.update(_mean(scores), 0, self.module.state_dict)
+        best.update(_mean(scores), 0, self._state)
         best_scores = scores
         history = [EpochRecord("decoder", 0, None, scores, clock.elapsed())]
         info("decoder epoch 0 (before tuning): val Dice %s; mean %.3f [%.0f s]", _fmt(scores), _mean(scores),
@@ -384,12 +433,12 @@ class DecoderTuner:
             if not seg_losses:
                 break
             tic = time.monotonic()
-            scores = validate(self.pipeline, watch, self.labels, self.axis, cfg, deadline, ranks)
+            scores = self._validate(watch, deadline)
             validation_s = time.monotonic() - tic
             if scores is None:
                 info("decoder: time budget reached while validating epoch %d; it is not kept", epoch)
                 break
-            best.update(_mean(scores), epoch, self.module.state_dict)
+            best.update(_mean(scores), epoch, self._state)
             best_scores = scores if best.epoch == epoch else best_scores
             seg_loss, psc_loss = np.mean(ranks.gather((np.mean(seg_losses), np.mean(psc_losses))), axis=0)
             loss = float(seg_loss + cfg.psc_weight * psc_loss)
@@ -401,7 +450,9 @@ class DecoderTuner:
             if best.stop(epoch):
                 info("decoder: no better validation Dice for %d epochs; stopping", cfg.patience)
                 break
-        self.module.load_state_dict(best.state)
+        self.module.load_state_dict(best.state["decoder"])
+        if self.adapters:
+            encoder_lora.load(self.encoder, best.state["adapters"])
         self.pipeline.decoder_changed()
         return best_scores, best.epoch, history
 
@@ -412,7 +463,11 @@ def run_training(pipeline: SPDPipeline, train: Sequence[LabelledVolume], val: Se
                  ranks: Ranks = Ranks()) -> TrainingResult:
     """Embed, train the saliency head, then tune the decoder, within ``config.max_seconds``.
 
-    On return the pipeline serves the new heads and the kept decoder weights.
+    With ``config.lora_rank``, stage 2 also trains LoRA adapters on the image encoder (continuing the
+    served ones when they have that rank); if the kept adapters changed the encoder, the slabs are
+    embedded again with it and the saliency head is refitted on them, so the published head reads
+    the embeddings the published encoder makes. On return the pipeline serves the new heads, the
+    kept decoder weights and the kept adapters.
 
     Args:
         pipeline: pipeline whose backbone decoder is tuned in place and whose cache provides embeddings.
@@ -429,7 +484,10 @@ def run_training(pipeline: SPDPipeline, train: Sequence[LabelledVolume], val: Se
     train = [v for v in train if v.present(labels)]
     val = [v for v in val if v.present(labels)]
     assert train, "none of the training volumes holds a label to train"
+    if config.lora_rank:
+        _prepare_adapters(pipeline.backbone, config)
     volumes = [*train, *val]
+    embedding_started = time.monotonic()
     if ranks.distributed:  # each rank embeds its share into the shared cache, then reads the others' from disk
         for volume in volumes[ranks.rank::ranks.world]:
             embed_slab(pipeline, volume, [labels[name] for name in volume.present(labels)], axis, margin)
@@ -450,21 +508,67 @@ def run_training(pipeline: SPDPipeline, train: Sequence[LabelledVolume], val: Se
                     "train" if is_train else "val", n, len(train) + len(val), len(slabs[volume.name].indices), axis,
                     time.monotonic() - tic, clock.elapsed())
     train = kept
+    embedding_s = time.monotonic() - embedding_started
     clock.end = min(clock.end, time.monotonic() + config.train_seconds)
-    train_slabs = [slabs[v.name] for v in train]
-    val_slabs = [slabs[v.name] for v in val if v.name in slabs]
-    head, history = train_saliency_head(train_slabs, val_slabs, labels, config, clock,
-                                        deadline=time.monotonic() + 0.3 * max(clock.left() - reserve_s, 0),
+    val = [v for v in val if v.name in slabs]
+    tic = time.monotonic()
+    head, history = train_saliency_head([slabs[v.name] for v in train], [slabs[v.name] for v in val], labels, config,
+                                        clock, deadline=time.monotonic() + 0.3 * max(clock.left() - reserve_s, 0),
                                         ranks=ranks)
+    head_s = time.monotonic() - tic
     pipeline.saliency_heads = {name: head.for_label(name) for name in labels}
     decoder_state, decoder_epoch, val_dice = None, 0, {}
+    encoder = pipeline.backbone.model.image_encoder
     if pipeline.backbone.box_trained:
         tuner = DecoderTuner(pipeline, labels, axis, config, ranks)
-        val_dice, decoder_epoch, decoder_history = tuner.fit(train, val, clock, deadline=clock.end - reserve_s)
+        refit_s = 1.2 * embedding_s + head_s if tuner.adapters else 0.0
+        val_dice, decoder_epoch, decoder_history = tuner.fit(train, val, clock, deadline=clock.end - reserve_s - refit_s)
         history += decoder_history
         decoder_state = {k: v.detach().cpu().clone() for k, v in tuner.module.state_dict().items()}
+        adapted = encoder_lora.digest(encoder_lora.state(encoder)) if tuner.adapters else tuner.start_adapters
+        if adapted != tuner.start_adapters:
+            head, val_dice, refit_history = _refit_head(pipeline, head, train, val, labels, axis, config, clock,
+                                                        reserve_s, val_dice)
+            history += refit_history
     else:
         logger.warning("decoder tuning skipped: %s is point-trained; only the saliency head is trained",
                        pipeline.backbone.name)
     return TrainingResult(head, decoder_state, history, val_dice, decoder_epoch, [v.name for v in train],
-                          [v.name for v in val])
+                          [v.name for v in val], encoder_lora.state(encoder))
+
+
+def _prepare_adapters(backbone: Backbone, config: TrainConfig) -> None:
+    """Adapters of ``config.lora_rank`` on the image encoder: the served ones if they have that rank, else new
+    ones (which start as the identity: the encoder is then the base one again)."""
+    encoder = backbone.model.image_encoder
+    served = encoder_lora.adapters(encoder)
+    if served and served[0].rank == config.lora_rank:
+        logger.info("LoRA: continuing the served rank-%d adapters (%s)", config.lora_rank, backbone.encoder_tag)
+        return
+    if served:
+        logger.info("LoRA: the served adapters have rank %d; starting new ones of rank %d", served[0].rank,
+                    config.lora_rank)
+    encoder_lora.attach(encoder, config.lora_rank, config.lora_alpha)
+    backbone.encoder_changed("")
+
+
+def _refit_head(pipeline: SPDPipeline, head: SaliencyHead, train: Sequence[LabelledVolume],
+                val: Sequence[LabelledVolume], labels: Mapping[str, int], axis: int, config: TrainConfig, clock: Clock,
+                reserve_s: float, val_dice: dict[str, float]) -> tuple[SaliencyHead, dict[str, float], list[EpochRecord]]:
+    """After the adapters changed the encoder: embed the slabs with it (into the cache, under the adapters'
+    digest, where serving will find them), refit the head on them and validate the whole pipeline again."""
+    backbone = pipeline.backbone
+    backbone.encoder_changed(encoder_lora.digest(encoder_lora.state(backbone.model.image_encoder)))
+    logger.info("LoRA: the encoder changed (%s); embedding the training slices again to refit the saliency head",
+                backbone.encoder_tag)
+    margin = max(config.click_every)
+    slabs = {v.name: embed_slab(pipeline, v, [labels[n] for n in v.present(labels)], axis, margin) for v in [*train, *val]}
+    head, history = train_saliency_head([slabs[v.name] for v in train], [slabs[v.name] for v in val], labels, config,
+                                        clock, deadline=clock.end - reserve_s, start=head, stage="saliency refit")
+    pipeline.saliency_heads = {name: head.for_label(name) for name in labels}
+    scores = validate(pipeline, val or train, labels, axis, config, deadline=clock.end - reserve_s / 2)
+    if scores is None:
+        logger.warning("LoRA: no time left to validate the refitted head; reporting the decoder stage's Dice")
+        return head, val_dice, history
+    logger.info("LoRA: validation Dice with the refitted head %s; mean %.3f", _fmt(scores), _mean(scores))
+    return head, scores, history

@@ -13,7 +13,7 @@ from .box_calibration import Box, ProbeConfig, probe_boxes
 from .click_simulation import ClickStyle, simulate_clicks
 from .intensity import IntensityWindow
 from .pipeline import SPDPipeline, VolumeView
-from .prompts import Click
+from .prompts import Click, coarsest_axis
 
 
 @dataclass
@@ -58,7 +58,7 @@ class Slab:
 
 def training_axis(spacing: Sequence[float]) -> int:
     """The coarsest axis (the last one on ties): the one the infer side embeds in the background."""
-    return max(range(3), key=lambda a: (spacing[a], a))
+    return coarsest_axis(spacing)
 
 
 def slab_indices(labels: np.ndarray, values: Sequence[int], axis: int, margin: int) -> list[int]:

@@ -7,6 +7,7 @@ import logging
 from datetime import datetime, timezone
 from typing import Mapping
 
+from lib.spd import encoder_lora
 from lib.spd.checkpoints import CheckpointStore
 from lib.spd.pipeline import SPDPipeline
 from lib.spd.saliency_head import SaliencyHead
@@ -40,13 +41,15 @@ def publish_round(store: CheckpointStore, pipeline: SPDPipeline, previous_heads:
     labels = list(result.head.labels)
     metadata = {
         "backbone": backbone.name, "weights_id": backbone.weights_id, "labels": labels,
+        "encoder_adapters": encoder_lora.digest(result.adapters) or None,
         "val_dice": {k: round(v, 4) for k, v in result.val_dice.items()}, "decoder_epoch": result.decoder_epoch,
         "train_volumes": result.train_volumes, "val_volumes": result.val_volumes, "slice_axis": axis,
         "world_size": world_size, "seconds": round(seconds, 1),
         "published": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "params": dataclasses.asdict(config), "history": [r.to_json() for r in result.history],
     }
-    payload = {"saliency_heads": heads_to_save(previous_heads, result.head), "decoder_state": result.decoder_state}
+    payload = {"saliency_heads": heads_to_save(previous_heads, result.head), "decoder_state": result.decoder_state,
+               "encoder_adapters": result.adapters}
     title = f"spd_sam: {len(result.train_volumes)} train / {len(result.val_volumes)} validation volumes"
     version = store.publish(payload, metadata, {".png": render_training_curve(result.history, title)})
     logger.info("spd_sam training done in %.0f s: published v%04d (validation Dice %s, decoder epoch %d)",

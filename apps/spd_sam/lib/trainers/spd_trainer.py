@@ -24,6 +24,7 @@ from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.infers.volume_io import VolumeReader
+from lib.spd import encoder_lora
 from lib.spd.checkpoints import CheckpointStore
 from lib.spd.intensity import choose_window
 from lib.spd.pipeline import SPDPipeline
@@ -49,6 +50,9 @@ DEFAULTS: dict[str, Any] = {
     "decoder_lr": TrainConfig.decoder_lr,
     "head_lr": TrainConfig.head_lr,
     "seed": 0,
+    "lora_rank": 0,  # LoRA adapters on the image encoder, trained with the decoder (MedSAM only; 0 = off)
+    "lora_alpha": TrainConfig.lora_alpha,
+    "lora_lr": TrainConfig.lora_lr,
     "multi_gpu": True,  # MONAI Label's switch: DDP over the GPUs in `gpus` when there are two or more
     "gpus": "all",
     "cpu_processes": 1,  # without CUDA: DDP over this many CPU processes (gloo)
@@ -93,6 +97,9 @@ def parse_request(request: dict, label_map: dict[str, int]) -> tuple[TrainConfig
         decoder_lr=_number(request, "decoder_lr", float, 0.0, 1.0),
         head_lr=_number(request, "head_lr", float, 0.0, 1.0),
         seed=_number(request, "seed", int, 0, 2**31 - 1),
+        lora_rank=_number(request, "lora_rank", int, 0, 256),
+        lora_alpha=_number(request, "lora_alpha", float, 0.0, 1e4),
+        lora_lr=_number(request, "lora_lr", float, 0.0, 1.0),
     )
     return config, _number(request, "val_fraction", float, 0.0, 0.9), names, axis
 
@@ -154,6 +161,12 @@ class SPDTrainer(TrainTask):
             raise TrainRequestError(str(error)) from None
         if launch and self.pipeline_factory is None:
             raise TrainRequestError("distributed training needs a pipeline factory; this trainer has none")
+        backbone = self.pipeline.backbone
+        if config.lora_rank and not (backbone.box_trained and encoder_lora.adapters_fit(backbone.model.image_encoder)):
+            raise TrainRequestError(f"lora_rank: LoRA adapters need a box-trained SAM ViT backbone (medsam); "
+                                    f"this server runs {backbone.name}")
+        if config.lora_rank and launch:
+            raise TrainRequestError("lora_rank: LoRA adapters are trained in one process; set multi_gpu to false")
         volumes = self._load(datastore)
         if not volumes:
             raise RuntimeError("no image has a final label in the datastore: save labels with tag 'final' first")
@@ -188,19 +201,21 @@ class SPDTrainer(TrainTask):
 
     @contextmanager
     def _training_copy(self) -> Iterator[None]:
-        """Tune a copy of the served decoder and put the served decoder and heads back afterwards.
+        """Tune a copy of the served decoder and put the served decoder, heads and encoder adapters back afterwards.
 
         MONAI Label trains in a subprocess of its own, but ``run_sync=true`` trains in the server:
         there the served model must stay as it is until the new version is published (or forever,
         when the round fails).
         """
-        model, heads = self.pipeline.backbone.model, dict(self.pipeline.saliency_heads)
-        served = model.mask_decoder
+        backbone, heads = self.pipeline.backbone, dict(self.pipeline.saliency_heads)
+        model = backbone.model
+        served, adapters = model.mask_decoder, encoder_lora.state(model.image_encoder)
         model.mask_decoder = copy.deepcopy(served)
         try:
             yield
         finally:
             model.mask_decoder, self.pipeline.saliency_heads = served, heads
+            backbone.install_adapters(adapters)
             self.pipeline.decoder_changed()
 
     def _load(self, datastore: Datastore) -> list[LabelledVolume]:

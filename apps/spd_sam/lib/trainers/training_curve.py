@@ -15,7 +15,7 @@ from lib.spd.training import EpochRecord  # noqa: E402
 
 def render_training_curve(history: Sequence[EpochRecord], title: str) -> bytes:
     """PNG bytes with one column per stage: training loss (top) and validation Dice per label (bottom)."""
-    stages = [s for s in ("saliency", "decoder") if any(r.stage == s for r in history)]
+    stages = [s for s in ("saliency", "decoder", "saliency refit") if any(r.stage == s for r in history)]
     figure, axes = plt.subplots(2, max(len(stages), 1), figsize=(5 * max(len(stages), 1), 6), squeeze=False)
     for column, stage in enumerate(stages):
         records = [r for r in history if r.stage == stage]
@@ -26,7 +26,7 @@ def render_training_curve(history: Sequence[EpochRecord], title: str) -> bytes:
         for label in sorted({k for r in records for k in r.val_dice}):
             points = [(r.epoch, r.val_dice[label]) for r in records if label in r.val_dice]
             dice_axis.plot(*zip(*points), marker="o", label=label)
-        dice_axis.set_title(f"{stage}: validation Dice" + (" (embedding grid)" if stage == "saliency" else ""))
+        dice_axis.set_title(f"{stage}: validation Dice" + (" (embedding grid)" if stage.startswith("saliency") else ""))
         dice_axis.set_xlabel("epoch")
         dice_axis.set_ylim(0, 1)
         if records and records[0].val_dice:
