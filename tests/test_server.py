@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import time
 
 import nibabel as nib
@@ -85,6 +87,21 @@ def test_ohif_style_request_gets_uncompressed_nrrd(client, caudate_clicks, serve
     assert np.allclose(image.GetOrigin(), reference.GetOrigin()) and np.allclose(image.GetDirection(), reference.GetDirection())
     assert sitk.GetArrayViewFromImage(image).dtype == np.uint8 and sitk.GetArrayViewFromImage(image).max() == 1
     assert b"encoding: raw" in open(result_file, "rb").read(1000)
+
+
+def test_a_client_saving_results_in_the_system_temp_folder_keeps_them(server, caudate_clicks):
+    """MONAILabelClient's default saves a result under its own name in the system temp folder; the server,
+    which deletes its copy right after sending it, must not be deleting the client's."""
+    client = MONAILabelClient(server.url, tmpdir=tempfile.gettempdir())
+    result_file, _ = client.infer("spd_sam", IMAGE, {"foreground": caudate_clicks, "background": []})
+    try:
+        assert os.path.dirname(result_file) == tempfile.gettempdir()
+        time.sleep(1.0)  # time for the server's clean-up after the response
+        assert os.path.exists(result_file), "the server deleted the client's copy of the result"
+        assert (np.asarray(nib.load(result_file).dataobj) > 0).any()
+    finally:
+        if os.path.exists(result_file):
+            os.unlink(result_file)
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
@@ -69,8 +70,20 @@ class VolumeReader:
         return loaded
 
 
+@functools.cache
+def results_dir() -> str:
+    """This process's own temp folder for result files.
+
+    MONAI Label deletes a result file once it is sent, and MONAILabelClient saves what it receives
+    under the same file name in the system temp folder by default: on one machine, a result written
+    straight into that folder could be deleted from under the client. (Made again if a temp cleaner
+    removed it while the server ran.)
+    """
+    return tempfile.mkdtemp(prefix="spd_sam_results_")
+
+
 def write_label(mask: np.ndarray, reference: sitk.Image, extension: str, dtype: str, compress: bool) -> str:
-    """Write an (I, J, K) label array with the reference image's geometry to a temp file.
+    """Write an (I, J, K) label array with the reference image's geometry to a temp file in :func:`results_dir`.
 
     Args:
         mask: label values, (I, J, K).
@@ -81,7 +94,8 @@ def write_label(mask: np.ndarray, reference: sitk.Image, extension: str, dtype: 
     """
     out = sitk.GetImageFromArray(np.ascontiguousarray(mask.astype(RESULT_DTYPES[dtype]).transpose(2, 1, 0)))
     out.CopyInformation(reference)
-    fd, path = tempfile.mkstemp(suffix=extension, prefix="spd_sam_")
+    os.makedirs(results_dir(), mode=0o700, exist_ok=True)
+    fd, path = tempfile.mkstemp(suffix=extension, prefix="spd_sam_", dir=results_dir())
     os.close(fd)
     sitk.WriteImage(out, path, useCompression=compress)
     return path

@@ -1,0 +1,28 @@
+"""Result files: written with the image's geometry into the server's own temp folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import SimpleITK as sitk
+
+from lib.infers.volume_io import results_dir, write_label
+
+
+def test_results_go_to_a_private_folder_that_is_made_again_if_removed():
+    reference = sitk.Image(4, 5, 6, sitk.sitkInt16)
+    reference.SetSpacing((0.5, 1.0, 2.0))
+    mask = np.zeros((4, 5, 6), dtype=np.uint8)
+    mask[1, 2, 3] = 7
+    path = write_label(mask, reference, ".nii.gz", "uint8", True)
+    assert os.path.dirname(path) == results_dir() != tempfile.gettempdir()
+    written = sitk.ReadImage(path)
+    assert written.GetSpacing() == (0.5, 1.0, 2.0)
+    assert np.array_equal(sitk.GetArrayFromImage(written).transpose(2, 1, 0), mask)
+    shutil.rmtree(results_dir())  # as a temp cleaner might, on a server that runs for weeks
+    again = write_label(mask, reference, ".nrrd", "uint8", False)
+    assert os.path.dirname(again) == results_dir() and os.path.exists(again)
+    os.unlink(again)
