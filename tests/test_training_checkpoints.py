@@ -25,7 +25,7 @@ class FakePipeline:
         model = nn.Module()
         model.mask_decoder = nn.Linear(4, 2)
         self.backbone = SimpleNamespace(name=BACKBONE["backbone"], weights_id=BACKBONE["weights_id"], model=model,
-                                        encoder_tag="")
+                                        encoder_tag="", install_adapters=lambda saved: None)
         self.saliency_heads = {}
         self.resets = 0
 

@@ -91,7 +91,7 @@ class SPDUncertaintyScoring(ScoringMethod):
         reader, scores = VolumeReader(keep=1), {}
         for image in self.pending(datastore):
             volume = reader.read(datastore.get_image_uri(image))
-            view = VolumeView(volume.array, training_axis(volume.spacing), choose_window(volume.array, self.modality))
+            view = VolumeView(volume.array, training_axis(volume.spacing, volume.array.shape), choose_window(volume.array, self.modality))
             scores[image] = float(np.mean([self.score_volume(h, volume.volume_id, view) for h in heads]))
             datastore.update_image_info(image, {SCORE_KEY: {"score": scores[image], "model_version": version}})
             logger.info("%s: %s %.4f (model v%04d)", image, SCORE_KEY, scores[image], version)

@@ -14,8 +14,9 @@ from lib.infers.volume_io import RESULT_DTYPES, RESULT_EXTENSIONS, ImageReadErro
 from lib.spd.background import BackgroundEmbedder
 from lib.spd.intensity import choose_window
 from lib.spd.pipeline import SPDPipeline, VolumeView
-from lib.spd.prompts import PromptError, choose_slice_axis, coarsest_axis, parse_clicks, parse_roi, slice_axes
+from lib.spd.prompts import PromptError, choose_slice_axis, parse_clicks, parse_roi, slice_axes
 from lib.spd.served_model import ServedModel
+from lib.spd.training_data import training_axis
 
 logger = logging.getLogger(__name__)
 
@@ -107,10 +108,9 @@ class SPDInfer(InferTask):
     def prefetch(self, image_path: str) -> None:
         """Queue background embedding of a volume along its coarsest axis (e.g. a proposed next sample)."""
         volume = self.reader.read(image_path)
-        axes = slice_axes(volume.array.shape)
-        if not axes:
+        if not slice_axes(volume.array.shape):
             return  # no 2D slices (a line of voxels): nothing a click could use
-        axis = coarsest_axis(volume.spacing, axes)
+        axis = training_axis(volume.spacing, volume.array.shape)
         self._embed_rest_later(volume, VolumeView(volume.array, axis, self._window(volume)))
 
     def _embed_rest_later(self, volume, view: VolumeView) -> None:

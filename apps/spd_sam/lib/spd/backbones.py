@@ -135,9 +135,12 @@ class Backbone:
 
     def install_adapters(self, saved: dict | None) -> None:
         """Put LoRA adapters ``saved`` (``encoder_lora.state``) on the image encoder, or remove them for None,
-        and key embeddings by them."""
+        and key embeddings by them. Nothing is done when the encoder already has exactly these."""
+        tag = encoder_lora.digest(saved)
+        if encoder_lora.current_digest(self.model.image_encoder) == tag == self.encoder_tag:
+            return
         encoder_lora.load(self.model.image_encoder, saved)
-        self.encoder_changed(encoder_lora.digest(saved))
+        self.encoder_changed(tag)
 
     # ----------------------------------------------------------------------------------- embed
     def embed(self, slices: np.ndarray) -> torch.Tensor:

@@ -39,6 +39,11 @@ def _projected(encoder: nn.Module) -> list[nn.Module]:
     return [a for a in attentions if isinstance(getattr(a, "qkv", None), (nn.Linear, LoRALinear))]
 
 
+def _base(attention: nn.Module) -> nn.Linear:
+    """The attention's own ``qkv`` projection, under its adapter if it has one."""
+    return attention.qkv.base if isinstance(attention.qkv, LoRALinear) else attention.qkv
+
+
 def _attentions(encoder: nn.Module) -> list[nn.Module]:
     """The attention modules of a SAM ViT encoder, each with a ``qkv`` projection."""
     if not adapters_fit(encoder):
@@ -64,7 +69,7 @@ def attach(encoder: nn.Module, rank: int, alpha: float) -> list[LoRALinear]:
         raise ValueError(f"LoRA rank must be at least 1, got {rank}")
     added = []
     for attention in _attentions(encoder):
-        base = attention.qkv.base if isinstance(attention.qkv, LoRALinear) else attention.qkv
+        base = _base(attention)
         base.requires_grad_(False)
         attention.qkv = LoRALinear(base, rank, alpha)
         added.append(attention.qkv)
@@ -98,7 +103,7 @@ def check(encoder: nn.Module, saved: dict) -> None:
     if len(down) != len(attentions) or len(up) != len(attentions):
         raise ValueError(f"LoRA adapters for {len(down)} blocks, the encoder has {len(attentions)}")
     for n, (attention, d, u) in enumerate(zip(attentions, down, up)):
-        base = attention.qkv.base if isinstance(attention.qkv, LoRALinear) else attention.qkv
+        base = _base(attention)
         expected = ((rank, base.in_features), (base.out_features, rank))
         if (tuple(d.shape), tuple(u.shape)) != expected:
             raise ValueError(f"LoRA adapter of block {n} has shapes {tuple(d.shape)}, {tuple(u.shape)}; "
@@ -115,6 +120,11 @@ def load(encoder: nn.Module, saved: dict | None) -> None:
         for adapter, down, up in zip(attach(encoder, int(saved["rank"]), float(saved["alpha"])), saved["down"], saved["up"]):
             adapter.down.copy_(down)
             adapter.up.copy_(up)
+
+
+def current_digest(encoder: nn.Module) -> str:
+    """The :func:`digest` of the adapters on ``encoder`` now ("" without adapters)."""
+    return digest(state(encoder))
 
 
 def digest(saved: dict | None) -> str:

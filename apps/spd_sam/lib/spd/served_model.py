@@ -96,8 +96,7 @@ class ServedModel:
 
     def _install(self, version: int | None, heads: dict, decoder: nn.Module, adapters: dict | None) -> None:
         backbone = self.pipeline.backbone
-        if encoder_lora.digest(adapters) != backbone.encoder_tag:
-            backbone.install_adapters(adapters)
+        backbone.install_adapters(adapters)
         backbone.model.mask_decoder = decoder
         self.pipeline.saliency_heads = heads
         self.pipeline.decoder_changed()

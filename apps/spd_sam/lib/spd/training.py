@@ -30,15 +30,15 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .click_simulation import ClickStyle
+from . import encoder_lora
+from .backbones import Backbone
 from .box_calibration import probe_boxes
+from .click_simulation import ClickStyle
 from .consistency import pairwise_slice_consistency
 from .decoder_tuning import DifferentiableDecoder
 from .distributed import Ranks
-from . import encoder_lora
 from .embedding_cache import EmbeddingCache
 from .losses import dice_bce_per_slice
-from .backbones import Backbone
 from .pipeline import Plan, SPDPipeline
 from .saliency_head import SaliencyHead, grid_targets, saliency_loss
 from .training_data import LabelledVolume, Slab, clicks_for, embed_slab, ideal_anchor_boxes
@@ -301,7 +301,7 @@ class DecoderTuner:
             groups.append({"params": [p for a in self.adapters for p in (a.down, a.up)], "lr": config.lora_lr})
         self.tuned = [p for group in groups for p in group["params"]]
         self.optimiser = torch.optim.AdamW(groups, weight_decay=1e-4)
-        self.start_adapters = encoder_lora.digest(encoder_lora.state(self.encoder))
+        self.start_adapters = encoder_lora.current_digest(self.encoder)
         self.rng = np.random.default_rng(config.seed + 1 + 7919 * ranks.rank)  # clicks: each rank its own
         self.order = np.random.default_rng(config.seed + 1)  # order of steps: the same on every rank
 
@@ -360,12 +360,16 @@ class DecoderTuner:
             return self.pipeline.backbone.encode_with_grad(plan.view.slices(slices))
         return plan.embeddings[[s - plan.first for s in slices]]
 
+    def adapters_digest(self) -> str:
+        """Names the adapters as they are now (those the round started with when they are not trained)."""
+        return encoder_lora.current_digest(self.encoder) if self.adapters else self.start_adapters
+
     def _state(self) -> dict:
         return {"decoder": self.module.state_dict(), "adapters": encoder_lora.state(self.encoder)}
 
     def _validate(self, volumes: Sequence[LabelledVolume], deadline: float) -> dict[str, float] | None:
         """:func:`validate`; once the adapters have changed, on embeddings made afresh and kept in memory only."""
-        tag = encoder_lora.digest(encoder_lora.state(self.encoder)) if self.adapters else self.start_adapters
+        tag = self.adapters_digest()
         if tag == self.start_adapters:
             return validate(self.pipeline, volumes, self.labels, self.axis, self.config, deadline, self.ranks)
         backbone, cache, start_tag = self.pipeline.backbone, self.pipeline.cache, self.pipeline.backbone.encoder_tag
@@ -525,8 +529,7 @@ def run_training(pipeline: SPDPipeline, train: Sequence[LabelledVolume], val: Se
         val_dice, decoder_epoch, decoder_history = tuner.fit(train, val, clock, deadline=clock.end - reserve_s - refit_s)
         history += decoder_history
         decoder_state = {k: v.detach().cpu().clone() for k, v in tuner.module.state_dict().items()}
-        adapted = encoder_lora.digest(encoder_lora.state(encoder)) if tuner.adapters else tuner.start_adapters
-        if adapted != tuner.start_adapters:
+        if tuner.adapters_digest() != tuner.start_adapters:
             head, val_dice, refit_history = _refit_head(pipeline, head, train, val, labels, axis, config, clock,
                                                         reserve_s, val_dice)
             history += refit_history
@@ -558,7 +561,7 @@ def _refit_head(pipeline: SPDPipeline, head: SaliencyHead, train: Sequence[Label
     """After the adapters changed the encoder: embed the slabs with it (into the cache, under the adapters'
     digest, where serving will find them), refit the head on them and validate the whole pipeline again."""
     backbone = pipeline.backbone
-    backbone.encoder_changed(encoder_lora.digest(encoder_lora.state(backbone.model.image_encoder)))
+    backbone.encoder_changed(encoder_lora.current_digest(backbone.model.image_encoder))
     logger.info("LoRA: the encoder changed (%s); embedding the training slices again to refit the saliency head",
                 backbone.encoder_tag)
     margin = max(config.click_every)

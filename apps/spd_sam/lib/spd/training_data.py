@@ -13,7 +13,7 @@ from .box_calibration import Box, ProbeConfig, probe_boxes
 from .click_simulation import ClickStyle, simulate_clicks
 from .intensity import IntensityWindow
 from .pipeline import SPDPipeline, VolumeView
-from .prompts import Click, coarsest_axis
+from .prompts import Click, coarsest_axis, slice_axes
 
 
 @dataclass
@@ -56,9 +56,10 @@ class Slab:
         return np.moveaxis(np.take(self.volume.labels == value, self.indices, axis=self.view.axis), self.view.axis, 0)
 
 
-def training_axis(spacing: Sequence[float]) -> int:
-    """The coarsest axis (the last one on ties): the one the infer side embeds in the background."""
-    return coarsest_axis(spacing)
+def training_axis(spacing: Sequence[float], shape: Sequence[int] | None = None) -> int:
+    """The coarsest axis (the last one on ties), of those with 2D slices given the ``shape``: the one the infer
+    side embeds in the background."""
+    return coarsest_axis(spacing, (0, 1, 2) if shape is None else slice_axes(shape))
 
 
 def slab_indices(labels: np.ndarray, values: Sequence[int], axis: int, margin: int) -> list[int]:
