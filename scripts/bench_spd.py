@@ -1,30 +1,31 @@
-"""Benchmark SPD on the Colin27 deep grey structures (real MRI, atlas labels; clicks simulated).
+"""Accuracy of SPD from weak clicks against the best plain-SAM use of the same clicks, over a grid of annotators.
 
-Prints, in one run:
-1. Dice and HD95 per structure for SPD and for the same backbone fed the raw clicks (a fixed box
-   around each click on its own slice, nothing elsewhere), with rough clicks every 3rd slice,
-   about 3 mm drift and 15 % of the clicks on the neighbouring structure.
-2. Image encoder ms/slice, eager PyTorch vs the accelerated runtime, and their mask agreement.
-3. Through a real server and monailabel.client: first-request and repeat-click times.
-4. Peak resident memory of this process.
+For every structure and every simulated annotator (``annotator.py``: click spacing, drift, off-target
+rate, skipped slices, view axis) three things are measured in the same run, with the same backbone:
+- **SPD**: the pipeline as the server runs it (slice axis chosen from the clicks, untrained unless
+  ``--heads`` is given).
+- **baseline**: plain SAM as a user would drive it with these clicks: a box of the structure's
+  typical in-plane size around each click, every slice from the first to the last click segmented
+  with the box of the nearest clicked slice. Typical sizes are medians over the tuning subjects.
+- **ceiling**: plain SAM from the exact bounding box of the structure on every slice.
 
-The clicks are synthetic (simulated annotators); image and labels are real.
+Data (all **synthetic**): MRI subjects made from Colin27 + AAL (``make_cohort.py``: elastic warp,
+bias field, contrast change, noise), and CT phantoms of touching, crossing tubes (``tube_phantom.py``).
+``--set tuning`` and ``--set held-out`` use disjoint seeds; tune on the first, report the second.
 
-    .venv/bin/python scripts/bench_spd.py [--seeds 2] [--axis 2] [--structures right_caudate,...] [--no-server]
+    .venv/bin/python scripts/bench_spd.py --set held-out [--data mri,tubes] [--grid full|centre] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
-import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 from monai.metrics import compute_hausdorff_distance
@@ -33,18 +34,56 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "apps" / "spd_sam"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from annotator import Annotator, clicks_for  # noqa: E402
 from lib.spd.backbones import SlicePrompts, load_backbone  # noqa: E402
-from lib.spd.click_simulation import ClickStyle, simulate_clicks  # noqa: E402
 from lib.spd.embedding_cache import EmbeddingCache  # noqa: E402
 from lib.spd.intensity import choose_window  # noqa: E402
 from lib.spd.pipeline import SPDPipeline, VolumeView  # noqa: E402
 from lib.spd.prompts import Click  # noqa: E402
+from make_cohort import make_cohort  # noqa: E402
+from tube_phantom import make_tube_phantom  # noqa: E402
 
-STUDIES = ROOT / "sample_studies"
-IMAGE = "colin27_t1"
-NEIGHBOUR = {"caudate": "putamen", "putamen": "pallidum", "pallidum": "putamen", "thalamus": "caudate",
-             "hippocampus": "amygdala", "amygdala": "hippocampus"}
-BASELINE_BOX_MM = 20.0
+LABELS = json.loads((ROOT / "apps" / "spd_sam" / "labels.json").read_text())
+SEEDS = {"tuning": {"mri": 11, "tubes": (1,)}, "held-out": {"mri": 12, "tubes": (2, 3)}}
+CENTRE = Annotator(every=3, drift_mm=3.0, off_target=0.15, skip=0.0, view=2)
+GRIDS = {
+    "centre": [CENTRE],
+    "full": [CENTRE, CENTRE.but(drift_mm=0.0), CENTRE.but(drift_mm=6.0), CENTRE.but(every=2), CENTRE.but(every=6),
+             CENTRE.but(off_target=0.0), CENTRE.but(off_target=0.30), CENTRE.but(skip=0.25),
+             CENTRE.but(view=1), CENTRE.but(view=0)],
+    "tubes": [CENTRE, CENTRE.but(drift_mm=6.0), CENTRE.but(off_target=0.30), CENTRE.but(every=2)],
+}
+
+
+@dataclass
+class Case:
+    """One volume with labelled structures to click on."""
+
+    name: str
+    image: np.ndarray
+    labels: np.ndarray
+    spacing: tuple[float, float, float]
+    structures: dict[str, int]  # name -> label value
+
+
+def mri_cases(seed: int, count: int, side: str | None) -> list[Case]:
+    subjects = make_cohort(count, seed=seed, prefix=f"bench{seed}")
+    cases = []
+    for n, s in enumerate(subjects):
+        spacing = tuple(float(v) for v in np.sqrt((s.affine[:3, :3] ** 2).sum(axis=0)))
+        # alternate sides between subjects unless one is asked for: every structure kind, half the cost
+        pick = side or ("right" if n % 2 == 0 else "left")
+        structures = {k: v for k, v in LABELS.items() if pick == "both" or k.startswith(pick)}
+        cases.append(Case(s.name, s.image, s.label, spacing, structures))
+    return cases
+
+
+def tube_cases(seeds) -> list[Case]:
+    cases = []
+    for seed in seeds:
+        p = make_tube_phantom(seed)
+        cases.append(Case(f"tubes{seed}", p.image, p.labels, p.spacing, {p.names[v]: v for v in (1, 2, 3)}))
+    return cases
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -52,187 +91,190 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def hd95(a: np.ndarray, b: np.ndarray, spacing) -> float:
+    """95th percentile Hausdorff distance in mm, on the box holding both masks (nan when one is empty)."""
     if not a.any() or not b.any():
         return float("nan")
+    both = np.argwhere(a | b)
+    box = tuple(slice(max(lo - 2, 0), hi + 3) for lo, hi in zip(both.min(0), both.max(0)))
+    a, b = a[box], b[box]
     pred = torch.from_numpy(np.stack([~a, a]))[None].float()
     true = torch.from_numpy(np.stack([~b, b]))[None].float()
     return float(compute_hausdorff_distance(pred, true, percentile=95, spacing=list(spacing))[0, 0])
 
 
-def raw_click_baseline(pipeline: SPDPipeline, volume, spacing, volume_id, clicks, window, axis) -> np.ndarray:
-    """The backbone fed the raw clicks: a fixed box around each click, on its own slice only."""
-    view = VolumeView(volume, axis, window)
-    in_plane = view.in_plane
-    slices = [c[axis] for c in clicks]
-    half = np.array([BASELINE_BOX_MM / 2 / spacing[a] for a in in_plane])
-    boxes = np.array([[c[in_plane[0]] - half[0], c[in_plane[1]] - half[1], c[in_plane[0]] + half[0],
-                       c[in_plane[1]] + half[1]] for c in clicks], dtype=np.float32)
+def in_plane_extent_mm(mask: np.ndarray, axis: int, spacing) -> np.ndarray:
+    """Median (rows, cols) extent in mm of a structure's bounding box over the slices along ``axis``."""
+    in_plane = [a for a in range(3) if a != axis]
+    sizes = []
+    for s in np.flatnonzero(mask.any(axis=tuple(in_plane))):
+        rows, cols = np.nonzero(np.take(mask, s, axis=axis))
+        sizes.append(((rows.ptp() + 1) * spacing[in_plane[0]], (cols.ptp() + 1) * spacing[in_plane[1]]))
+    return np.median(np.array(sizes), axis=0)
+
+
+def decode_boxes(pipeline: SPDPipeline, case: Case, view: VolumeView, boxes: dict[int, tuple]) -> np.ndarray:
+    """Plain SAM: one box per slice (slice -> (r0, c0, r1, c1)), the masks stacked into a volume."""
+    mask = np.zeros(case.labels.shape, dtype=bool)
+    if not boxes:
+        return mask
+    slices = sorted(boxes)
     h, w = view.slice_shape
-    boxes = np.clip(boxes, 0, [h - 1, w - 1, h - 1, w - 1]).astype(np.float32)
-    unique = sorted(set(slices))
-    embeddings = pipeline.embed(volume_id, view, unique)
-    logits = pipeline.backbone.decode(embeddings[[unique.index(s) for s in slices]], SlicePrompts(boxes=boxes),
-                                      view.slice_shape)
-    mask = np.zeros(volume.shape, dtype=bool)
-    for s, m in zip(slices, logits > 0):
+    clipped = np.clip(np.array([boxes[s] for s in slices], dtype=np.float32), 0, [h - 1, w - 1, h - 1, w - 1])
+    embeddings = pipeline.embed(case.name, view, slices)
+    masks = np.concatenate([pipeline.backbone.decode(embeddings[n:n + 16], SlicePrompts(boxes=clipped[n:n + 16]),
+                                                     view.slice_shape, binary=True) for n in range(0, len(slices), 16)])
+    for s, m in zip(slices, masks):
         index = [slice(None)] * 3
-        index[axis] = s
-        mask[tuple(index)] |= m
+        index[view.axis] = s
+        mask[tuple(index)] = m
     return mask
 
 
-def accuracy(args, pipeline, volume, spacing, atlas, labels, window) -> list[dict]:
+def baseline_boxes(clicks, axis: int, spacing, typical_mm: np.ndarray) -> dict[int, tuple]:
+    """A typical-size box around each click, carried to every slice up to the next click (nearest clicked slice)."""
+    in_plane = [a for a in range(3) if a != axis]
+    half = typical_mm / 2 / np.array([spacing[a] for a in in_plane])
+    by_slice = {}
+    for c in clicks:  # the first click of a slice gives its box
+        by_slice.setdefault(c[axis], (c[in_plane[0]], c[in_plane[1]]))
+    clicked = np.array(sorted(by_slice))
+    boxes = {}
+    for s in range(clicked[0], clicked[-1] + 1):
+        r, c = by_slice[int(clicked[np.argmin(np.abs(clicked - s))])]
+        boxes[s] = (r - half[0], c - half[1], r + half[0], c + half[1])
+    return boxes
+
+
+def exact_boxes(mask: np.ndarray, axis: int) -> dict[int, tuple]:
+    boxes = {}
+    for s in np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))):
+        rows, cols = np.nonzero(np.take(mask, s, axis=axis))
+        boxes[int(s)] = (rows.min(), cols.min(), rows.max(), cols.max())
+    return boxes
+
+
+def typical_sizes(cases: list[Case], views) -> dict[tuple[str, int], np.ndarray]:
+    """(structure, view) -> median in-plane box size in mm over ``cases`` (what a plain-SAM user knows)."""
+    out = {}
+    for view in views:
+        for name in {n for c in cases for n in c.structures}:
+            found = [in_plane_extent_mm(c.labels == c.structures[name], view, c.spacing)
+                     for c in cases if name in c.structures]
+            out[name, view] = np.median(np.array(found), axis=0)
+    return out
+
+
+def run(cases: list[Case], grid: list[Annotator], typical, pipeline: SPDPipeline, trials: int, log) -> list[dict]:
     rows = []
-    for name in args.structures:
-        side, kind = name.split("_")
-        target = atlas == labels[name]
-        distractor = atlas == labels[f"{side}_{NEIGHBOUR[kind]}"]
-        for seed in range(args.seeds):
-            rng = np.random.default_rng(1000 + seed)
-            clicks, off = simulate_clicks(target, spacing, args.axis, ClickStyle(3, 3.0, 0.15), rng, distractor)
-            seg = pipeline.segment(volume, spacing, IMAGE, [Click(tuple(c), True) for c in clicks], window,
-                                   slice_axis=args.axis)
-            base = raw_click_baseline(pipeline, volume, spacing, IMAGE, clicks, window, args.axis)
-            row = {"structure": name, "seed": seed, "clicks": len(clicks), "off_target": int(sum(off)),
-                   "spd_dice": dice(seg.mask, target), "spd_hd95": hd95(seg.mask, target, spacing),
-                   "raw_dice": dice(base, target), "raw_hd95": hd95(base, target, spacing),
-                   "caught": sum(1 for status in ("moved", "rejected") for c in seg.consensus[status] if off[c["click"]])}
-            rows.append(row)
-            print(f"  {name:18s} seed {seed}: clicks {row['clicks']:2d} (off {row['off_target']}, caught {row['caught']})"
-                  f"  SPD Dice {row['spd_dice']:.3f} HD95 {row['spd_hd95']:5.1f}"
-                  f"  raw Dice {row['raw_dice']:.3f} HD95 {row['raw_hd95']:5.1f}", flush=True)
+    for case in cases:
+        window = choose_window(case.image)
+        ceilings = {}
+        for g, annotator in enumerate(grid):
+            for name, value in case.structures.items():
+                target = case.labels == value
+                view = VolumeView(case.image, annotator.view, window)
+                if (name, annotator.view) not in ceilings:
+                    exact = decode_boxes(pipeline, case, view, exact_boxes(target, annotator.view))
+                    ceilings[name, annotator.view] = (dice(exact, target), hd95(exact, target, case.spacing))
+                for trial in range(trials):
+                    rng = np.random.default_rng([int(case.name.encode().hex(), 16) % 2**32, value, g, trial])
+                    clicks, off = clicks_for(case.labels, value, case.spacing, annotator, rng)
+                    tic = time.perf_counter()
+                    seg = pipeline.segment(case.image, case.spacing, case.name, [Click(tuple(c), True) for c in clicks],
+                                           window, label=name)
+                    spd_s = time.perf_counter() - tic
+                    base = decode_boxes(pipeline, case, view, baseline_boxes(clicks, annotator.view, case.spacing,
+                                                                             typical[name, annotator.view]))
+                    changed = {c["click"] for status in ("moved", "rejected") for c in seg.consensus[status]}
+                    row = {"case": case.name, "structure": name, "grid": g, "annotator": annotator.describe(),
+                           "trial": trial, "clicks": len(clicks), "off_target": int(sum(off)),
+                           "changed": len(changed), "changed_off_target": sum(1 for c in changed if off[c]),
+                           "axis": seg.axis, "spd_dice": dice(seg.mask, target),
+                           "spd_hd95": hd95(seg.mask, target, case.spacing), "base_dice": dice(base, target),
+                           "base_hd95": hd95(base, target, case.spacing), "ceiling_dice": ceilings[name, annotator.view][0],
+                           "ceiling_hd95": ceilings[name, annotator.view][1], "spd_s": spd_s}
+                    rows.append(row)
+                    log(f"  {case.name:12s} {name:18s} [{annotator.describe()}] clicks {len(clicks):2d} "
+                        f"(off {row['off_target']}, changed {row['changed']}/{row['changed_off_target']} off) "
+                        f"axis {seg.axis}  SPD {row['spd_dice']:.3f}  base {row['base_dice']:.3f}  "
+                        f"ceiling {row['ceiling_dice']:.3f}  ({spd_s:.1f} s)")
     return rows
 
 
-def encoder_speed(backbone_eager, backbone_fast, images: np.ndarray) -> dict:
-    out = {}
-    for name, backbone in (("eager", backbone_eager), ("accelerated", backbone_fast)):
-        backbone.embed(images[:1])
-        start = time.perf_counter()
-        emb = backbone.embed(images)
-        out[name] = (time.perf_counter() - start) / len(images) * 1000
-        out[f"{name}_embeddings"] = emb
-    rel = float((out["eager_embeddings"] - out["accelerated_embeddings"]).norm() / out["eager_embeddings"].norm())
-    return {"eager_ms": out["eager"], "accelerated_ms": out["accelerated"], "relative_error": rel,
-            "runtime": backbone_fast.runtime}
+def _mean(values) -> float:
+    values = [v for v in values if v == v]
+    return float(np.mean(values)) if values else float("nan")
 
 
-def repeat_clicks(client, params, clicks, count: int = 3) -> list[float]:
-    """The annotator nudges one click and runs again, ``count`` times."""
-    times = []
-    for n in range(count):
-        moved = [list(c) for c in clicks]
-        moved[n][0] += 1
-        t = time.perf_counter()
-        client.infer("spd_sam", IMAGE, dict(params, foreground=moved))
-        times.append(time.perf_counter() - t)
-    return times
-
-
-def peak_rss_mib(pid: int) -> float:
-    """Peak resident memory of a process (VmHWM), in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def server_timings(atlas, labels, spacing, axis) -> dict:
-    import local_server
-    from monailabel.client import MONAILabelClient
-
-    work = Path(tempfile.mkdtemp(prefix="spd_bench_"))
-    try:
-        studies = work / "studies"
-        shutil.copytree(STUDIES, studies)
-        started = time.perf_counter()
-        server = local_server.start(work, studies)
-        startup = time.perf_counter() - started
-        try:
-            client = MONAILabelClient(server.url)
-            target = atlas == labels["right_caudate"]
-            clicks, _ = simulate_clicks(target, spacing, axis, ClickStyle(3, 3.0, 0.15), np.random.default_rng(5),
-                                        atlas == labels["right_putamen"])
-            params = {"label": "right_caudate", "foreground": clicks, "background": []}
-            t = time.perf_counter()
-            _, first = client.infer("spd_sam", IMAGE, params)
-            first_s = time.perf_counter() - t
-            repeats_busy = repeat_clicks(client, params, clicks)
-            deadline = time.monotonic() + 600
-            while "background embedding of" not in server.log.read_text() and time.monotonic() < deadline:
-                time.sleep(1)
-            embedded_s = time.perf_counter() - t
-            repeats = repeat_clicks(client, params, clicks)
-            again = client.infer("spd_sam", IMAGE, params)[1]
-            ohif = dict(params, result_extension=".nrrd", result_dtype="uint8", result_compress=False)
-            t = time.perf_counter()
-            client.infer("spd_sam", IMAGE, ohif)
-            ohif_s = time.perf_counter() - t
-            span = first["slice_range"][1] - first["slice_range"][0] + 1
-            return {"startup_s": startup, "first_s": first_s, "first_server": first["timing"], "repeat_s": repeats,
-                    "repeat_busy_s": repeats_busy, "embedded_s": embedded_s, "repeat_server": again["timing"],
-                    "ohif_repeat_s": ohif_s, "slices": span, "server_peak_mib": peak_rss_mib(server.process.pid)}
-        finally:
-            server.stop()
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+def summary(rows: list[dict], grid: list[Annotator]) -> str:
+    lines = ["| annotator | n | SPD Dice | baseline Dice | SPD - baseline | ceiling Dice | SPD HD95 | baseline HD95 "
+             "| axis flips | clicks changed (off-target) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for g, annotator in enumerate(grid):
+        part = [r for r in rows if r["grid"] == g]
+        if not part:
+            continue
+        spd, base = _mean(r["spd_dice"] for r in part), _mean(r["base_dice"] for r in part)
+        flips = sum(1 for r in part if r["axis"] != annotator.view)
+        changed = sum(r["changed"] for r in part)
+        lines.append(f"| {annotator.describe()} | {len(part)} | {spd:.3f} | {base:.3f} | {spd - base:+.3f} | "
+                     f"{_mean(r['ceiling_dice'] for r in part):.3f} | {_mean(r['spd_hd95'] for r in part):.1f} | "
+                     f"{_mean(r['base_hd95'] for r in part):.1f} | {flips} | {changed} "
+                     f"({sum(r['changed_off_target'] for r in part)} of {sum(r['off_target'] for r in part)}) |")
+    centre = [r for r in rows if r["grid"] == 0]
+    lines += ["", f"Per structure at [{grid[0].describe()}]:", "",
+              "| structure | SPD Dice | baseline Dice | ceiling Dice |", "|---|---|---|---|"]
+    for name in sorted({r["structure"] for r in centre}):
+        part = [r for r in centre if r["structure"] == name]
+        lines.append(f"| {name} | {_mean(r['spd_dice'] for r in part):.3f} | {_mean(r['base_dice'] for r in part):.3f}"
+                     f" | {_mean(r['ceiling_dice'] for r in part):.3f} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    labels = json.loads((ROOT / "apps" / "spd_sam" / "labels.json").read_text())
-    parser.add_argument("--structures", default=",".join(labels))
-    parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--axis", type=int, default=2)
-    parser.add_argument("--no-server", action="store_true", help="skip the client/server timings")
+    parser.add_argument("--set", choices=sorted(SEEDS), default="held-out")
+    parser.add_argument("--data", default="mri,tubes", help="comma-separated: mri, tubes")
+    parser.add_argument("--grid", choices=sorted(GRIDS), default="full", help="annotators for the MRI subjects")
+    parser.add_argument("--subjects", type=int, default=2, help="MRI subjects")
+    parser.add_argument("--side", choices=["left", "right", "both"], default=None,
+                        help="MRI structures per subject (default: sides alternate between subjects)")
+    parser.add_argument("--trials", type=int, default=1, help="click draws per structure and annotator")
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "spd_bench_cache",
+                        help="embedding cache kept between runs")
+    parser.add_argument("--json", type=Path, default=None, help="write every row here")
     args = parser.parse_args(argv)
-    args.structures = args.structures.split(",")
+    data = args.data.split(",")
+    started = time.strftime("%Y-%m-%d %H:%M")
 
-    image = nib.load(STUDIES / f"{IMAGE}.nii.gz")
-    volume = np.asarray(image.dataobj)
-    spacing = tuple(float(s) for s in image.header.get_zooms()[:3])
-    atlas = np.asarray(nib.load(STUDIES / "labels" / "final" / f"{IMAGE}.nii.gz").dataobj)
-    window = choose_window(volume)
-    cache_dir = Path(tempfile.mkdtemp(prefix="spd_bench_cache_"))
-    fast = load_backbone(cache_dir=str(cache_dir / "runtime"))
-    eager = load_backbone(runtime="torch")
-    eager.runner.settings.chunk = 1  # batching does not help eager TinyViT on the CPU; one slice at a time is its best
-    pipeline = SPDPipeline(fast, EmbeddingCache(4 << 30, cache_dir / "embeddings"))
+    backbone = load_backbone(cache_dir=str(args.cache / "runtime"))
+    pipeline = SPDPipeline(backbone, EmbeddingCache(3 << 30, args.cache / "embeddings"))
+    log = lambda text: print(text, flush=True)  # noqa: E731
+    reports, all_rows = [], []
+    if "mri" in data:
+        tuning = mri_cases(SEEDS["tuning"]["mri"], args.subjects, "both")
+        typical = typical_sizes(tuning, (0, 1, 2))
+        cases = tuning if args.set == "tuning" else mri_cases(SEEDS[args.set]["mri"], args.subjects, args.side)
+        if args.set == "tuning" and args.side != "both":
+            cases = mri_cases(SEEDS["tuning"]["mri"], args.subjects, args.side)
+        log(f"MRI ({args.set}): {len(cases)} synthetic subjects, {sum(len(c.structures) for c in cases)} structures")
+        rows = run(cases, GRIDS[args.grid], typical, pipeline, args.trials, log)
+        reports.append(("synthetic MRI (Colin27 + AAL, warped)", summary(rows, GRIDS[args.grid])))
+        all_rows += [dict(r, data="mri") for r in rows]
+    if "tubes" in data:
+        tuning = tube_cases(SEEDS["tuning"]["tubes"])
+        typical = typical_sizes(tuning, (2,))
+        cases = tuning if args.set == "tuning" else tube_cases(SEEDS[args.set]["tubes"])
+        log(f"tube phantom CT ({args.set}): {len(cases)} phantoms")
+        rows = run(cases, GRIDS["tubes"], typical, pipeline, args.trials, log)
+        reports.append(("synthetic CT tube phantom", summary(rows, GRIDS["tubes"])))
+        all_rows += [dict(r, data="tubes") for r in rows]
 
-    print(f"== accuracy: Colin27 T1 + AAL, clicks every 3rd slice on axis {args.axis}, 3 mm drift, "
-          f"15% off-target (synthetic clicks), {args.seeds} seed(s)")
-    rows = accuracy(args, pipeline, volume, spacing, atlas, labels, window)
-    print("\n| structure | SPD Dice | raw Dice | SPD HD95 mm | raw HD95 mm |\n|---|---|---|---|---|")
-    for name in args.structures:
-        r = [x for x in rows if x["structure"] == name]
-        print(f"| {name} | {np.mean([x['spd_dice'] for x in r]):.3f} | {np.mean([x['raw_dice'] for x in r]):.3f} | "
-              f"{np.nanmean([x['spd_hd95'] for x in r]):.1f} | {np.nanmean([x['raw_hd95'] for x in r]):.1f} |")
-    spd, raw = np.mean([x["spd_dice"] for x in rows]), np.mean([x["raw_dice"] for x in rows])
-    print(f"| **mean** | **{spd:.3f}** | **{raw:.3f}** | {np.nanmean([x['spd_hd95'] for x in rows]):.1f} | "
-          f"{np.nanmean([x['raw_hd95'] for x in rows]):.1f} |")
-    print(f"SPD - raw mean Dice: {spd - raw:+.3f}; off-target clicks caught (moved or rejected): "
-          f"{sum(x['caught'] for x in rows)}/{sum(x['off_target'] for x in rows)}")
-
-    slices = VolumeView(volume, 2, window).slices(range(80, 88))
-    enc = encoder_speed(eager, fast, slices)
-    print(f"\n== image encoder (LiteMedSAM, 8 real 181x217 slices): eager {enc['eager_ms']:.0f} ms/slice, "
-          f"{enc['runtime']} {enc['accelerated_ms']:.0f} ms/slice ({enc['eager_ms'] / enc['accelerated_ms']:.2f}x), "
-          f"relative difference of embeddings {enc['relative_error']:.1e}")
-
-    if not args.no_server:
-        t = server_timings(atlas, labels, spacing, args.axis)
-        print(f"\n== through monailabel.client (right caudate, {t['slices']} slices, cold cache): server start "
-              f"{t['startup_s']:.1f} s, first request {t['first_s']:.1f} s")
-        print(f"   repeat click (one click nudged) while the rest of the volume embeds in the background: "
-              f"{', '.join(f'{s:.2f}' for s in t['repeat_busy_s'])} s")
-        print(f"   whole volume embedded {t['embedded_s']:.0f} s after the first request was sent; repeat click then: "
-              f"{', '.join(f'{s:.2f}' for s in t['repeat_s'])} s; OHIF-style uncompressed .nrrd {t['ohif_repeat_s']:.2f} s")
-        print(f"   server peak resident memory {t['server_peak_mib']:.0f} MiB")
-        print(f"   server timing, first: {t['first_server']}")
-        print(f"   server timing, repeat: {t['repeat_server']}")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"\n== peak resident memory of the benchmark process: {peak:.0f} MiB")
-    shutil.rmtree(cache_dir, ignore_errors=True)
+    print(f"\n# bench_spd {args.set}, started {started}, backbone {backbone.name} ({backbone.runtime}), "
+          f"all data synthetic, simulated annotators")
+    for title, table in reports:
+        print(f"\n## {title}\n\n{table}")
+    if args.json:
+        args.json.write_text(json.dumps(all_rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 
 from lib.spd.prompts import Click, PromptError, choose_slice_axis, parse_clicks, parse_roi, to_slice_clicks
@@ -63,9 +64,28 @@ def test_slice_axis_follows_click_extent_in_mm():
         choose_slice_axis(clicks, (1.0, 1.0, 1.0), requested=3)
 
 
+def test_slice_axis_is_the_stack_the_clicks_sit_on_whatever_an_outlier_does():
+    """Clicks every 3rd axial slice along a short structure, one of them 15 mm off in-plane: the
+    in-plane spread is now the largest, the stack is still axis 2, with and without skipped slices."""
+    rng = np.random.default_rng(0)
+    for trial in range(50):
+        ks = [k for k in range(40, 61, 3) if rng.random() > 0.2] or [40, 43, 46]
+        ks = ks if len(ks) >= 3 else [40, 43, 46]
+        clicks = [Click((int(50 + rng.normal(0, 2)), int(60 + rng.normal(0, 2)), k), True) for k in ks]
+        clicks[len(clicks) // 2] = Click((50 + 15, 60 - 12, ks[len(ks) // 2]), True)
+        assert choose_slice_axis(clicks, (1.0, 1.0, 1.0)) == 2, clicks
+        coronal = [Click((c.ijk[0], c.ijk[2], c.ijk[1]), True) for c in clicks]
+        assert choose_slice_axis(coronal, (1.0, 1.0, 1.0)) == 1
+
+
+def test_clicks_on_one_slice_segment_that_slice_axis():
+    clicks = [Click((30, 40, 12), True), Click((33, 52, 12), True), Click((20, 41, 12), False)]
+    assert choose_slice_axis(clicks, (1.0, 1.0, 1.0)) == 2
+
+
 def test_slice_axis_leaves_no_one_voxel_wide_slices():
     spread_in_plane = [Click((10, 20, 0), True), Click((40, 30, 0), True)]
-    assert choose_slice_axis(spread_in_plane, (0.8, 0.8, 3.0)) == 0  # without the shape: the spread decides
+    assert choose_slice_axis(spread_in_plane, (0.8, 0.8, 3.0)) == 2  # both clicks on one slice of axis 2
     assert choose_slice_axis(spread_in_plane, (0.8, 0.8, 0.5), shape=(64, 64, 1)) == 2
     assert choose_slice_axis([Click((0, 5, 5), True)], (3.0, 1.0, 0.5), shape=(1, 64, 64)) == 0
     assert choose_slice_axis(spread_in_plane, (1.0, 1.0, 1.0), requested=2, shape=(64, 64, 1)) == 2

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lib.spd.distillation import ContextualPromptDistiller
-from lib.spd.prompts import PromptError, choose_slice_axis, parse_clicks, parse_roi, to_slice_clicks
+from lib.spd.prompts import PromptError, SliceClick, choose_slice_axis, parse_clicks, parse_roi, to_slice_clicks
 
 junk = st.recursive(
     st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=True, allow_infinity=True)
@@ -58,3 +58,51 @@ def test_distillation_keeps_every_prompt_inside_the_image(fg, bg, seed, axis):
         assert 0 <= r0 <= r1 <= in_plane[0] - 1 and 0 <= c0 <= c1 <= in_plane[1] - 1
     handled = [d.source for d in consensus.decisions]
     assert sorted(handled) == [c.source for c in sclicks if c.positive]
+
+
+def _line_scene(n_slices: int, slope: float, col: float, radius: int = 5):
+    """Saliency maps of a disc following the line row = 20 + slope * slice, and that line's points."""
+    rr, cc = np.mgrid[:64, :64]
+    maps = np.zeros((n_slices, 64, 64), dtype=np.float32)
+    for s in range(n_slices):
+        maps[s][(rr - (20 + slope * s)) ** 2 + (cc - col) ** 2 <= radius ** 2] = 1.0
+    return maps
+
+
+@settings(max_examples=60, deadline=None)
+@given(every=st.integers(1, 5), slope=st.floats(-0.8, 0.8), col=st.floats(15, 45),
+       jitter=st.lists(st.tuples(st.floats(-2, 2), st.floats(-2, 2)), min_size=12, max_size=12))
+def test_distillation_leaves_clean_clicks_as_they_are(every, slope, col, jitter):
+    maps = _line_scene(30, slope, col)
+    clicks = [SliceClick(s, 20 + slope * s + dr, col + dc, True, n)
+              for n, (s, (dr, dc)) in enumerate(zip(range(1, 29, every), jitter))]
+    consensus = ContextualPromptDistiller((1.0, 1.0)).distill(clicks, maps, 0)
+    assert all(d.status == "kept" for d in consensus.decisions), [d.reason for d in consensus.decisions]
+    for c in clicks:
+        assert consensus.prompts[c.slice].positives == [(c.row, c.col)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(every=st.integers(2, 4), slope=st.floats(-0.5, 0.5), offset=st.tuples(st.floats(10, 25), st.floats(-25, 25)),
+       where=st.floats(0, 1), salient=st.booleans())
+def test_one_off_target_click_does_not_change_the_other_clicks(every, slope, offset, where, salient):
+    """Whatever one off-target click does to its own slice, the prompts of the other clicks' slices stay
+    as they were without it (on a decoy or on background)."""
+    maps = _line_scene(30, slope, 30.0)
+    slices = list(range(1, 29, every))
+    clean = [SliceClick(s, 20 + slope * s, 30.0, True, n) for n, s in enumerate(slices)]
+    bad_slice = slices[int(where * (len(slices) - 1))]
+    bad = SliceClick(bad_slice, float(np.clip(20 + slope * bad_slice + offset[1], 0, 63)),
+                     float(np.clip(30.0 + offset[0], 0, 63)), True, len(clean))
+    if salient:  # the click lands on a decoy that looks like the target
+        rr, cc = np.mgrid[:64, :64]
+        maps[bad_slice][(rr - bad.row) ** 2 + (cc - bad.col) ** 2 <= 16] = 1.0
+    without = ContextualPromptDistiller((1.0, 1.0)).distill([c for c in clean if c.slice != bad_slice], maps, 0)
+    with_bad = ContextualPromptDistiller((1.0, 1.0)).distill([c for c in clean if c.slice != bad_slice] + [bad],
+                                                             maps, 0)
+    for c in clean:
+        if c.slice != bad_slice:
+            assert with_bad.prompts[c.slice].positives == without.prompts[c.slice].positives
+    decision = next(d for d in with_bad.decisions if d.source == bad.source)
+    assert decision.status in ("moved", "rejected") and "off the line" in decision.reason, decision
+    assert decision.slice == bad_slice, "a moved click stays on its own slice"

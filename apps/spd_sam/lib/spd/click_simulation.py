@@ -25,7 +25,7 @@ class ClickStyle:
     off_target_mm: tuple[float, float] = (10.0, 18.0)
 
 
-def _centre(mask2d: np.ndarray) -> tuple[int, int]:
+def medial_point(mask2d: np.ndarray) -> tuple[int, int]:
     """The pixel deepest inside a 2D mask (a centre-line point)."""
     depth = ndimage.distance_transform_edt(mask2d)
     return tuple(int(v) for v in np.unravel_index(np.argmax(depth), depth.shape))
@@ -60,7 +60,7 @@ def simulate_clicks(
         plane = np.take(target, s, axis=axis)
         if not plane.any():
             continue
-        point = np.array(_centre(plane), dtype=float)
+        point = np.array(medial_point(plane), dtype=float)
         wrong = rng.random() < style.off_target
         if wrong:
             point = _off_target_point(plane, point, pixel_mm, style, rng,
@@ -78,7 +78,7 @@ def simulate_clicks(
 
 def _off_target_point(plane, centre, pixel_mm, style, rng, distractor_plane) -> np.ndarray:
     if distractor_plane is not None and distractor_plane.any():
-        return np.array(_centre(distractor_plane), dtype=float)
+        return np.array(medial_point(distractor_plane), dtype=float)
     angle = rng.uniform(0, 2 * np.pi)
     distance = rng.uniform(*style.off_target_mm)
     return centre + distance * np.array([np.cos(angle), np.sin(angle)]) / pixel_mm

@@ -170,22 +170,29 @@ class ContextualPromptDistiller:
             target = self._nearest_salient(saliency, expected, cfg.centreline_tolerance_mm)
             if target is None:
                 decision.status = "rejected"
-                decision.reason = (f"{deviation:.1f} mm off the line of neighbouring clicks and no salient "
-                                   f"region within {cfg.centreline_tolerance_mm:.0f} mm of where it should be")
+                decision.reason = (f"rejected: {deviation:.1f} mm off the line of the clicks on nearby slices "
+                                   f"(tolerance {cfg.centreline_tolerance_mm:.0f} mm), and nothing salient within "
+                                   f"{cfg.centreline_tolerance_mm:.0f} mm of where the line points")
             else:
                 decision.status, (decision.new_row, decision.new_col) = "moved", target
-                decision.reason = (f"{deviation:.1f} mm off the line of neighbouring clicks; moved to the salient "
-                                   f"region near the expected position")
+                decision.reason = (f"moved: {deviation:.1f} mm off the line of the clicks on nearby slices "
+                                   f"(tolerance {cfg.centreline_tolerance_mm:.0f} mm); moved within its slice to the "
+                                   f"salient pixel nearest to where the line points")
         elif salient:
-            decision.reason = "salient and consistent with neighbouring slices" if agrees else "salient"
+            decision.reason = ("kept: salient, and on the line of the clicks on nearby slices" if agrees
+                               else "kept: salient (too few clicks on other slices to draw a line)")
         else:
             target = self._nearest_salient(saliency, (click.row, click.col), cfg.snap_radius_mm)
             if target is None:
-                decision.reason = "not salient, but no salient region nearby; kept as given"
+                decision.reason = (f"kept: not salient, and nothing salient within {cfg.snap_radius_mm:.0f} mm, "
+                                   + ("but on the line of the clicks on nearby slices" if agrees
+                                      else "with too few clicks on other slices to draw a line"))
             else:
                 decision.status, (decision.new_row, decision.new_col) = "moved", target
-                decision.reason = (f"not salient at the click; snapped "
-                                   f"{self._distance_mm((click.row, click.col), target):.1f} mm to the salient region")
+                decision.reason = (f"moved: not salient at the click; snapped "
+                                   f"{self._distance_mm((click.row, click.col), target):.1f} mm within its slice to "
+                                   f"the nearest salient pixel" + (", on the line of the clicks on nearby slices"
+                                                                   if agrees else ""))
         return decision
 
     def _expected_position(self, click: SliceClick, positives: Sequence[SliceClick]):

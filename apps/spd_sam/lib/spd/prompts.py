@@ -102,13 +102,16 @@ def coarsest_axis(spacing: Sequence[float], axes: Sequence[int] = (0, 1, 2)) -> 
 
 def choose_slice_axis(clicks: Sequence[Click], spacing: Sequence[float], requested: Any = None,
                       shape: Sequence[int] | None = None) -> int:
-    """The axis to segment along.
+    """The axis to segment along: the one the clicks were placed on, as a stack of slices.
 
-    An explicit ``slice_axis`` wins. Otherwise the axis along which the foreground clicks spread
-    furthest (in mm): clicks placed every few slices along a structure run along its long axis.
-    A single click falls back to the axis with the coarsest spacing (the acquisition direction).
-    Given the image ``shape``, only axes with 2D slices are chosen (see :func:`slice_axes`): a
-    single-slice volume is segmented in its one slice.
+    An explicit ``slice_axis`` wins. Otherwise the clicks (positive and negative) say which view
+    they came from: in a Slicer or OHIF view every click sits on a slice of the view's axis, one or a
+    few per slice, every few slices, so along that axis their indices are distinct and share a
+    regular step, while in-plane they scatter (see :func:`stack_evidence`). Clicks all on one slice
+    of a single axis were made on that slice. One off-target click cannot flip the choice: it
+    changes the in-plane spread, not the stack. A single click falls back to the axis with the
+    coarsest spacing (the acquisition direction). Given the image ``shape``, only axes with 2D
+    slices are chosen (see :func:`slice_axes`): a single-slice volume is segmented in its one slice.
 
     Raises:
         PromptError: ``requested`` is not 0, 1 or 2, or (with ``shape``) its slices or those of
@@ -127,11 +130,29 @@ def choose_slice_axis(clicks: Sequence[Click], spacing: Sequence[float], request
             raise PromptError(f"slice_axis {requested} gives slices of {rows}x{cols} voxels in an image of shape "
                               f"{list(shape)}; use slice_axis {' or '.join(map(str, axes))}")
         return requested
-    fg = np.array([c.ijk for c in clicks if c.positive], dtype=float)
-    extent = (fg.max(axis=0) - fg.min(axis=0)) * np.asarray(spacing, dtype=float)
-    if extent[axes].max() <= 0:
+    points = np.array([c.ijk for c in clicks], dtype=np.int64).reshape(-1, 3)
+    if len(np.unique(points, axis=0)) < 2:
         return coarsest_axis(spacing, axes)
-    return max(axes, key=lambda a: (extent[a], -a))
+    on_one_slice = [a for a in axes if np.unique(points[:, a]).size == 1]
+    if len(on_one_slice) == 1:
+        return on_one_slice[0]
+    return max(axes, key=lambda a: (*stack_evidence(points[:, a], float(spacing[a])), -a))
+
+
+def stack_evidence(values: np.ndarray, spacing_mm: float) -> tuple[float, float, float]:
+    """How much clicks' indices along one axis look like a viewer's stack of slices, as a sort key.
+
+    1. The step: ``(n - 2) * ln(g)`` for ``n`` distinct indices whose gaps share the common divisor
+       ``g`` (chance gives this about once in ``g ** (n - 2)`` for scattered in-plane coordinates;
+       skipped slices keep the divisor). 0 with fewer than three distinct indices or ``g`` = 1.
+    2. Distinctness: the share of clicks on an index of their own (in-plane coordinates repeat).
+    3. The spread: interquartile range in mm, which one outlier does not move.
+    """
+    distinct = np.unique(values)
+    step = int(np.gcd.reduce(np.diff(distinct))) if distinct.size > 1 else 0
+    bits = (distinct.size - 2) * float(np.log(step)) if distinct.size >= 3 and step > 1 else 0.0
+    q1, q3 = np.percentile(values.astype(float), [25, 75])
+    return bits, distinct.size / values.size, float(q3 - q1) * spacing_mm
 
 
 def to_slice_clicks(clicks: Sequence[Click], axis: int) -> list[SliceClick]:

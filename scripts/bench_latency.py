@@ -1,0 +1,149 @@
+"""Latency of SPD: image encoder runtimes, and first-request and repeat-click times through a real server.
+
+Prints, in one run:
+1. Image encoder ms/slice, eager PyTorch vs the accelerated runtime, and their agreement.
+2. Through a real server and monailabel.client: first-request and repeat-click times (right caudate of
+   the Colin27 sample study, simulated rough clicks every 3rd axial slice).
+3. Peak resident memory of this process.
+
+    .venv/bin/python scripts/bench_latency.py [--no-server]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "apps" / "spd_sam"))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from lib.spd.backbones import load_backbone  # noqa: E402
+from lib.spd.click_simulation import ClickStyle, simulate_clicks  # noqa: E402
+from lib.spd.intensity import choose_window  # noqa: E402
+from lib.spd.pipeline import VolumeView  # noqa: E402
+
+STUDIES = ROOT / "sample_studies"
+IMAGE = "colin27_t1"
+def encoder_speed(backbone_eager, backbone_fast, images: np.ndarray) -> dict:
+    out = {}
+    for name, backbone in (("eager", backbone_eager), ("accelerated", backbone_fast)):
+        backbone.embed(images[:1])
+        start = time.perf_counter()
+        emb = backbone.embed(images)
+        out[name] = (time.perf_counter() - start) / len(images) * 1000
+        out[f"{name}_embeddings"] = emb
+    rel = float((out["eager_embeddings"] - out["accelerated_embeddings"]).norm() / out["eager_embeddings"].norm())
+    return {"eager_ms": out["eager"], "accelerated_ms": out["accelerated"], "relative_error": rel,
+            "runtime": backbone_fast.runtime}
+
+
+def repeat_clicks(client, params, clicks, count: int = 3) -> list[float]:
+    """The annotator nudges one click and runs again, ``count`` times."""
+    times = []
+    for n in range(count):
+        moved = [list(c) for c in clicks]
+        moved[n][0] += 1
+        t = time.perf_counter()
+        client.infer("spd_sam", IMAGE, dict(params, foreground=moved))
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def peak_rss_mib(pid: int) -> float:
+    """Peak resident memory of a process (VmHWM), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def server_timings(atlas, labels, spacing, axis) -> dict:
+    import local_server
+    from monailabel.client import MONAILabelClient
+
+    work = Path(tempfile.mkdtemp(prefix="spd_bench_"))
+    try:
+        studies = work / "studies"
+        shutil.copytree(STUDIES, studies)
+        started = time.perf_counter()
+        server = local_server.start(work, studies)
+        startup = time.perf_counter() - started
+        try:
+            client = MONAILabelClient(server.url)
+            target = atlas == labels["right_caudate"]
+            clicks, _ = simulate_clicks(target, spacing, axis, ClickStyle(3, 3.0, 0.15), np.random.default_rng(5),
+                                        atlas == labels["right_putamen"])
+            params = {"label": "right_caudate", "foreground": clicks, "background": []}
+            t = time.perf_counter()
+            _, first = client.infer("spd_sam", IMAGE, params)
+            first_s = time.perf_counter() - t
+            repeats_busy = repeat_clicks(client, params, clicks)
+            deadline = time.monotonic() + 600
+            while "background embedding of" not in server.log.read_text() and time.monotonic() < deadline:
+                time.sleep(1)
+            embedded_s = time.perf_counter() - t
+            repeats = repeat_clicks(client, params, clicks)
+            again = client.infer("spd_sam", IMAGE, params)[1]
+            ohif = dict(params, result_extension=".nrrd", result_dtype="uint8", result_compress=False)
+            t = time.perf_counter()
+            client.infer("spd_sam", IMAGE, ohif)
+            ohif_s = time.perf_counter() - t
+            span = first["slice_range"][1] - first["slice_range"][0] + 1
+            return {"startup_s": startup, "first_s": first_s, "first_server": first["timing"], "repeat_s": repeats,
+                    "repeat_busy_s": repeats_busy, "embedded_s": embedded_s, "repeat_server": again["timing"],
+                    "ohif_repeat_s": ohif_s, "slices": span, "server_peak_mib": peak_rss_mib(server.process.pid)}
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--no-server", action="store_true", help="skip the client/server timings")
+    args = parser.parse_args(argv)
+    labels = json.loads((ROOT / "apps" / "spd_sam" / "labels.json").read_text())
+    image = nib.load(STUDIES / f"{IMAGE}.nii.gz")
+    volume = np.asarray(image.dataobj)
+    spacing = tuple(float(s) for s in image.header.get_zooms()[:3])
+    atlas = np.asarray(nib.load(STUDIES / "labels" / "final" / f"{IMAGE}.nii.gz").dataobj)
+    window = choose_window(volume)
+    cache_dir = Path(tempfile.mkdtemp(prefix="spd_bench_cache_"))
+    fast = load_backbone(cache_dir=str(cache_dir / "runtime"))
+    eager = load_backbone(runtime="torch")
+    eager.runner.settings.chunk = 1  # batching does not help eager TinyViT on the CPU; one slice at a time is its best
+
+    slices = VolumeView(volume, 2, window).slices(range(80, 88))
+    enc = encoder_speed(eager, fast, slices)
+    print(f"\n== image encoder (LiteMedSAM, 8 real 181x217 slices): eager {enc['eager_ms']:.0f} ms/slice, "
+          f"{enc['runtime']} {enc['accelerated_ms']:.0f} ms/slice ({enc['eager_ms'] / enc['accelerated_ms']:.2f}x), "
+          f"relative difference of embeddings {enc['relative_error']:.1e}")
+
+    if not args.no_server:
+        t = server_timings(atlas, labels, spacing, 2)
+        print(f"\n== through monailabel.client (right caudate, {t['slices']} slices, cold cache): server start "
+              f"{t['startup_s']:.1f} s, first request {t['first_s']:.1f} s")
+        print(f"   repeat click (one click nudged) while the rest of the volume embeds in the background: "
+              f"{', '.join(f'{s:.2f}' for s in t['repeat_busy_s'])} s")
+        print(f"   whole volume embedded {t['embedded_s']:.0f} s after the first request was sent; repeat click then: "
+              f"{', '.join(f'{s:.2f}' for s in t['repeat_s'])} s; OHIF-style uncompressed .nrrd {t['ohif_repeat_s']:.2f} s")
+        print(f"   server peak resident memory {t['server_peak_mib']:.0f} MiB")
+        print(f"   server timing, first: {t['first_server']}")
+        print(f"   server timing, repeat: {t['repeat_server']}")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"\n== peak resident memory of the benchmark process: {peak:.0f} MiB")
+    shutil.rmtree(cache_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
