@@ -10,6 +10,7 @@ from lib.spd.embedding_cache import EmbeddingCache
 from lib.spd.intensity import choose_window
 from lib.spd.pipeline import SPDPipeline, VolumeView
 from lib.spd.prompts import Click
+from lib.spd.saliency_head import SaliencyHead
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +91,16 @@ def test_anisotropic_spacing(backbone):
     clicks = [[76, 92, 6], [79, 90, 12], [80, 89, 18]]
     _, seg = run(backbone, volume, clicks, "wide", spacing=(0.4, 0.4, 6.0))
     assert dice(seg.mask, target) > 0.7
+
+
+def test_a_trained_head_is_used_only_on_the_axis_it_was_trained_on(backbone):
+    """A head trained on slices of one axis knows nothing of another axis' slices: appearance saliency
+    is used there, and the result says which saliency was used."""
+    volume, _ = phantom()
+    clicks = [[31, 38, 6], [33, 34, 9], [34, 37, 15], [36, 35, 18]]
+    for head_axis, expected in ((2, "trained head (axis 2)"), (0, "appearance")):
+        heads = {"tube": SaliencyHead(["tube"], in_channels=256, width=8, axis=head_axis).for_label("tube")}
+        pipeline = SPDPipeline(backbone, SHARED, saliency_heads=heads)
+        seg = pipeline.segment(volume, (1.0, 1.0, 1.0), "tube", [Click(tuple(c), True) for c in clicks],
+                               choose_window(volume), label="tube", slice_axis=2)
+        assert seg.saliency == expected

@@ -92,6 +92,7 @@ class SPDInfer(InferTask):
             "label_names": {label_name: label_value},
             "consensus": seg.consensus,
             "slice_axis": seg.axis,
+            "saliency": seg.saliency,
             "slice_range": list(seg.slice_range),
             "voxels": int(seg.mask.sum()),
             "backbone": {"name": self.pipeline.backbone.name, "runtime": self.pipeline.backbone.runtime,

@@ -29,6 +29,7 @@ class Segmentation:
     slice_range: tuple[int, int]
     consensus: dict
     timings: dict = field(default_factory=dict)
+    saliency: str = "appearance"  # or "trained head (axis N)"
 
 
 @dataclass
@@ -67,6 +68,7 @@ class Plan:
     saliency: np.ndarray  # (N, H, W) in [0, 1]
     consensus: Consensus  # prompts with a box on every slice
     timings: dict = field(default_factory=dict)
+    saliency_source: str = "appearance"  # which saliency the consensus was built on
 
 
 def slice_margin(click_slices: Sequence[int]) -> int:
@@ -154,7 +156,7 @@ class SPDPipeline:
         timings["assemble"] = round(time.perf_counter() - tic, 4)
         last = plan.first + len(plan.embeddings) - 1
         return Segmentation(mask, plan.view.axis, (plan.first, last),
-                            plan.consensus.record(plan.view.in_plane, plan.view.axis), timings)
+                            plan.consensus.record(plan.view.in_plane, plan.view.axis), timings, plan.saliency_source)
 
     def plan(
         self,
@@ -199,8 +201,9 @@ class SPDPipeline:
 
         images = view.slices(indices)
         positives = [(c.slice - first, c.row, c.col) for c in sclicks if c.positive]
-        saliency_model = self.saliency_heads.get(label, self.fallback_saliency)
-        saliency = saliency_model(images, embeddings, positives)
+        head = self.saliency_heads.get(label)
+        trained = head is not None and head.head.serves(axis)  # a head knows nothing of other axes' slices
+        saliency = (head if trained else self.fallback_saliency)(images, embeddings, positives)
         lap("saliency")
 
         pixel_mm = tuple(float(spacing[a]) for a in view.in_plane)
@@ -219,7 +222,8 @@ class SPDPipeline:
             measured = anchor_boxes(anchors)
         consensus.assign_boxes(measured, view.slice_shape)
         lap("calibrate")
-        return Plan(view, first, key, embeddings, saliency, consensus, timings)
+        return Plan(view, first, key, embeddings, saliency, consensus, timings,
+                    f"trained head (axis {axis})" if trained else "appearance")
 
     def _embeddings_on_device(self, volume_id: str, view: VolumeView, indices: list[int]) -> torch.Tensor:
         """Embeddings of consecutive slices ``indices`` on the backbone's device. On a GPU the last slab

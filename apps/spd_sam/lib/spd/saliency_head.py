@@ -28,14 +28,16 @@ class SaliencyHead(nn.Module):
         labels: label names, in channel order.
         in_channels: embedding channels (256 for every SAM-family backbone here).
         width: hidden channels.
+        axis: the slice axis it was trained on (None: unknown); it is served on slices of that axis only.
     """
 
-    def __init__(self, labels: Sequence[str], in_channels: int = 256, width: int = 48):
+    def __init__(self, labels: Sequence[str], in_channels: int = 256, width: int = 48, axis: int | None = None):
         super().__init__()
         assert labels, "a saliency head needs at least one label"
         self.labels = list(labels)
         self.in_channels = in_channels
         self.width = width
+        self.axis = axis
         self.net = nn.Sequential(
             nn.Conv2d(in_channels + 2, width, 1), nn.GroupNorm(8, width), nn.GELU(),
             nn.Conv2d(width, width, 3, padding=1), nn.GroupNorm(8, width), nn.GELU(),
@@ -46,7 +48,7 @@ class SaliencyHead(nn.Module):
 
     def config(self) -> dict:
         """Constructor arguments (plain types, for checkpoints)."""
-        return {"labels": list(self.labels), "in_channels": self.in_channels, "width": self.width}
+        return {"labels": list(self.labels), "in_channels": self.in_channels, "width": self.width, "axis": self.axis}
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         n, _, h, w = embeddings.shape
@@ -57,6 +59,10 @@ class SaliencyHead(nn.Module):
     def for_label(self, name: str) -> "LabelSaliency":
         """The saliency model of one label (shares this head's weights)."""
         return LabelSaliency(self, self.labels.index(name))
+
+    def serves(self, axis: int) -> bool:
+        """Whether its maps mean anything on slices along ``axis`` (the one it was trained on)."""
+        return self.axis is None or self.axis == axis
 
 
 class LabelSaliency:

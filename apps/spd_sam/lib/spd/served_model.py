@@ -77,9 +77,11 @@ class ServedModel:
         path = self.store.path(checkpoint["metadata"]["version"])
         try:
             heads = {}
+            trained_axis = checkpoint["metadata"].get("slice_axis")  # checkpoints whose heads do not name their axis
             for saved in checkpoint["saliency_heads"]:  # later heads take over their labels from earlier ones
                 config = saved["config"]
-                head = SaliencyHead(config["labels"], config["in_channels"], config["width"])
+                head = SaliencyHead(config["labels"], config["in_channels"], config["width"],
+                                    config.get("axis", trained_axis))
                 head.load_state_dict(saved["state"], strict=True)
                 heads.update({name: head.eval().for_label(name) for name in head.labels})
             decoder = self._base_decoder

@@ -192,15 +192,16 @@ def grid_dice(head: SaliencyHead, embeddings: torch.Tensor, targets: torch.Tenso
     return {name: dice(pred[:, c], truth[:, c]) for c, name in enumerate(head.labels)}
 
 
-def train_saliency_head(train: Sequence[Slab], val: Sequence[Slab], labels: Mapping[str, int], config: TrainConfig,
-                        clock: Clock, deadline: float, ranks: Ranks = Ranks(), start: SaliencyHead | None = None,
-                        stage: str = "saliency") -> tuple[SaliencyHead, list[EpochRecord]]:
-    """Stage 1: fit a head for ``labels`` (name -> value) on the slabs; keeps the best validation epoch.
+def train_saliency_head(train: Sequence[Slab], val: Sequence[Slab], labels: Mapping[str, int], axis: int,
+                        config: TrainConfig, clock: Clock, deadline: float, ranks: Ranks = Ranks(),
+                        start: SaliencyHead | None = None, stage: str = "saliency") -> tuple[SaliencyHead, list[EpochRecord]]:
+    """Stage 1: fit a head for ``labels`` (name -> value) on the slabs (slices along ``axis``); keeps the best
+    validation epoch.
 
     ``start``: a head for the same labels to continue from (default: a new one); ``stage``: its name
     in the history and the log."""
     torch.manual_seed(config.seed)
-    head = copy.deepcopy(start) if start is not None else SaliencyHead(list(labels))
+    head = copy.deepcopy(start) if start is not None else SaliencyHead(list(labels), axis=axis)
     net = ranks.wrap(head)
     info = logger.info if ranks.main else logger.debug
     x, y = _stack_slabs(train, labels)
@@ -516,8 +517,8 @@ def run_training(pipeline: SPDPipeline, train: Sequence[LabelledVolume], val: Se
     clock.end = min(clock.end, time.monotonic() + config.train_seconds)
     val = [v for v in val if v.name in slabs]
     tic = time.monotonic()
-    head, history = train_saliency_head([slabs[v.name] for v in train], [slabs[v.name] for v in val], labels, config,
-                                        clock, deadline=time.monotonic() + 0.3 * max(clock.left() - reserve_s, 0),
+    head, history = train_saliency_head([slabs[v.name] for v in train], [slabs[v.name] for v in val], labels, axis,
+                                        config, clock, deadline=time.monotonic() + 0.3 * max(clock.left() - reserve_s, 0),
                                         ranks=ranks)
     head_s = time.monotonic() - tic
     pipeline.saliency_heads = {name: head.for_label(name) for name in labels}
@@ -566,8 +567,9 @@ def _refit_head(pipeline: SPDPipeline, head: SaliencyHead, train: Sequence[Label
                 backbone.encoder_tag)
     margin = max(config.click_every)
     slabs = {v.name: embed_slab(pipeline, v, [labels[n] for n in v.present(labels)], axis, margin) for v in [*train, *val]}
-    head, history = train_saliency_head([slabs[v.name] for v in train], [slabs[v.name] for v in val], labels, config,
-                                        clock, deadline=clock.end - reserve_s, start=head, stage="saliency refit")
+    head, history = train_saliency_head([slabs[v.name] for v in train], [slabs[v.name] for v in val], labels, axis,
+                                        config, clock, deadline=clock.end - reserve_s, start=head,
+                                        stage="saliency refit")
     pipeline.saliency_heads = {name: head.for_label(name) for name in labels}
     scores = validate(pipeline, val or train, labels, axis, config, deadline=clock.end - reserve_s / 2)
     if scores is None:
