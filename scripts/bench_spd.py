@@ -13,7 +13,7 @@ Data (all **synthetic**): MRI subjects made from Colin27 + AAL (``make_cohort.py
 bias field, contrast change, noise), and CT phantoms of touching, crossing tubes (``tube_phantom.py``).
 ``--set tuning`` and ``--set held-out`` use disjoint seeds; tune on the first, report the second.
 
-    .venv/bin/python scripts/bench_spd.py --set held-out [--data mri,tubes] [--grid full|centre] [--json out.json]
+    .venv/bin/python scripts/bench_spd.py --set held-out [--data mri,tubes] [--grid full|quick|centre] [--json out.json]
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ GRIDS = {
     "full": [CENTRE, CENTRE.but(drift_mm=0.0), CENTRE.but(drift_mm=6.0), CENTRE.but(every=2), CENTRE.but(every=6),
              CENTRE.but(off_target=0.0), CENTRE.but(off_target=0.30), CENTRE.but(skip=0.25),
              CENTRE.but(view=1), CENTRE.but(view=0)],
+    "quick": [CENTRE, CENTRE.but(drift_mm=6.0), CENTRE.but(off_target=0.30)],  # for tuning on axial slices
     "tubes": [CENTRE, CENTRE.but(drift_mm=6.0), CENTRE.but(off_target=0.30), CENTRE.but(every=2)],
 }
 
