@@ -40,6 +40,7 @@ from lib.spd.embedding_cache import EmbeddingCache  # noqa: E402
 from lib.spd.intensity import choose_window  # noqa: E402
 from lib.spd.pipeline import SPDPipeline, VolumeView  # noqa: E402
 from lib.spd.prompts import Click  # noqa: E402
+from lib.spd.training import dice  # noqa: E402
 from make_cohort import make_cohort  # noqa: E402
 from tube_phantom import make_tube_phantom  # noqa: E402
 
@@ -87,10 +88,6 @@ def tube_cases(seeds) -> list[Case]:
     return cases
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return float(2.0 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1))
-
-
 def hd95(a: np.ndarray, b: np.ndarray, spacing) -> float:
     """95th percentile Hausdorff distance in mm, on the box holding both masks (nan when one is empty)."""
     if not a.any() or not b.any():
@@ -106,11 +103,8 @@ def hd95(a: np.ndarray, b: np.ndarray, spacing) -> float:
 def in_plane_extent_mm(mask: np.ndarray, axis: int, spacing) -> np.ndarray:
     """Median (rows, cols) extent in mm of a structure's bounding box over the slices along ``axis``."""
     in_plane = [a for a in range(3) if a != axis]
-    sizes = []
-    for s in np.flatnonzero(mask.any(axis=tuple(in_plane))):
-        rows, cols = np.nonzero(np.take(mask, s, axis=axis))
-        sizes.append(((rows.ptp() + 1) * spacing[in_plane[0]], (cols.ptp() + 1) * spacing[in_plane[1]]))
-    return np.median(np.array(sizes), axis=0)
+    sizes = [(r1 - r0 + 1, c1 - c0 + 1) for r0, c0, r1, c1 in exact_boxes(mask, axis).values()]
+    return np.median(np.array(sizes), axis=0) * np.array([spacing[a] for a in in_plane])
 
 
 def decode_boxes(pipeline: SPDPipeline, case: Case, view: VolumeView, boxes: dict[int, tuple]) -> np.ndarray:
