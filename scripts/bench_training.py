@@ -137,7 +137,7 @@ def main(argv=None) -> None:
     after = validate(pipeline, [held_out], labels, AXIS, clicks) if version else {}
     print(f"published v{version}: validation Dice {store.metadata().get('val_dice')}; curve {store.path(version or 0, '.png')}")
     print("round times: " + ", ".join(f"{seconds:.0f} s ({status['status']})" for seconds, status in rounds))
-    print(f"\nheld-out volume, rough clicks (every 3rd slice, 3 mm drift, 15 % off target); reference: exact boxes")
+    print("\nheld-out volume, rough clicks (every 3rd slice, 3 mm drift, 15 % off target); reference: exact boxes")
     print(f"{'structure':20s} {'untrained':>9s} {'trained':>8s} {'exact boxes':>11s}")
     for name in before:
         print(f"{name:20s} {before[name]:9.3f} {after.get(name, float('nan')):8.3f} {reference[name]:11.3f}")

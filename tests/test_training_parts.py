@@ -10,7 +10,7 @@ import pytest
 from lib.spd.backbones import SlicePrompts, load_backbone
 from lib.spd.decoder_tuning import DifferentiableDecoder
 from lib.spd.training import KeepBest
-from lib.spd.training_data import slab_indices, split_by_volume, training_axis
+from lib.spd.training_data import LabelledVolume, round_axis, slab_indices, split_by_volume, training_axis
 from lib.trainers.spd_trainer import DEFAULTS, TrainRequestError, parse_request
 
 LABELS = {"left_caudate": 1, "right_caudate": 2}
@@ -77,3 +77,12 @@ def test_decoding_with_gradients_matches_serving():
     grads = [p.grad for p in backbone.model.mask_decoder.parameters() if p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads), "gradients reach the mask decoder"
     assert all(p.grad is None for p in backbone.model.prompt_encoder.parameters()), "the prompt encoder stays frozen"
+
+
+def test_a_round_slices_along_the_axis_most_volumes_were_acquired_on():
+    def volume(shape, spacing):
+        return LabelledVolume("v", np.zeros(shape, np.float32), np.zeros(shape, np.int32), spacing, "v", None)
+
+    axial, sagittal = volume((8, 8, 6), (1.0, 1.0, 2.5)), volume((6, 8, 8), (2.5, 1.0, 1.0))
+    assert round_axis([sagittal, axial, axial]) == 2 and round_axis([sagittal, axial]) == 0, "majority, then first"
+    assert round_axis([volume((8, 8, 1), (3.0, 1.0, 1.0))]) == 2, "never an axis whose slices are a voxel wide"

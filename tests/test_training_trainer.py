@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -14,7 +15,10 @@ from lib.spd.backbones import load_backbone
 from lib.spd.checkpoints import CheckpointStore
 from lib.spd.embedding_cache import EmbeddingCache
 from lib.spd.pipeline import SPDPipeline
+from lib.spd.saliency_head import SaliencyHead
+from lib.spd.training import TIME_BUDGET, TrainConfig, TrainingResult
 from lib.spd.served_model import ServedModel
+from lib.trainers.publishing import publish_round
 from lib.trainers.spd_trainer import SPDTrainer, TrainRequestError
 from make_cohort import make_cohort, write_cohort
 
@@ -59,13 +63,19 @@ def test_a_round_publishes_a_version_and_leaves_the_served_model_alone(datastore
     decoder = backbone.model.mask_decoder
     before = {k: v.clone() for k, v in decoder.state_dict().items()}
 
-    result = SPDTrainer(pipeline, LABELS, store)({"max_epochs": 1, "head_epochs": 2, "max_minutes": 2}, store_)
+    result = SPDTrainer(pipeline, LABELS, store)({"max_epochs": 1, "head_epochs": 2, "max_minutes": 2,
+                                                 "publish": "always"}, store_)
 
-    assert result["version"] == 1 and store.current() == 1 and set(result["labels"]) <= set(LABELS)
+    assert result["published"] and result["version"] == 1 and store.current() == 1
+    assert set(result["labels"]) <= set(LABELS)
     assert backbone.model.mask_decoder is decoder and pipeline.saliency_heads == {}, "served model until refresh"
     assert all(torch.equal(before[k], v) for k, v in decoder.state_dict().items())
     meta = store.metadata()
     assert meta["train_volumes"] and meta["val_volumes"] and meta["history"][0]["stage"] == "saliency"
+    assert set(meta["served_val_dice"]) == set(meta["val_dice"]) == set(result["labels"]), "same validation for both"
+    work = meta["work"]
+    assert 1 <= work["epochs"]["saliency"] <= 2 and work["epochs"]["decoder"] <= 1 and work == result["work"]
+    assert set(work["stopped"]) == {"saliency", "decoder"} and work["decoder_steps"] >= work["epochs"]["decoder"]
     assert store.path(1, ".png").stat().st_size > 1000
     assert served.refresh() == 1 and set(pipeline.saliency_heads) == set(result["labels"])
 
@@ -78,7 +88,8 @@ def test_a_round_under_ddp_with_two_cpu_processes(datastore, tmp_path):
     store = CheckpointStore(tmp_path / "trained")
     trainer = SPDTrainer(pipeline, LABELS, store, pipeline_factory=factory)
 
-    result = trainer({"cpu_processes": 2, "max_epochs": 1, "head_epochs": 2, "max_minutes": 3}, store_)
+    result = trainer({"cpu_processes": 2, "max_epochs": 1, "head_epochs": 2, "max_minutes": 3, "publish": "always"},
+                     store_)
 
     assert result["version"] == 1 and result["world_size"] == 2 and store.current() == 1
     meta = store.metadata()
@@ -86,10 +97,28 @@ def test_a_round_under_ddp_with_two_cpu_processes(datastore, tmp_path):
     assert ServedModel(store, pipeline).refresh() == 1 and set(pipeline.saliency_heads) == set(result["labels"])
 
 
+def test_a_round_worse_than_the_served_model_is_not_published_unless_asked(tmp_path):
+    pipeline = SPDPipeline(load_backbone(cache_dir=str(APP_DIR / "model" / "runtime")), EmbeddingCache(1 << 20))
+    store = CheckpointStore(tmp_path / "trained")
+    result = TrainingResult(SaliencyHead(["right_caudate"], axis=2), None, [], {"right_caudate": 0.41}, 0, ["a"], ["b"],
+                            served_dice={"right_caudate": 0.52}, stopped={"saliency": TIME_BUDGET})
+
+    refused = publish_round(store, pipeline, {}, result, 2, TrainConfig(), 10.0)
+
+    assert not refused["published"] and refused["version"] is None and "below the served model" in refused["reason"]
+    assert refused["work"]["cut_short"] and refused["served_val_dice"] == {"right_caudate": 0.52}
+    assert store.current() is None and not list(store.directory.glob("v*")), "nothing written"
+    forced = publish_round(store, pipeline, {}, result, 2, TrainConfig(), 10.0, always=True)
+    assert forced["published"] and forced["version"] == 1 and store.metadata()["work"]["stopped"] == {"saliency": TIME_BUDGET}
+    better = dataclasses.replace(result, val_dice={"right_caudate": 0.52})
+    assert publish_round(store, pipeline, {}, better, 2, TrainConfig(), 10.0)["version"] == 2, "a tie is published"
+
+
 @pytest.mark.parametrize("request_, message", [({"cpu_processes": "two"}, "cpu_processes"),
                                                ({"cpu_processes": 0}, "cpu_processes"),
                                                ({"max_epochs": -1}, "max_epochs"),
-                                               ({"labels": "spleen"}, "unknown labels")])
+                                               ({"labels": "spleen"}, "unknown labels"),
+                                               ({"publish": "never"}, "publish must be")])
 def test_malformed_train_requests_are_refused_before_any_work(datastore, tmp_path, request_, message):
     store_, work = datastore
     pipeline = SPDPipeline(load_backbone(cache_dir=str(APP_DIR / "model" / "runtime")), EmbeddingCache(1 << 20))

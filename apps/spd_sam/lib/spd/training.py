@@ -11,8 +11,11 @@ perfect decoder would let box calibration measure them. The decoder then learns 
 a run of adjacent slices from their consensus boxes (Dice + BCE per slice + lambda * PSC over
 adjacent pairs), and the whole structure from calibration's square probes (Dice + BCE).
 Validation segments the held-out volumes with the full pipeline (real calibration) each epoch;
-the best epoch is kept (epoch 0, the decoder as it was, included), so a round never publishes a
-decoder worse than its start on the validation volumes.
+the best epoch is kept (epoch 0, the decoder as it was, included). The served model (its heads and
+decoder, as the round found them) is validated on the same volumes and clicks first, so the
+publisher can refuse a round that is worse than what it would replace. The result records how
+much work the round did (epochs, steps, why each stage stopped), since a time-bounded round on a
+loaded machine does less.
 
 Under DDP (``ranks`` of :class:`~.distributed.Ranks`) every rank takes its share of slice batches,
 training steps, validation segmentations and slabs to embed; the head and the decoder are wrapped
@@ -113,9 +116,12 @@ class EpochRecord:
                 "elapsed_s": round(self.elapsed_s, 1), **self.detail}
 
 
+TIME_BUDGET = "time budget"  # why a stage stopped: the clock; otherwise "max epochs" or "patience"
+
+
 @dataclass
 class TrainingResult:
-    """What a round produced: the saliency head, the best decoder weights and the history."""
+    """What a round produced: the saliency head, the best decoder weights, the history and the work done."""
 
     head: SaliencyHead
     decoder_state: dict[str, torch.Tensor] | None
@@ -125,6 +131,23 @@ class TrainingResult:
     train_volumes: list[str]
     val_volumes: list[str]
     adapters: dict | None = None  # the image encoder's LoRA adapters (``encoder_lora.state``), if it has any
+    served_dice: dict[str, float] = field(default_factory=dict)  # the served model on the same validation
+    stopped: dict[str, str] = field(default_factory=dict)  # stage -> why it stopped
+    skipped_volumes: list[str] = field(default_factory=list)  # training volumes left out for time
+
+    def work(self) -> dict:
+        """Epochs and steps per stage, why each stopped, and whether the clock cut the round short."""
+        epochs = {stage: sum(1 for r in self.history if r.stage == stage and r.epoch > 0) for stage in self.stopped}
+        steps = sum(int(r.detail.get("steps", 0)) for r in self.history if r.stage == "decoder")
+        cut = bool(self.skipped_volumes) or TIME_BUDGET in self.stopped.values()
+        return {"epochs": epochs, "decoder_steps": steps, "stopped": dict(self.stopped),
+                "skipped_volumes": list(self.skipped_volumes), "cut_short": cut}
+
+    def better_than_served(self) -> bool:
+        """Whether the round's mean validation Dice is at least the served model's (True when nothing to compare)."""
+        if not self.served_dice or not self.val_dice:
+            return True
+        return round(mean_dice(self.val_dice), 4) >= round(mean_dice(self.served_dice), 4)
 
 
 class Clock:
@@ -164,7 +187,8 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * float(np.logical_and(a, b).sum()) / total
 
 
-def _mean(scores: Mapping[str, float]) -> float:
+def mean_dice(scores: Mapping[str, float]) -> float:
+    """Mean over labels (NaN for none)."""
     return float(np.mean(list(scores.values()))) if scores else float("nan")
 
 
@@ -194,9 +218,10 @@ def grid_dice(head: SaliencyHead, embeddings: torch.Tensor, targets: torch.Tenso
 
 def train_saliency_head(train: Sequence[Slab], val: Sequence[Slab], labels: Mapping[str, int], axis: int,
                         config: TrainConfig, clock: Clock, deadline: float, ranks: Ranks = Ranks(),
-                        start: SaliencyHead | None = None, stage: str = "saliency") -> tuple[SaliencyHead, list[EpochRecord]]:
+                        start: SaliencyHead | None = None, stage: str = "saliency"
+                        ) -> tuple[SaliencyHead, list[EpochRecord], str]:
     """Stage 1: fit a head for ``labels`` (name -> value) on the slabs (slices along ``axis``); keeps the best
-    validation epoch.
+    validation epoch. Returns the head, the history and why the stage stopped.
 
     ``start``: a head for the same labels to continue from (default: a new one); ``stage``: its name
     in the history and the log."""
@@ -208,10 +233,11 @@ def train_saliency_head(train: Sequence[Slab], val: Sequence[Slab], labels: Mapp
     val_x, val_y = _stack_slabs(val, labels) if val else (x, y)
     optimiser = torch.optim.AdamW(head.parameters(), lr=config.head_lr, weight_decay=1e-4)
     rng = np.random.default_rng(config.seed)
-    best, history = KeepBest(config.head_patience), []
+    best, history, stopped = KeepBest(config.head_patience), [], "max epochs"
     for epoch in range(1, config.head_epochs + 1):
         if not ranks.all_agree(clock.left(deadline) > 0):
             info("%s: time budget reached before epoch %d", stage, epoch)
+            stopped = TIME_BUDGET
             break
         head.train()
         losses = []
@@ -225,19 +251,21 @@ def train_saliency_head(train: Sequence[Slab], val: Sequence[Slab], labels: Mapp
             optimiser.step()
             losses.append(loss.item())
         if not losses:
+            stopped = TIME_BUDGET
             break
         scores = grid_dice(head, val_x, val_y)
-        best.update(_mean(scores), epoch, head.state_dict)
+        best.update(mean_dice(scores), epoch, head.state_dict)
         loss = float(np.mean(ranks.gather(float(np.mean(losses)))))
         history.append(EpochRecord(stage, epoch, loss, scores, clock.elapsed()))
         info("%s epoch %d/%d: loss %.4f; val Dice (grid) %s; mean %.3f (best %.3f at epoch %d) [%.0f s]",
-             stage, epoch, config.head_epochs, loss, _fmt(scores), _mean(scores), best.score, best.epoch, clock.elapsed())
+             stage, epoch, config.head_epochs, loss, _fmt(scores), mean_dice(scores), best.score, best.epoch, clock.elapsed())
         if best.stop(epoch):
             info("%s: no better validation Dice for %d epochs; stopping", stage, config.head_patience)
+            stopped = "patience"
             break
     if best.state is not None:
         head.load_state_dict(best.state)
-    return head.eval(), history
+    return head.eval(), history, stopped
 
 
 # --------------------------------------------------------------------------- stage 2: mask decoder
@@ -399,14 +427,14 @@ class DecoderTuner:
         return [chosen[k] for k in self.rng.permutation(len(chosen))[:self.config.probes_per_step]]
 
     def fit(self, train: Sequence[LabelledVolume], val: Sequence[LabelledVolume], clock: Clock, deadline: float
-            ) -> tuple[dict[str, float], int, list[EpochRecord]]:
+            ) -> tuple[dict[str, float], int, list[EpochRecord], str]:
         """Train up to ``max_epochs`` or the deadline; loads the best epoch's weights back.
 
         Steps stop early enough for the epoch's validation to end by the deadline; a validation that
         the deadline interrupts ends the stage (at epoch 0: the decoder is left as it was).
 
         Returns:
-            validation Dice of the kept epoch, the kept epoch (0: unchanged) and the history.
+            validation Dice of the kept epoch, the kept epoch (0: unchanged), the history and why it stopped.
         """
         cfg, ranks = self.config, self.ranks
         info = logger.info if ranks.main else logger.debug
@@ -417,16 +445,18 @@ class DecoderTuner:
         validation_s = time.monotonic() - tic
         if scores is None:
             logger.warning("decoder: no time left to tune it after validating the decoder as it is; kept unchanged")
-            return {}, 0, []
+            return {}, 0, [], TIME_BUDGET
         best = KeepBest(cfg.patience)
-        best.update(_mean(scores), 0, self._state)
+        best.update(mean_dice(scores), 0, self._state)
         best_scores = scores
         history = [EpochRecord("decoder", 0, None, scores, clock.elapsed())]
-        info("decoder epoch 0 (before tuning): val Dice %s; mean %.3f [%.0f s]", _fmt(scores), _mean(scores),
+        info("decoder epoch 0 (before tuning): val Dice %s; mean %.3f [%.0f s]", _fmt(scores), mean_dice(scores),
              clock.elapsed())
+        stopped = "max epochs"
         for epoch in range(1, cfg.max_epochs + 1):
             if not ranks.all_agree(clock.left(deadline) > validation_s):
                 info("decoder: time budget reached before epoch %d", epoch)
+                stopped = TIME_BUDGET
                 break
             seg_losses, psc_losses = [], []
             for k in ranks.shard(list(self.order.permutation(len(items)))):
@@ -436,37 +466,41 @@ class DecoderTuner:
                 seg_losses.append(seg)
                 psc_losses.append(psc)
             if not seg_losses:
+                stopped = TIME_BUDGET
                 break
             tic = time.monotonic()
             scores = self._validate(watch, deadline)
             validation_s = time.monotonic() - tic
             if scores is None:
                 info("decoder: time budget reached while validating epoch %d; it is not kept", epoch)
+                stopped = TIME_BUDGET
                 break
-            best.update(_mean(scores), epoch, self._state)
+            best.update(mean_dice(scores), epoch, self._state)
             best_scores = scores if best.epoch == epoch else best_scores
             seg_loss, psc_loss = np.mean(ranks.gather((np.mean(seg_losses), np.mean(psc_losses))), axis=0)
             loss = float(seg_loss + cfg.psc_weight * psc_loss)
+            steps = len(seg_losses) * ranks.world
             history.append(EpochRecord("decoder", epoch, loss, scores, clock.elapsed(),
-                                       {"dice_bce": float(seg_loss), "psc": float(psc_loss)}))
+                                       {"dice_bce": float(seg_loss), "psc": float(psc_loss), "steps": steps}))
             info("decoder epoch %d/%d: loss %.4f (Dice+BCE %.4f, PSC %.4f, %d steps x %d ranks); val Dice %s; "
                  "mean %.3f (best %.3f at epoch %d) [%.0f s]", epoch, cfg.max_epochs, loss, seg_loss, psc_loss,
-                 len(seg_losses), ranks.world, _fmt(scores), _mean(scores), best.score, best.epoch, clock.elapsed())
+                 len(seg_losses), ranks.world, _fmt(scores), mean_dice(scores), best.score, best.epoch, clock.elapsed())
             if best.stop(epoch):
                 info("decoder: no better validation Dice for %d epochs; stopping", cfg.patience)
+                stopped = "patience"
                 break
         self.module.load_state_dict(best.state["decoder"])
         if self.adapters:
             encoder_lora.load(self.encoder, best.state["adapters"])
         self.pipeline.decoder_changed()
-        return best_scores, best.epoch, history
+        return best_scores, best.epoch, history, stopped
 
 
 # --------------------------------------------------------------------------- one round
 def run_training(pipeline: SPDPipeline, train: Sequence[LabelledVolume], val: Sequence[LabelledVolume],
                  labels: Mapping[str, int], axis: int, config: TrainConfig, reserve_s: float = 20.0,
                  ranks: Ranks = Ranks()) -> TrainingResult:
-    """Embed, train the saliency head, then tune the decoder, within ``config.max_seconds``.
+    """Validate the served model, embed, train the saliency head, then tune the decoder, within ``config.max_seconds``.
 
     With ``config.lora_rank``, stage 2 also trains LoRA adapters on the image encoder (continuing the
     served ones when they have that rank); if the kept adapters changed the encoder, the slabs are
@@ -489,6 +523,10 @@ def run_training(pipeline: SPDPipeline, train: Sequence[LabelledVolume], val: Se
     train = [v for v in train if v.present(labels)]
     val = [v for v in val if v.present(labels)]
     assert train, "none of the training volumes holds a label to train"
+    tic = time.monotonic()
+    served_dice = validate(pipeline, val or train, labels, axis, config, ranks=ranks)  # before anything changes
+    logger.info("served model: val Dice %s; mean %.3f (%.0f s) — the round must do at least as well to be published",
+                _fmt(served_dice), mean_dice(served_dice), time.monotonic() - tic)
     if config.lora_rank:
         _prepare_adapters(pipeline.backbone, config)
     volumes = [*train, *val]
@@ -498,12 +536,13 @@ def run_training(pipeline: SPDPipeline, train: Sequence[LabelledVolume], val: Se
             embed_slab(pipeline, volume, [labels[name] for name in volume.present(labels)], axis, margin)
         ranks.barrier()
     slabs: dict[str, Slab] = {}
-    kept = []
+    kept, skipped = [], []
     for n, volume in enumerate(volumes, start=1):
         is_train = n <= len(train)
         if is_train and kept and not ranks.all_agree(clock.left() >= 0.4 * config.max_seconds):
             logger.warning("time budget: %s not used; training on the %d volumes embedded so far", volume.name,
                            len(kept))
+            skipped.append(volume.name)
             continue
         values = [labels[name] for name in volume.present(labels)]
         tic = time.monotonic()
@@ -517,9 +556,10 @@ def run_training(pipeline: SPDPipeline, train: Sequence[LabelledVolume], val: Se
     clock.end = min(clock.end, time.monotonic() + config.train_seconds)
     val = [v for v in val if v.name in slabs]
     tic = time.monotonic()
-    head, history = train_saliency_head([slabs[v.name] for v in train], [slabs[v.name] for v in val], labels, axis,
-                                        config, clock, deadline=time.monotonic() + 0.3 * max(clock.left() - reserve_s, 0),
-                                        ranks=ranks)
+    head, history, head_stopped = train_saliency_head(
+        [slabs[v.name] for v in train], [slabs[v.name] for v in val], labels, axis, config, clock,
+        deadline=time.monotonic() + 0.3 * max(clock.left() - reserve_s, 0), ranks=ranks)
+    stopped = {"saliency": head_stopped}
     head_s = time.monotonic() - tic
     pipeline.saliency_heads = {name: head.for_label(name) for name in labels}
     decoder_state, decoder_epoch, val_dice = None, 0, {}
@@ -527,7 +567,8 @@ def run_training(pipeline: SPDPipeline, train: Sequence[LabelledVolume], val: Se
     if pipeline.backbone.box_trained:
         tuner = DecoderTuner(pipeline, labels, axis, config, ranks)
         refit_s = 1.2 * embedding_s + head_s if tuner.adapters else 0.0
-        val_dice, decoder_epoch, decoder_history = tuner.fit(train, val, clock, deadline=clock.end - reserve_s - refit_s)
+        val_dice, decoder_epoch, decoder_history, stopped["decoder"] = tuner.fit(
+            train, val, clock, deadline=clock.end - reserve_s - refit_s)
         history += decoder_history
         decoder_state = {k: v.detach().cpu().clone() for k, v in tuner.module.state_dict().items()}
         if tuner.adapters_digest() != tuner.start_adapters:
@@ -537,8 +578,13 @@ def run_training(pipeline: SPDPipeline, train: Sequence[LabelledVolume], val: Se
     else:
         logger.warning("decoder tuning skipped: %s is point-trained; only the saliency head is trained",
                        pipeline.backbone.name)
-    return TrainingResult(head, decoder_state, history, val_dice, decoder_epoch, [v.name for v in train],
-                          [v.name for v in val], encoder_lora.state(encoder))
+        val_dice = validate(pipeline, val or train, labels, axis, config, ranks=ranks)
+    result = TrainingResult(head, decoder_state, history, val_dice, decoder_epoch, [v.name for v in train],
+                            [v.name for v in val], encoder_lora.state(encoder), served_dice, stopped, skipped)
+    if result.work()["cut_short"]:
+        logger.warning("the time budget cut this round short (%s); raise max_minutes / train_minutes, or train "
+                       "when the machine is less loaded, for a full round", result.work())
+    return result
 
 
 def _prepare_adapters(backbone: Backbone, config: TrainConfig) -> None:
@@ -567,13 +613,13 @@ def _refit_head(pipeline: SPDPipeline, head: SaliencyHead, train: Sequence[Label
                 backbone.encoder_tag)
     margin = max(config.click_every)
     slabs = {v.name: embed_slab(pipeline, v, [labels[n] for n in v.present(labels)], axis, margin) for v in [*train, *val]}
-    head, history = train_saliency_head([slabs[v.name] for v in train], [slabs[v.name] for v in val], labels, axis,
-                                        config, clock, deadline=clock.end - reserve_s, start=head,
-                                        stage="saliency refit")
+    head, history, _ = train_saliency_head([slabs[v.name] for v in train], [slabs[v.name] for v in val], labels,
+                                           axis, config, clock, deadline=clock.end - reserve_s, start=head,
+                                           stage="saliency refit")
     pipeline.saliency_heads = {name: head.for_label(name) for name in labels}
     scores = validate(pipeline, val or train, labels, axis, config, deadline=clock.end - reserve_s / 2)
     if scores is None:
         logger.warning("LoRA: no time left to validate the refitted head; reporting the decoder stage's Dice")
         return head, val_dice, history
-    logger.info("LoRA: validation Dice with the refitted head %s; mean %.3f", _fmt(scores), _mean(scores))
+    logger.info("LoRA: validation Dice with the refitted head %s; mean %.3f", _fmt(scores), mean_dice(scores))
     return head, scores, history

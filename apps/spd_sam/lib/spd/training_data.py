@@ -62,6 +62,13 @@ def training_axis(spacing: Sequence[float], shape: Sequence[int] | None = None) 
     return coarsest_axis(spacing, (0, 1, 2) if shape is None else slice_axes(shape))
 
 
+def round_axis(volumes: Sequence[LabelledVolume]) -> int:
+    """The slice axis of a round: the :func:`training_axis` of most volumes (each from its own spacing and
+    shape; ties: the first volume's)."""
+    axes = [training_axis(v.spacing, v.labels.shape) for v in volumes]
+    return max(dict.fromkeys(axes), key=axes.count)
+
+
 def slab_indices(labels: np.ndarray, values: Sequence[int], axis: int, margin: int) -> list[int]:
     """Slices holding any of ``values``, from the first to the last, plus ``margin`` slices each side."""
     in_plane = tuple(a for a in range(3) if a != axis)

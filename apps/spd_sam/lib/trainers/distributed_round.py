@@ -94,6 +94,7 @@ class Job:
     config: TrainConfig
     elapsed_s: float  # seconds the round already spent before the launch
     log_level: int
+    publish_always: bool = False
 
 
 def run_distributed(job: Job) -> dict:
@@ -108,7 +109,7 @@ def run_distributed(job: Job) -> dict:
         torch.multiprocessing.spawn(_rank_main, args=(job, work), nprocs=len(job.launch.devices), join=True)
         answer = Path(work) / "answer.json"
         if not answer.is_file():
-            raise RuntimeError("distributed training ended without a published checkpoint")
+            raise RuntimeError("distributed training ended without an answer from rank 0")
         return json.loads(answer.read_text())
 
 
@@ -129,7 +130,8 @@ def _rank_main(rank: int, job: Job, work: str) -> None:
         result = run_training(pipeline, job.train, job.val, job.labels, job.axis, job.config, ranks=Ranks(rank, world))
         if rank == 0:
             seconds = job.elapsed_s + time.monotonic() - started
-            answer = publish_round(store, pipeline, previous, result, job.axis, job.config, seconds, world)
+            answer = publish_round(store, pipeline, previous, result, job.axis, job.config, seconds, world,
+                                   job.publish_always)
             (Path(work) / "answer.json").write_text(json.dumps(answer))
     finally:
         dist.destroy_process_group()

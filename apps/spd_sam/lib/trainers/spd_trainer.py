@@ -3,7 +3,8 @@
 MONAI Label runs it in a subprocess (``POST /train/spd_sam``) that builds the app again, so the
 pipeline here already serves the published checkpoint and training continues from it. Progress
 goes to the log, whose last lines ``GET /train/`` shows. Nothing is published unless the round
-completes; a stopped or crashed round leaves the served model as it was.
+completes and validates at least as well as the served model; a stopped, crashed or worse round
+leaves the served model as it was.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from lib.spd.checkpoints import CheckpointStore
 from lib.spd.intensity import choose_window
 from lib.spd.pipeline import SPDPipeline
 from lib.spd.training import TrainConfig, run_training
-from lib.spd.training_data import LabelledVolume, split_by_volume, training_axis
+from lib.spd.prompts import slice_axes
+from lib.spd.training_data import LabelledVolume, round_axis, split_by_volume
 from lib.trainers.distributed_round import Job, LaunchError, plan_launch, run_distributed
 from lib.trainers.publishing import publish_round
 
@@ -45,7 +47,8 @@ DEFAULTS: dict[str, Any] = {
     "val_fraction": 0.25,
     "patience": 4,
     "labels": "",  # comma-separated names; "" = every label found in the final labels
-    "slice_axis": "",  # "" = the coarsest axis, the one the infer side embeds in the background
+    "slice_axis": "",  # "" = the coarsest axis of most volumes, the one the infer side embeds in the background
+    "publish": "if_better",  # or "always": publish even when validation is worse than the served model's
     "psc_weight": TrainConfig.psc_weight,
     "decoder_lr": TrainConfig.decoder_lr,
     "head_lr": TrainConfig.head_lr,
@@ -104,6 +107,14 @@ def parse_request(request: dict, label_map: dict[str, int]) -> tuple[TrainConfig
     return config, _number(request, "val_fraction", float, 0.0, 0.9), names, axis
 
 
+def publish_always(request: dict) -> bool:
+    """Whether the request asks to publish even a round that validates worse than the served model."""
+    value = str(request.get("publish", DEFAULTS["publish"])).strip().lower()
+    if value not in ("if_better", "always"):
+        raise TrainRequestError(f"publish must be 'if_better' or 'always', got {value!r}")
+    return value == "always"
+
+
 def final_label_file(datastore: Datastore, image_id: str) -> str | None:
     """The final label of an image as a local file with the app's label values, or None.
 
@@ -148,13 +159,14 @@ class SPDTrainer(TrainTask):
 
     def stats(self) -> dict:
         meta = self.store.metadata()
-        keys = ("version", "published", "labels", "val_dice", "decoder_epoch", "train_volumes", "val_volumes", "seconds",
-                "world_size")
+        keys = ("version", "published", "labels", "val_dice", "served_val_dice", "decoder_epoch", "work",
+                "train_volumes", "val_volumes", "seconds", "world_size")
         return {k: meta[k] for k in keys if k in meta}
 
     def __call__(self, request: dict, datastore: Datastore) -> dict:
         started = time.monotonic()
         config, val_fraction, wanted, axis = parse_request(request, self.labels)
+        always = publish_always(request)
         try:
             launch = plan_launch(request, self.pipeline.backbone.device, torch.cuda.device_count())
         except LaunchError as error:
@@ -177,7 +189,13 @@ class SPDTrainer(TrainTask):
         volumes = [v for v in volumes if v.present(requested)]
         if not volumes:
             raise RuntimeError(f"no final label holds any of the labels {list(requested)}")
-        axis = training_axis(volumes[0].spacing) if axis is None else axis
+        axis = round_axis(volumes) if axis is None else axis
+        flat = [v.name for v in volumes if axis not in slice_axes(v.labels.shape)]
+        if flat:
+            logger.info("not used: %s (a voxel thin along axis %d)", flat, axis)
+            volumes = [v for v in volumes if v.name not in flat]
+        if not volumes:
+            raise RuntimeError(f"no labelled volume has 2D slices along axis {axis}")
         train_names, val_names = split_by_volume([v.name for v in volumes], val_fraction, config.seed)
         by_name = {v.name: v for v in volumes}
         train, val = [by_name[n] for n in train_names], [by_name[n] for n in val_names]
@@ -192,12 +210,13 @@ class SPDTrainer(TrainTask):
 
         if launch:
             return run_distributed(Job(launch, self.pipeline_factory, str(self.store.directory), train, val, labels, axis,
-                                       config, time.monotonic() - started, logging.getLogger().getEffectiveLevel()))
+                                       config, time.monotonic() - started, logging.getLogger().getEffectiveLevel(),
+                                       always))
         previous_heads = dict(self.pipeline.saliency_heads)
         with self._training_copy():
             result = run_training(self.pipeline, train, val, labels, axis, config)
         return publish_round(self.store, self.pipeline, previous_heads, result, axis, config,
-                             time.monotonic() - started)
+                             time.monotonic() - started, always=always)
 
     @contextmanager
     def _training_copy(self) -> Iterator[None]:
