@@ -2,8 +2,9 @@
 
 For every structure and every simulated annotator (``annotator.py``: click spacing, drift, off-target
 rate, skipped slices, view axis) three things are measured in the same run, with the same backbone:
-- **SPD**: the pipeline as the server runs it (slice axis chosen from the clicks, untrained unless
-  ``--heads`` is given).
+- **SPD**: the pipeline as the server runs it, untrained (slice axis chosen from the clicks); with
+  ``--size-prior`` its box probes follow the sizes learned from the tuning subjects' labels, as
+  they do after a training round.
 - **baseline**: plain SAM as a user would drive it with these clicks: a box of the structure's
   typical in-plane size around each click, every slice from the first to the last click segmented
   with the box of the nearest clicked slice. Typical sizes are medians over the tuning subjects.
@@ -40,6 +41,7 @@ from lib.spd.embedding_cache import EmbeddingCache  # noqa: E402
 from lib.spd.intensity import choose_window  # noqa: E402
 from lib.spd.pipeline import SPDPipeline, VolumeView  # noqa: E402
 from lib.spd.prompts import Click  # noqa: E402
+from lib.spd.size_prior import learn_size_prior  # noqa: E402
 from lib.spd.training import dice  # noqa: E402
 from make_cohort import make_cohort  # noqa: E402
 from tube_phantom import make_tube_phantom  # noqa: E402
@@ -159,7 +161,15 @@ def typical_sizes(cases: list[Case], views) -> dict[tuple[str, int], np.ndarray]
     return out
 
 
-def run(cases: list[Case], grid: list[Annotator], typical, pipeline: SPDPipeline, trials: int, log) -> list[dict]:
+def size_priors(cases: list[Case], view: int) -> dict:
+    """Per structure, the size prior a round would learn from these cases' labels (``--size-prior``)."""
+    names = {n for c in cases for n in c.structures}
+    return {n: learn_size_prior([(c.labels == c.structures[n], c.spacing) for c in cases if n in c.structures], view)
+            for n in names}
+
+
+def run(cases: list[Case], grid: list[Annotator], typical, pipeline: SPDPipeline, trials: int, log,
+        priors: dict | None = None) -> list[dict]:
     rows = []
     for case in cases:
         window = choose_window(case.image)
@@ -174,6 +184,8 @@ def run(cases: list[Case], grid: list[Annotator], typical, pipeline: SPDPipeline
                 for trial in range(trials):
                     rng = np.random.default_rng([int(case.name.encode().hex(), 16) % 2**32, value, g, trial])
                     clicks, off = clicks_for(case.labels, value, case.spacing, annotator, rng)
+                    if priors is not None:
+                        pipeline.size_priors = priors[annotator.view]
                     tic = time.perf_counter()
                     seg = pipeline.segment(case.image, case.spacing, case.name, [Click(tuple(c), True) for c in clicks],
                                            window, label=name)
@@ -237,6 +249,8 @@ def main(argv=None) -> None:
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "spd_bench_cache",
                         help="embedding cache kept between runs")
     parser.add_argument("--json", type=Path, default=None, help="write every row here")
+    parser.add_argument("--size-prior", action="store_true",
+                        help="SPD probes with the sizes learned from the tuning subjects' labels, as after a round")
     args = parser.parse_args(argv)
     data = args.data.split(",")
     started = time.strftime("%Y-%m-%d %H:%M")
@@ -252,7 +266,8 @@ def main(argv=None) -> None:
         if args.set == "tuning" and args.side != "both":
             cases = mri_cases(SEEDS["tuning"]["mri"], args.subjects, args.side)
         log(f"MRI ({args.set}): {len(cases)} synthetic subjects, {sum(len(c.structures) for c in cases)} structures")
-        rows = run(cases, GRIDS[args.grid], typical, pipeline, args.trials, log)
+        priors = {v: size_priors(tuning, v) for v in (0, 1, 2)} if args.size_prior else None
+        rows = run(cases, GRIDS[args.grid], typical, pipeline, args.trials, log, priors)
         reports.append(("synthetic MRI (Colin27 + AAL, warped)", summary(rows, GRIDS[args.grid])))
         all_rows += [dict(r, data="mri") for r in rows]
     if "tubes" in data:
@@ -260,7 +275,8 @@ def main(argv=None) -> None:
         typical = typical_sizes(tuning, (2,))
         cases = tuning if args.set == "tuning" else tube_cases(SEEDS[args.set]["tubes"])
         log(f"tube phantom CT ({args.set}): {len(cases)} phantoms")
-        rows = run(cases, GRIDS["tubes"], typical, pipeline, args.trials, log)
+        priors = {2: size_priors(tuning, 2)} if args.size_prior else None
+        rows = run(cases, GRIDS["tubes"], typical, pipeline, args.trials, log, priors)
         reports.append(("synthetic CT tube phantom", summary(rows, GRIDS["tubes"])))
         all_rows += [dict(r, data="tubes") for r in rows]
 

@@ -11,6 +11,7 @@ from lib.spd.intensity import choose_window
 from lib.spd.pipeline import SPDPipeline, VolumeView
 from lib.spd.prompts import Click
 from lib.spd.saliency_head import SaliencyHead
+from lib.spd.size_prior import learn_size_prior
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +105,16 @@ def test_a_trained_head_is_used_only_on_the_axis_it_was_trained_on(backbone):
         seg = pipeline.segment(volume, (1.0, 1.0, 1.0), "tube", [Click(tuple(c), True) for c in clicks],
                                choose_window(volume), label="tube", slice_axis=2)
         assert seg.saliency == expected
+
+
+def test_learned_sizes_set_the_probes_on_their_axis_and_the_result_says_so(backbone):
+    """With a size prior of the tube's own axis the probes follow it, with one of another axis the default
+    squares are used; the result says which, and the tube is found either way."""
+    volume, target = phantom()
+    clicks = [Click(tuple(c), True) for c in [[31, 38, 6], [33, 34, 9], [34, 37, 15], [36, 35, 18]]]
+    for prior_axis, expected in ((2, "learned sizes (axis 2)"), (0, "default sizes")):
+        prior = learn_size_prior([(target, (1.0, 1.0, 1.0))], prior_axis)
+        pipeline = SPDPipeline(backbone, SHARED, size_priors={"tube": prior})
+        seg = pipeline.segment(volume, (1.0, 1.0, 1.0), "tube", clicks, choose_window(volume), label="tube",
+                               slice_axis=2)
+        assert seg.box_probes == expected and dice(seg.mask, target) > 0.7

@@ -77,7 +77,11 @@ def test_a_round_publishes_a_version_and_leaves_the_served_model_alone(datastore
     assert 1 <= work["epochs"]["saliency"] <= 2 and work["epochs"]["decoder"] <= 1 and work == result["work"]
     assert set(work["stopped"]) == {"saliency", "decoder"} and work["decoder_steps"] >= work["epochs"]["decoder"]
     assert store.path(1, ".png").stat().st_size > 1000
+    assert set(meta["size_priors"]) == set(result["labels"]) and pipeline.size_priors == {}
     assert served.refresh() == 1 and set(pipeline.saliency_heads) == set(result["labels"])
+    assert set(pipeline.size_priors) == set(result["labels"]), "served with the sizes learned from the labels"
+    name = result["labels"][0]
+    assert pipeline.probe_config(name, meta["slice_axis"]) != pipeline.probes
 
 
 def test_a_round_under_ddp_with_two_cpu_processes(datastore, tmp_path):
@@ -103,15 +107,15 @@ def test_a_round_worse_than_the_served_model_is_not_published_unless_asked(tmp_p
     result = TrainingResult(SaliencyHead(["right_caudate"], axis=2), None, [], {"right_caudate": 0.41}, 0, ["a"], ["b"],
                             served_dice={"right_caudate": 0.52}, stopped={"saliency": TIME_BUDGET})
 
-    refused = publish_round(store, pipeline, {}, result, 2, TrainConfig(), 10.0)
+    refused = publish_round(store, pipeline, ({}, {}), result, 2, TrainConfig(), 10.0)
 
     assert not refused["published"] and refused["version"] is None and "below the served model" in refused["reason"]
     assert refused["work"]["cut_short"] and refused["served_val_dice"] == {"right_caudate": 0.52}
     assert store.current() is None and not list(store.directory.glob("v*")), "nothing written"
-    forced = publish_round(store, pipeline, {}, result, 2, TrainConfig(), 10.0, always=True)
+    forced = publish_round(store, pipeline, ({}, {}), result, 2, TrainConfig(), 10.0, always=True)
     assert forced["published"] and forced["version"] == 1 and store.metadata()["work"]["stopped"] == {"saliency": TIME_BUDGET}
     better = dataclasses.replace(result, val_dice={"right_caudate": 0.52})
-    assert publish_round(store, pipeline, {}, better, 2, TrainConfig(), 10.0)["version"] == 2, "a tie is published"
+    assert publish_round(store, pipeline, ({}, {}), better, 2, TrainConfig(), 10.0)["version"] == 2, "a tie is published"
 
 
 @pytest.mark.parametrize("request_, message", [({"cpu_processes": "two"}, "cpu_processes"),

@@ -93,6 +93,7 @@ class SPDInfer(InferTask):
             "consensus": seg.consensus,
             "slice_axis": seg.axis,
             "saliency": seg.saliency,
+            "box_probes": seg.box_probes,
             "slice_range": list(seg.slice_range),
             "voxels": int(seg.mask.sum()),
             "backbone": {"name": self.pipeline.backbone.name, "runtime": self.pipeline.backbone.runtime,

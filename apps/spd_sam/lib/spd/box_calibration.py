@@ -20,18 +20,23 @@ Box = tuple[float, float, float, float]
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    """Probe sizes and tolerances, in mm."""
+    """Probe sizes and tolerances, in mm.
+
+    ``aspect`` scales a probe's half-size along rows and columns (the larger is 1): square probes by
+    default; a structure's learned size prior gives its in-plane shape.
+    """
 
     half_sizes_mm: tuple[float, ...] = (5.0, 8.0, 12.0, 18.0)
     stable_iou: float = 0.85
     pad_mm: float = 2.0
+    aspect: tuple[float, float] = (1.0, 1.0)
 
 
 def probe_boxes(centre: Sequence[float], pixel_mm: np.ndarray, shape, config: ProbeConfig) -> list[Box]:
-    """Square (in mm) boxes of growing size around ``centre``, clipped to the slice."""
+    """Boxes of growing size (square in mm, or of ``config.aspect``) around ``centre``, clipped to the slice."""
     boxes = []
     for half in config.half_sizes_mm:
-        hr, hc = half / pixel_mm
+        hr, hc = half * np.asarray(config.aspect) / pixel_mm
         boxes.append((max(centre[0] - hr, 0.0), max(centre[1] - hc, 0.0),
                       min(centre[0] + hr, shape[0] - 1.0), min(centre[1] + hc, shape[1] - 1.0)))
     return boxes

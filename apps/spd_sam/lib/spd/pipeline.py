@@ -18,6 +18,7 @@ from .intensity import IntensityWindow
 from .mask_memo import MaskMemo
 from .prompts import Click, choose_slice_axis, to_slice_clicks
 from .saliency import AppearanceSaliency, SaliencyModel
+from .size_prior import SizePrior
 
 
 @dataclass
@@ -30,6 +31,7 @@ class Segmentation:
     consensus: dict
     timings: dict = field(default_factory=dict)
     saliency: str = "appearance"  # or "trained head (axis N)"
+    box_probes: str = "default sizes"  # or "learned sizes (axis N)"
 
 
 @dataclass
@@ -69,6 +71,7 @@ class Plan:
     consensus: Consensus  # prompts with a box on every slice
     timings: dict = field(default_factory=dict)
     saliency_source: str = "appearance"  # which saliency the consensus was built on
+    probe_source: str = "default sizes"  # which probe sizes measured the anchored slices' boxes
 
 
 def slice_margin(click_slices: Sequence[int]) -> int:
@@ -92,6 +95,7 @@ class SPDPipeline:
         cpd: distillation tolerances.
         probes: box probe sizes for measuring the structure on validated slices.
         decode_chunk: slices decoded per call (None: the backbone's ``decode_chunk``).
+        size_priors: per label name, the sizes learned from its saved labels (probe sizes on that axis).
     """
 
     def __init__(
@@ -102,6 +106,7 @@ class SPDPipeline:
         cpd: CPDConfig = CPDConfig(),
         probes: ProbeConfig = ProbeConfig(),
         decode_chunk: int | None = None,
+        size_priors: Mapping[str, SizePrior] | None = None,
     ):
         self.backbone = backbone
         self.cache = cache
@@ -109,6 +114,7 @@ class SPDPipeline:
         self.cpd = cpd
         self.probes = probes
         self.decode_chunk = decode_chunk or backbone.decode_chunk
+        self.size_priors = dict(size_priors or {})
         self.memo = MaskMemo()
         self.fallback_saliency = AppearanceSaliency()
         self._hot: tuple[str, int, torch.Tensor] | None = None  # the last request's slab, kept on the GPU
@@ -117,6 +123,11 @@ class SPDPipeline:
         """Names the embeddings of one volume seen along one axis by one backbone and window."""
         w = view.window
         return f"{volume_id}-ax{view.axis}-{self.backbone.name}-{self.backbone.embedding_id}-{w.low:.6g}_{w.high:.6g}"
+
+    def probe_config(self, label: str | None, axis: int) -> ProbeConfig:
+        """Probe sizes for ``label`` on slices along ``axis``: learned from its saved labels, else the defaults."""
+        prior = self.size_priors.get(label)
+        return prior.probes(self.probes) if prior is not None and prior.axis == axis else self.probes
 
     def embed(self, volume_id: str, view: VolumeView, indices: Sequence[int]) -> torch.Tensor:
         """Embeddings of the given slices, through the cache (missing slices are windowed chunk by chunk)."""
@@ -156,7 +167,8 @@ class SPDPipeline:
         timings["assemble"] = round(time.perf_counter() - tic, 4)
         last = plan.first + len(plan.embeddings) - 1
         return Segmentation(mask, plan.view.axis, (plan.first, last),
-                            plan.consensus.record(plan.view.in_plane, plan.view.axis), timings, plan.saliency_source)
+                            plan.consensus.record(plan.view.in_plane, plan.view.axis), timings, plan.saliency_source,
+                            plan.probe_source)
 
     def plan(
         self,
@@ -216,14 +228,16 @@ class SPDPipeline:
             return self._masks(key, at, embeddings[[s - first for s in at]], SlicePrompts(boxes=boxes), view.slice_shape)
 
         anchors = {s: np.mean(p.positives, axis=0) for s, p in consensus.prompts.items() if p.anchored}
+        probes = self.probe_config(label, axis)
         if anchor_boxes is None:
-            measured = calibrate_anchor_boxes(probe, anchors, pixel_mm, view.slice_shape, self.probes)
+            measured = calibrate_anchor_boxes(probe, anchors, pixel_mm, view.slice_shape, probes)
         else:
             measured = anchor_boxes(anchors)
         consensus.assign_boxes(measured, view.slice_shape)
         lap("calibrate")
         return Plan(view, first, key, embeddings, saliency, consensus, timings,
-                    f"trained head (axis {axis})" if trained else "appearance")
+                    f"trained head (axis {axis})" if trained else "appearance",
+                    "default sizes" if probes is self.probes else f"learned sizes (axis {axis})")
 
     def _embeddings_on_device(self, volume_id: str, view: VolumeView, indices: list[int]) -> torch.Tensor:
         """Embeddings of consecutive slices ``indices`` on the backbone's device. On a GPU the last slab

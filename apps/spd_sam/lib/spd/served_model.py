@@ -12,12 +12,14 @@ from . import encoder_lora
 from .checkpoints import CheckpointError, CheckpointStore
 from .pipeline import SPDPipeline
 from .saliency_head import SaliencyHead
+from .size_prior import SizePrior
 
 logger = logging.getLogger(__name__)
 
 
 class ServedModel:
-    """Installs the published checkpoint's saliency heads, decoder and image-encoder adapters into a pipeline.
+    """Installs the published checkpoint's saliency heads, size priors, decoder and image-encoder adapters into a
+    pipeline.
 
     The backbone's own decoder weights are kept aside, so a checkpoint without a decoder (or the
     pointer's removal) serves the untrained decoder again. A checkpoint that cannot be used is
@@ -54,26 +56,27 @@ class ServedModel:
         candidates = self.store.candidates()
         if not candidates and self.version is not None:
             logger.warning("no published checkpoint in %s any more: serving the untrained model", self.store.directory)
-            self._install(None, {}, self._base_decoder, None)
+            self._install(None, ({}, {}), self._base_decoder, None)
         for version in [v for v in candidates if v not in self._refused]:
             if version == self.version:
                 return
             try:
                 checkpoint = self.store.load(version, backbone.name, backbone.weights_id)
-                heads, decoder, adapters = self._build(checkpoint)
+                learned, decoder, adapters = self._build(checkpoint)
             except CheckpointError as error:
                 logger.error("refusing checkpoint v%04d: %s", version, error)
                 self._refused.add(version)
                 continue
-            self._install(version, heads, decoder, adapters)
+            self._install(version, learned, decoder, adapters)
             meta = checkpoint["metadata"]
-            logger.info("serving checkpoint v%04d (labels %s; validation Dice %s%s)", version,
-                        ", ".join(heads) or "none", meta.get("val_dice"),
+            logger.info("serving checkpoint v%04d (labels %s; size priors %s; validation Dice %s%s)", version,
+                        ", ".join(learned[0]) or "none", ", ".join(learned[1]) or "none", meta.get("val_dice"),
                         f"; encoder adapters {backbone.encoder_tag}" if adapters else "")
             return
 
-    def _build(self, checkpoint: dict) -> tuple[dict, nn.Module, dict | None]:
-        """Saliency heads per label, a decoder module and checked encoder adapters from a checkpoint, strictly loaded."""
+    def _build(self, checkpoint: dict) -> tuple[tuple[dict, dict], nn.Module, dict | None]:
+        """(saliency heads, size priors) per label, a decoder module and checked encoder adapters from a checkpoint,
+        strictly loaded."""
         path = self.store.path(checkpoint["metadata"]["version"])
         try:
             heads = {}
@@ -89,17 +92,19 @@ class ServedModel:
                 decoder = copy.deepcopy(self._base_decoder)
                 decoder.load_state_dict(checkpoint["decoder_state"], strict=True)
                 decoder.eval()
+            priors = {name: SizePrior.from_json(data) for name, data in (checkpoint.get("size_priors") or {}).items()}
             adapters = checkpoint.get("encoder_adapters")
             if adapters is not None:
                 encoder_lora.check(self.pipeline.backbone.model.image_encoder, adapters)
         except (KeyError, TypeError, RuntimeError, AssertionError, ValueError) as error:
             raise CheckpointError(f"{path}: weights do not fit this model: {error}") from None
-        return heads, decoder, adapters
+        return (heads, priors), decoder, adapters
 
-    def _install(self, version: int | None, heads: dict, decoder: nn.Module, adapters: dict | None) -> None:
+    def _install(self, version: int | None, learned: tuple[dict, dict], decoder: nn.Module, adapters: dict | None
+                 ) -> None:
         backbone = self.pipeline.backbone
         backbone.install_adapters(adapters)
         backbone.model.mask_decoder = decoder
-        self.pipeline.saliency_heads = heads
+        self.pipeline.saliency_heads, self.pipeline.size_priors = learned
         self.pipeline.decoder_changed()
         self.version = version

@@ -44,6 +44,7 @@ from .embedding_cache import EmbeddingCache
 from .losses import dice_bce_per_slice
 from .pipeline import Plan, SPDPipeline
 from .saliency_head import SaliencyHead, grid_targets, saliency_loss
+from .size_prior import SizePrior, learn_size_prior
 from .training_data import LabelledVolume, Slab, clicks_for, embed_slab, ideal_anchor_boxes
 
 logger = logging.getLogger(__name__)
@@ -131,6 +132,7 @@ class TrainingResult:
     train_volumes: list[str]
     val_volumes: list[str]
     adapters: dict | None = None  # the image encoder's LoRA adapters (``encoder_lora.state``), if it has any
+    size_priors: dict[str, SizePrior] = field(default_factory=dict)  # learned from the training volumes' labels
     served_dice: dict[str, float] = field(default_factory=dict)  # the served model on the same validation
     stopped: dict[str, str] = field(default_factory=dict)  # stage -> why it stopped
     skipped_volumes: list[str] = field(default_factory=list)  # training volumes left out for time
@@ -348,7 +350,7 @@ class DecoderTuner:
         clicks = clicks_for(volume, value, self.axis, style, self.rng)
         in_plane = [a for a in range(3) if a != self.axis]
         pixel_mm = [volume.spacing[a] for a in in_plane]
-        probes = self.pipeline.probes
+        probes = self.pipeline.probe_config(name, self.axis)
         plan = self.pipeline.plan(volume.volume, volume.spacing, volume.volume_id, clicks, volume.window, label=name,
                                   slice_axis=self.axis, anchor_boxes=lambda anchors: ideal_anchor_boxes(
                                       target, self.axis, anchors, pixel_mm, probes, self.rng))
@@ -361,7 +363,7 @@ class DecoderTuner:
         start = int(self.rng.integers(0, len(plan.embeddings) - count + 1))
         run = list(range(plan.first + start, plan.first + start + count))
         boxes = np.array([plan.consensus.prompts[s].box for s in run], dtype=np.float32)
-        probes = self._probes(plan, target, pixel_mm)
+        probes = self._probes(plan, target, pixel_mm, name)
         groups = [(self._embeddings(plan, run), boxes, shape)]
         if probes:
             slices = [s for s, _ in probes]
@@ -410,11 +412,11 @@ class DecoderTuner:
             self.pipeline.cache = cache
             backbone.encoder_changed(start_tag)
 
-    def _probes(self, plan: Plan, target: np.ndarray, pixel_mm: Sequence[float]) -> list[tuple[int, tuple]]:
+    def _probes(self, plan: Plan, target: np.ndarray, pixel_mm: Sequence[float], name: str) -> list[tuple[int, tuple]]:
         """(slice, box) of calibration probes to learn the whole structure from (one random size per anchored
         slice), only probes that overlap the structure, at most ``probes_per_step`` of them.
         """
-        probes, shape = self.pipeline.probes, plan.view.slice_shape
+        probes, shape = self.pipeline.probe_config(name, self.axis), plan.view.slice_shape
         chosen: list[tuple[int, tuple]] = []
         for s, prompt in plan.consensus.prompts.items():
             if not prompt.anchored:
@@ -505,8 +507,8 @@ def run_training(pipeline: SPDPipeline, train: Sequence[LabelledVolume], val: Se
     With ``config.lora_rank``, stage 2 also trains LoRA adapters on the image encoder (continuing the
     served ones when they have that rank); if the kept adapters changed the encoder, the slabs are
     embedded again with it and the saliency head is refitted on them, so the published head reads
-    the embeddings the published encoder makes. On return the pipeline serves the new heads, the
-    kept decoder weights and the kept adapters.
+    the embeddings the published encoder makes. On return the pipeline serves the new heads and
+    size priors, the kept decoder weights and the kept adapters.
 
     Args:
         pipeline: pipeline whose backbone decoder is tuned in place and whose cache provides embeddings.
@@ -562,6 +564,10 @@ def run_training(pipeline: SPDPipeline, train: Sequence[LabelledVolume], val: Se
     stopped = {"saliency": head_stopped}
     head_s = time.monotonic() - tic
     pipeline.saliency_heads = {name: head.for_label(name) for name in labels}
+    priors = size_priors(train, labels, axis)
+    pipeline.size_priors = {**pipeline.size_priors, **priors}
+    logger.info("size priors (half-sizes in mm at quantiles 25/50/75/95 %%, in-plane aspect): %s",
+                {name: (p.half_mm, p.aspect) for name, p in priors.items()})
     decoder_state, decoder_epoch, val_dice = None, 0, {}
     encoder = pipeline.backbone.model.image_encoder
     if pipeline.backbone.box_trained:
@@ -580,11 +586,18 @@ def run_training(pipeline: SPDPipeline, train: Sequence[LabelledVolume], val: Se
                        pipeline.backbone.name)
         val_dice = validate(pipeline, val or train, labels, axis, config, ranks=ranks)
     result = TrainingResult(head, decoder_state, history, val_dice, decoder_epoch, [v.name for v in train],
-                            [v.name for v in val], encoder_lora.state(encoder), served_dice, stopped, skipped)
+                            [v.name for v in val], encoder_lora.state(encoder), priors, served_dice, stopped, skipped)
     if result.work()["cut_short"]:
         logger.warning("the time budget cut this round short (%s); raise max_minutes / train_minutes, or train "
                        "when the machine is less loaded, for a full round", result.work())
     return result
+
+
+def size_priors(volumes: Sequence[LabelledVolume], labels: Mapping[str, int], axis: int) -> dict[str, SizePrior]:
+    """Per label, the sizes its slices along ``axis`` have in ``volumes``' labels (labels found in none: left out)."""
+    priors = {name: learn_size_prior([(v.labels == value, v.spacing) for v in volumes if name in v.present(labels)],
+                                     axis) for name, value in labels.items()}
+    return {name: prior for name, prior in priors.items() if prior is not None}
 
 
 def _prepare_adapters(backbone: Backbone, config: TrainConfig) -> None:

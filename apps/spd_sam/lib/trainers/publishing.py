@@ -16,6 +16,7 @@ from lib.spd import encoder_lora
 from lib.spd.checkpoints import CheckpointStore
 from lib.spd.pipeline import SPDPipeline
 from lib.spd.saliency_head import SaliencyHead
+from lib.spd.size_prior import SizePrior
 from lib.spd.training import TrainConfig, TrainingResult, mean_dice
 from lib.trainers.training_curve import render_training_curve
 
@@ -28,7 +29,13 @@ def heads_to_save(previous: Mapping, new: SaliencyHead) -> list[dict]:
     return [{"config": h.config(), "state": h.state_dict()} for h in [*kept.values(), new]]
 
 
-def publish_round(store: CheckpointStore, pipeline: SPDPipeline, previous_heads: Mapping, result: TrainingResult,
+def priors_to_save(previous: Mapping[str, SizePrior], new: Mapping[str, SizePrior]) -> dict[str, dict]:
+    """The size priors of this round, and the published ones of labels it did not train."""
+    return {name: prior.to_json() for name, prior in {**previous, **new}.items()}
+
+
+def publish_round(store: CheckpointStore, pipeline: SPDPipeline, previous: tuple[Mapping, Mapping],
+                  result: TrainingResult,
                   axis: int, config: TrainConfig, seconds: float, world_size: int = 1, always: bool = False) -> dict:
     """Publish ``result`` as the next version if it validates at least as well as the served model (or
     ``always``); returns the trainer's answer (published, version, time, Dice, work done, labels).
@@ -36,7 +43,7 @@ def publish_round(store: CheckpointStore, pipeline: SPDPipeline, previous_heads:
     Args:
         store: checkpoint folder.
         pipeline: the pipeline that was trained (its backbone names the weights the checkpoint fits).
-        previous_heads: the saliency heads served before the round (label -> head view).
+        previous: the saliency heads (label -> head view) and size priors (label -> prior) served before the round.
         result: what the round produced.
         axis: slice axis of training.
         config: the round's settings (stored with the checkpoint).
@@ -66,8 +73,11 @@ def publish_round(store: CheckpointStore, pipeline: SPDPipeline, previous_heads:
         "published": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "params": dataclasses.asdict(config), "history": [r.to_json() for r in result.history],
     }
+    previous_heads, previous_priors = previous
+    priors = priors_to_save(previous_priors, result.size_priors)
+    metadata["size_priors"] = priors
     payload = {"saliency_heads": heads_to_save(previous_heads, result.head), "decoder_state": result.decoder_state,
-               "encoder_adapters": result.adapters}
+               "encoder_adapters": result.adapters, "size_priors": priors}
     title = f"spd_sam: {len(result.train_volumes)} train / {len(result.val_volumes)} validation volumes"
     version = store.publish(payload, metadata, {".png": render_training_curve(result.history, title)})
     logger.info("spd_sam training done in %.0f s: published v%04d (validation Dice %s, served model's %s, decoder "

@@ -212,28 +212,28 @@ class SPDTrainer(TrainTask):
             return run_distributed(Job(launch, self.pipeline_factory, str(self.store.directory), train, val, labels, axis,
                                        config, time.monotonic() - started, logging.getLogger().getEffectiveLevel(),
                                        always))
-        previous_heads = dict(self.pipeline.saliency_heads)
+        previous = dict(self.pipeline.saliency_heads), dict(self.pipeline.size_priors)
         with self._training_copy():
             result = run_training(self.pipeline, train, val, labels, axis, config)
-        return publish_round(self.store, self.pipeline, previous_heads, result, axis, config,
+        return publish_round(self.store, self.pipeline, previous, result, axis, config,
                              time.monotonic() - started, always=always)
 
     @contextmanager
     def _training_copy(self) -> Iterator[None]:
-        """Tune a copy of the served decoder and put the served decoder, heads and encoder adapters back afterwards.
+        """Tune a copy of the served decoder; put the served decoder, heads, size priors and encoder adapters back after.
 
         MONAI Label trains in a subprocess of its own, but ``run_sync=true`` trains in the server:
         there the served model must stay as it is until the new version is published (or forever,
         when the round fails).
         """
-        backbone, heads = self.pipeline.backbone, dict(self.pipeline.saliency_heads)
+        backbone, heads, priors = self.pipeline.backbone, dict(self.pipeline.saliency_heads), dict(self.pipeline.size_priors)
         model = backbone.model
         served, adapters = model.mask_decoder, encoder_lora.state(model.image_encoder)
         model.mask_decoder = copy.deepcopy(served)
         try:
             yield
         finally:
-            model.mask_decoder, self.pipeline.saliency_heads = served, heads
+            model.mask_decoder, self.pipeline.saliency_heads, self.pipeline.size_priors = served, heads, priors
             backbone.install_adapters(adapters)
             self.pipeline.decoder_changed()
 
