@@ -42,6 +42,7 @@ from lib.spd.intensity import choose_window  # noqa: E402
 from lib.spd.pipeline import SPDPipeline, VolumeView  # noqa: E402
 from lib.spd.prompts import Click  # noqa: E402
 from lib.spd.size_prior import learn_size_prior  # noqa: E402
+from lib.spd.trained_state import TrainedState  # noqa: E402
 from lib.spd.training import dice  # noqa: E402
 from make_cohort import make_cohort  # noqa: E402
 from tube_phantom import make_tube_phantom  # noqa: E402
@@ -185,7 +186,7 @@ def run(cases: list[Case], grid: list[Annotator], typical, pipeline: SPDPipeline
                     rng = np.random.default_rng([int(case.name.encode().hex(), 16) % 2**32, value, g, trial])
                     clicks, off = clicks_for(case.labels, value, case.spacing, annotator, rng)
                     if priors is not None:
-                        pipeline.size_priors = priors[annotator.view]
+                        pipeline.serve(TrainedState(size_priors=priors[annotator.view]))
                     tic = time.perf_counter()
                     seg = pipeline.segment(case.image, case.spacing, case.name, [Click(tuple(c), True) for c in clicks],
                                            window, label=name)

@@ -12,6 +12,7 @@ from lib.spd.pipeline import SPDPipeline, VolumeView
 from lib.spd.prompts import Click
 from lib.spd.saliency_head import SaliencyHead
 from lib.spd.size_prior import learn_size_prior
+from lib.spd.trained_state import TrainedState
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,7 @@ def test_a_trained_head_is_used_only_on_the_axis_it_was_trained_on(backbone):
     clicks = [[31, 38, 6], [33, 34, 9], [34, 37, 15], [36, 35, 18]]
     for head_axis, expected in ((2, "trained head (axis 2)"), (0, "appearance")):
         heads = {"tube": SaliencyHead(["tube"], in_channels=256, width=8, axis=head_axis).for_label("tube")}
-        pipeline = SPDPipeline(backbone, SHARED, saliency_heads=heads)
+        pipeline = SPDPipeline(backbone, SHARED, TrainedState(saliency_heads=heads))
         seg = pipeline.segment(volume, (1.0, 1.0, 1.0), "tube", [Click(tuple(c), True) for c in clicks],
                                choose_window(volume), label="tube", slice_axis=2)
         assert seg.saliency == expected
@@ -114,7 +115,7 @@ def test_learned_sizes_set_the_probes_on_their_axis_and_the_result_says_so(backb
     clicks = [Click(tuple(c), True) for c in [[31, 38, 6], [33, 34, 9], [34, 37, 15], [36, 35, 18]]]
     for prior_axis, expected in ((2, "learned sizes (axis 2)"), (0, "default sizes")):
         prior = learn_size_prior([(target, (1.0, 1.0, 1.0))], prior_axis)
-        pipeline = SPDPipeline(backbone, SHARED, size_priors={"tube": prior})
+        pipeline = SPDPipeline(backbone, SHARED, TrainedState(size_priors={"tube": prior}))
         seg = pipeline.segment(volume, (1.0, 1.0, 1.0), "tube", clicks, choose_window(volume), label="tube",
                                slice_axis=2)
         assert seg.box_probes == expected and dice(seg.mask, target) > 0.7

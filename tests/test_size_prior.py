@@ -11,6 +11,7 @@ from lib.spd.box_calibration import ProbeConfig, calibrate_anchor_boxes, probe_b
 from lib.spd.embedding_cache import EmbeddingCache
 from lib.spd.pipeline import SPDPipeline
 from lib.spd.size_prior import QUANTILES, SizePrior, learn_size_prior
+from lib.spd.trained_state import TrainedState
 
 APP_DIR = Path(__file__).resolve().parents[1] / "apps" / "spd_sam"
 
@@ -66,6 +67,6 @@ def test_probes_follow_the_prior_and_calibration_then_finds_a_long_thin_structur
 def test_the_pipeline_uses_a_prior_only_for_its_label_and_axis():
     prior = SizePrior(2, (8.0, 10.0, 12.0, 12.0), (0.25, 1.0), 20)
     pipeline = SPDPipeline(load_backbone(cache_dir=str(APP_DIR / "model" / "runtime")), EmbeddingCache(1 << 20),
-                           size_priors={"right_putamen": prior})
+                           TrainedState(size_priors={"right_putamen": prior}))
     assert pipeline.probe_config("right_putamen", 2) == prior.probes(ProbeConfig())
     assert pipeline.probe_config("right_putamen", 1) == ProbeConfig() == pipeline.probe_config("left_putamen", 2)

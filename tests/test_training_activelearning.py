@@ -11,6 +11,7 @@ import torch
 from lib.activelearning.uncertainty import (SCORE_KEY, SPDUncertainty, SPDUncertaintyScoring, sample_pairs,
                                             saliency_uncertainty)
 from lib.spd.saliency_head import SaliencyHead
+from lib.spd.trained_state import TrainedState
 
 
 def blob(shift: int = 0, level: float = 0.99) -> torch.Tensor:
@@ -75,7 +76,7 @@ def test_scoring_caches_scores_per_model_version(tmp_path):
         return torch.randn(len(slices), 8, 16, 16)
 
     version = {"v": 1}
-    pipeline = SimpleNamespace(saliency_heads={"x": head.for_label("x")}, embed=embed)
+    pipeline = SimpleNamespace(state=TrainedState(saliency_heads={"x": head.for_label("x")}), embed=embed)
     served = SimpleNamespace(refresh=lambda: version["v"], store=SimpleNamespace(current=lambda: version["v"]))
     scoring = SPDUncertaintyScoring(pipeline, served, pairs=2)
     assert scoring.pending(datastore) == ["a"]

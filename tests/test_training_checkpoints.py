@@ -14,24 +14,26 @@ from torch import nn
 from lib.spd.checkpoints import CheckpointError, CheckpointStore
 from lib.spd.saliency_head import LabelSaliency, SaliencyHead
 from lib.spd.served_model import ServedModel
+from lib.spd.trained_state import TrainedState
 
 BACKBONE = {"backbone": "lite_medsam", "weights_id": "0123456789abcdef"}
 
 
 class FakePipeline:
-    """What ServedModel touches: a backbone with a mask decoder, saliency heads, and the memo reset."""
+    """What ServedModel touches: a backbone with a mask decoder, the base decoder, and the state switch."""
 
     def __init__(self):
         model = nn.Module()
-        model.mask_decoder = nn.Linear(4, 2)
+        model.mask_decoder = self.base_decoder = nn.Linear(4, 2)
         self.backbone = SimpleNamespace(name=BACKBONE["backbone"], weights_id=BACKBONE["weights_id"], model=model,
-                                        encoder_tag="", install_adapters=lambda saved: None)
-        self.saliency_heads = {}
+                                        encoder_tag="")
+        self.state = TrainedState()
         self.resets = 0
 
-    def decoder_changed(self):
+    def serve(self, state):
+        self.backbone.model.mask_decoder = state.decoder or self.base_decoder
+        self.state = state
         self.resets += 1
-
 
 def payload(fill: float, labels=("right_caudate",)) -> dict:
     head = SaliencyHead(list(labels), in_channels=8, width=8)
@@ -104,7 +106,7 @@ def test_served_model_reloads_without_restart_and_refuses_bad_checkpoints(tmp_pa
     store.publish(payload(1), BACKBONE)
     assert served.refresh() == 1
     assert torch.all(pipeline.backbone.model.mask_decoder.weight == 1)
-    assert isinstance(pipeline.saliency_heads["right_caudate"], LabelSaliency)
+    assert isinstance(pipeline.state.saliency_heads["right_caudate"], LabelSaliency)
     resets = pipeline.resets
     assert served.refresh() == 1 and pipeline.resets == resets, "an unchanged pointer costs one stat, no reload"
 
@@ -154,6 +156,6 @@ def test_later_heads_take_over_their_labels(tmp_path):
     store.publish({**new, "saliency_heads": old["saliency_heads"] + new["saliency_heads"]}, BACKBONE)
     pipeline = FakePipeline()
     ServedModel(store, pipeline).refresh()
-    heads = pipeline.saliency_heads
+    heads = pipeline.state.saliency_heads
     assert set(heads) == {"left_caudate", "right_caudate"}
     assert heads["left_caudate"].head is not heads["right_caudate"].head

@@ -16,6 +16,7 @@ from lib.spd.checkpoints import CheckpointStore
 from lib.spd.embedding_cache import EmbeddingCache
 from lib.spd.pipeline import SPDPipeline
 from lib.spd.saliency_head import SaliencyHead
+from lib.spd.trained_state import TrainedState
 from lib.spd.training import TIME_BUDGET, TrainConfig, TrainingResult
 from lib.spd.served_model import ServedModel
 from lib.trainers.publishing import publish_round
@@ -68,7 +69,7 @@ def test_a_round_publishes_a_version_and_leaves_the_served_model_alone(datastore
 
     assert result["published"] and result["version"] == 1 and store.current() == 1
     assert set(result["labels"]) <= set(LABELS)
-    assert backbone.model.mask_decoder is decoder and pipeline.saliency_heads == {}, "served model until refresh"
+    assert backbone.model.mask_decoder is decoder and pipeline.state == TrainedState(), "served model until refresh"
     assert all(torch.equal(before[k], v) for k, v in decoder.state_dict().items())
     meta = store.metadata()
     assert meta["train_volumes"] and meta["val_volumes"] and meta["history"][0]["stage"] == "saliency"
@@ -77,9 +78,9 @@ def test_a_round_publishes_a_version_and_leaves_the_served_model_alone(datastore
     assert 1 <= work["epochs"]["saliency"] <= 2 and work["epochs"]["decoder"] <= 1 and work == result["work"]
     assert set(work["stopped"]) == {"saliency", "decoder"} and work["decoder_steps"] >= work["epochs"]["decoder"]
     assert store.path(1, ".png").stat().st_size > 1000
-    assert set(meta["size_priors"]) == set(result["labels"]) and pipeline.size_priors == {}
-    assert served.refresh() == 1 and set(pipeline.saliency_heads) == set(result["labels"])
-    assert set(pipeline.size_priors) == set(result["labels"]), "served with the sizes learned from the labels"
+    assert set(meta["size_priors"]) == set(result["labels"])
+    assert served.refresh() == 1 and set(pipeline.state.saliency_heads) == set(result["labels"])
+    assert set(pipeline.state.size_priors) == set(result["labels"]), "served with the sizes learned from the labels"
     name = result["labels"][0]
     assert pipeline.probe_config(name, meta["slice_axis"]) != pipeline.probes
 
@@ -98,7 +99,7 @@ def test_a_round_under_ddp_with_two_cpu_processes(datastore, tmp_path):
     assert result["version"] == 1 and result["world_size"] == 2 and store.current() == 1
     meta = store.metadata()
     assert meta["world_size"] == 2 and [r["stage"] for r in meta["history"]].count("decoder") >= 1
-    assert ServedModel(store, pipeline).refresh() == 1 and set(pipeline.saliency_heads) == set(result["labels"])
+    assert ServedModel(store, pipeline).refresh() == 1 and set(pipeline.state.saliency_heads) == set(result["labels"])
 
 
 def test_a_round_worse_than_the_served_model_is_not_published_unless_asked(tmp_path):
@@ -107,15 +108,15 @@ def test_a_round_worse_than_the_served_model_is_not_published_unless_asked(tmp_p
     result = TrainingResult(SaliencyHead(["right_caudate"], axis=2), None, [], {"right_caudate": 0.41}, 0, ["a"], ["b"],
                             served_dice={"right_caudate": 0.52}, stopped={"saliency": TIME_BUDGET})
 
-    refused = publish_round(store, pipeline, ({}, {}), result, 2, TrainConfig(), 10.0)
+    refused = publish_round(store, pipeline, TrainedState(), result, 2, TrainConfig(), 10.0)
 
     assert not refused["published"] and refused["version"] is None and "below the served model" in refused["reason"]
     assert refused["work"]["cut_short"] and refused["served_val_dice"] == {"right_caudate": 0.52}
     assert store.current() is None and not list(store.directory.glob("v*")), "nothing written"
-    forced = publish_round(store, pipeline, ({}, {}), result, 2, TrainConfig(), 10.0, always=True)
+    forced = publish_round(store, pipeline, TrainedState(), result, 2, TrainConfig(), 10.0, always=True)
     assert forced["published"] and forced["version"] == 1 and store.metadata()["work"]["stopped"] == {"saliency": TIME_BUDGET}
     better = dataclasses.replace(result, val_dice={"right_caudate": 0.52})
-    assert publish_round(store, pipeline, ({}, {}), better, 2, TrainConfig(), 10.0)["version"] == 2, "a tie is published"
+    assert publish_round(store, pipeline, TrainedState(), better, 2, TrainConfig(), 10.0)["version"] == 2, "a tie is published"
 
 
 @pytest.mark.parametrize("request_, message", [({"cpu_processes": "two"}, "cpu_processes"),

@@ -85,7 +85,7 @@ class SPDUncertaintyScoring(ScoringMethod):
 
     def __call__(self, request: dict, datastore: Datastore) -> dict:
         version = self.served.refresh()
-        heads = {id(s.head): s.head for s in self.pipeline.saliency_heads.values()}.values()
+        heads = {id(s.head): s.head for s in self.pipeline.state.saliency_heads.values()}.values()
         if version is None or not heads:
             return {}
         reader, scores = VolumeReader(keep=1), {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -17,8 +17,8 @@ from .embedding_cache import EmbeddingCache
 from .intensity import IntensityWindow
 from .mask_memo import MaskMemo
 from .prompts import Click, choose_slice_axis, to_slice_clicks
-from .saliency import AppearanceSaliency, SaliencyModel
-from .size_prior import SizePrior
+from .saliency import AppearanceSaliency
+from .trained_state import TrainedState
 
 
 @dataclass
@@ -91,33 +91,44 @@ class SPDPipeline:
     Args:
         backbone: the SAM-family model (see ``backbones.load_backbone``).
         cache: slice embedding cache shared by all requests.
-        saliency_heads: trained saliency per label name; labels without one use appearance saliency.
+        state: the trained state to serve (default: untrained; see :meth:`serve`).
         cpd: distillation tolerances.
-        probes: box probe sizes for measuring the structure on validated slices.
+        probes: default box probe sizes for measuring the structure on validated slices.
         decode_chunk: slices decoded per call (None: the backbone's ``decode_chunk``).
-        size_priors: per label name, the sizes learned from its saved labels (probe sizes on that axis).
     """
 
     def __init__(
         self,
         backbone: Backbone,
         cache: EmbeddingCache,
-        saliency_heads: Mapping[str, SaliencyModel] | None = None,
+        state: TrainedState = TrainedState(),
         cpd: CPDConfig = CPDConfig(),
         probes: ProbeConfig = ProbeConfig(),
         decode_chunk: int | None = None,
-        size_priors: Mapping[str, SizePrior] | None = None,
     ):
         self.backbone = backbone
         self.cache = cache
-        self.saliency_heads = dict(saliency_heads or {})
         self.cpd = cpd
         self.probes = probes
         self.decode_chunk = decode_chunk or backbone.decode_chunk
-        self.size_priors = dict(size_priors or {})
-        self.memo = MaskMemo()
+        self.base_decoder = backbone.model.mask_decoder  # the backbone's own weights: served by states without one
         self.fallback_saliency = AppearanceSaliency()
         self._hot: tuple[str, int, torch.Tensor] | None = None  # the last request's slab, kept on the GPU
+        self.serve(state)
+
+    @property
+    def state(self) -> TrainedState:
+        """The trained state in service."""
+        return self._state
+
+    def serve(self, state: TrainedState) -> None:
+        """Switch to ``state`` as a whole: its encoder adapters (embeddings are then keyed by them), its
+        decoder, heads and size priors; remembered masks are forgotten."""
+        self.backbone.install_adapters(state.adapters)
+        self.backbone.model.mask_decoder = self.base_decoder if state.decoder is None else state.decoder
+        self._state = state
+        self.memo = MaskMemo()
+        self._hot = None
 
     def cache_key(self, volume_id: str, view: VolumeView) -> str:
         """Names the embeddings of one volume seen along one axis by one backbone and window."""
@@ -126,7 +137,7 @@ class SPDPipeline:
 
     def probe_config(self, label: str | None, axis: int) -> ProbeConfig:
         """Probe sizes for ``label`` on slices along ``axis``: learned from its saved labels, else the defaults."""
-        prior = self.size_priors.get(label)
+        prior = self.state.size_priors.get(label)
         return prior.probes(self.probes) if prior is not None and prior.axis == axis else self.probes
 
     def embed(self, volume_id: str, view: VolumeView, indices: Sequence[int]) -> torch.Tensor:
@@ -213,7 +224,7 @@ class SPDPipeline:
 
         images = view.slices(indices)
         positives = [(c.slice - first, c.row, c.col) for c in sclicks if c.positive]
-        head = self.saliency_heads.get(label)
+        head = self.state.saliency_heads.get(label)
         trained = head is not None and head.head.serves(axis)  # a head knows nothing of other axes' slices
         saliency = (head if trained else self.fallback_saliency)(images, embeddings, positives)
         lap("saliency")
@@ -252,7 +263,8 @@ class SPDPipeline:
         return embeddings
 
     def decoder_changed(self) -> None:
-        """Forget remembered masks: call after the backbone's mask decoder weights change."""
+        """Forget remembered masks: training calls it after each update of the decoder weights it tunes in place
+        (serving switches whole states with :meth:`serve` instead)."""
         self.memo = MaskMemo()
 
     def _decode(self, key: str, embeddings, consensus: Consensus, saliency, first: int, slice_shape) -> np.ndarray:

@@ -6,39 +6,40 @@ import copy
 import logging
 import threading
 
-from torch import nn
-
 from . import encoder_lora
 from .checkpoints import CheckpointError, CheckpointStore
 from .pipeline import SPDPipeline
 from .saliency_head import SaliencyHead
 from .size_prior import SizePrior
+from .trained_state import TrainedState
 
 logger = logging.getLogger(__name__)
 
 
 class ServedModel:
-    """Installs the published checkpoint's saliency heads, size priors, decoder and image-encoder adapters into a
-    pipeline.
+    """Serves the published checkpoint: builds its :class:`TrainedState` and switches the pipeline to it.
 
-    The backbone's own decoder weights are kept aside, so a checkpoint without a decoder (or the
-    pointer's removal) serves the untrained decoder again. A checkpoint that cannot be used is
-    refused with an error in the log, and the next older version is tried; the model in service
-    stays as it was when none can be used. Versions are immutable, so a refused one is not tried again.
+    A checkpoint without a decoder (or the pointer's removal) serves the backbone's own decoder. A
+    checkpoint that cannot be used is refused with an error in the log, and the next older version
+    is tried; the state in service stays as it was when none can be used. Versions are immutable,
+    so a refused one is not tried again.
 
     Args:
         store: the checkpoint folder.
-        pipeline: the pipeline to update (its backbone's ``model.mask_decoder`` is swapped).
+        pipeline: the pipeline to switch.
     """
 
     def __init__(self, store: CheckpointStore, pipeline: SPDPipeline):
         self.store = store
         self.pipeline = pipeline
-        self.version: int | None = None
-        self._base_decoder = pipeline.backbone.model.mask_decoder
         self._stamp: tuple | None = None
         self._refused: set[int] = set()
         self._lock = threading.Lock()
+
+    @property
+    def version(self) -> int | None:
+        """The version in service (None: untrained)."""
+        return self.pipeline.state.version
 
     def refresh(self) -> int | None:
         """Load the published version if the pointer changed since the last call; returns the served version."""
@@ -56,40 +57,40 @@ class ServedModel:
         candidates = self.store.candidates()
         if not candidates and self.version is not None:
             logger.warning("no published checkpoint in %s any more: serving the untrained model", self.store.directory)
-            self._install(None, ({}, {}), self._base_decoder, None)
+            self.pipeline.serve(TrainedState())
         for version in [v for v in candidates if v not in self._refused]:
             if version == self.version:
                 return
             try:
                 checkpoint = self.store.load(version, backbone.name, backbone.weights_id)
-                learned, decoder, adapters = self._build(checkpoint)
+                state = self._build(checkpoint)
             except CheckpointError as error:
                 logger.error("refusing checkpoint v%04d: %s", version, error)
                 self._refused.add(version)
                 continue
-            self._install(version, learned, decoder, adapters)
+            self.pipeline.serve(state)
             meta = checkpoint["metadata"]
             logger.info("serving checkpoint v%04d (labels %s; size priors %s; validation Dice %s%s)", version,
-                        ", ".join(learned[0]) or "none", ", ".join(learned[1]) or "none", meta.get("val_dice"),
-                        f"; encoder adapters {backbone.encoder_tag}" if adapters else "")
+                        ", ".join(state.saliency_heads) or "none", ", ".join(state.size_priors) or "none",
+                        meta.get("val_dice"), f"; encoder adapters {backbone.encoder_tag}" if state.adapters else "")
             return
 
-    def _build(self, checkpoint: dict) -> tuple[tuple[dict, dict], nn.Module, dict | None]:
-        """(saliency heads, size priors) per label, a decoder module and checked encoder adapters from a checkpoint,
-        strictly loaded."""
-        path = self.store.path(checkpoint["metadata"]["version"])
+    def _build(self, checkpoint: dict) -> TrainedState:
+        """The state of a checkpoint: heads, size priors, decoder and checked encoder adapters, strictly loaded."""
+        metadata = checkpoint["metadata"]
+        path = self.store.path(metadata["version"])
         try:
             heads = {}
-            trained_axis = checkpoint["metadata"].get("slice_axis")  # checkpoints whose heads do not name their axis
+            trained_axis = metadata.get("slice_axis")  # checkpoints whose heads do not name their axis
             for saved in checkpoint["saliency_heads"]:  # later heads take over their labels from earlier ones
                 config = saved["config"]
                 head = SaliencyHead(config["labels"], config["in_channels"], config["width"],
                                     config.get("axis", trained_axis))
                 head.load_state_dict(saved["state"], strict=True)
                 heads.update({name: head.eval().for_label(name) for name in head.labels})
-            decoder = self._base_decoder
+            decoder = None
             if checkpoint.get("decoder_state") is not None:
-                decoder = copy.deepcopy(self._base_decoder)
+                decoder = copy.deepcopy(self.pipeline.base_decoder)
                 decoder.load_state_dict(checkpoint["decoder_state"], strict=True)
                 decoder.eval()
             priors = {name: SizePrior.from_json(data) for name, data in (checkpoint.get("size_priors") or {}).items()}
@@ -98,13 +99,4 @@ class ServedModel:
                 encoder_lora.check(self.pipeline.backbone.model.image_encoder, adapters)
         except (KeyError, TypeError, RuntimeError, AssertionError, ValueError) as error:
             raise CheckpointError(f"{path}: weights do not fit this model: {error}") from None
-        return (heads, priors), decoder, adapters
-
-    def _install(self, version: int | None, learned: tuple[dict, dict], decoder: nn.Module, adapters: dict | None
-                 ) -> None:
-        backbone = self.pipeline.backbone
-        backbone.install_adapters(adapters)
-        backbone.model.mask_decoder = decoder
-        self.pipeline.saliency_heads, self.pipeline.size_priors = learned
-        self.pipeline.decoder_changed()
-        self.version = version
+        return TrainedState(heads, priors, decoder, adapters, metadata["version"])

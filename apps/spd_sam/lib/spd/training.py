@@ -563,9 +563,8 @@ def run_training(pipeline: SPDPipeline, train: Sequence[LabelledVolume], val: Se
         deadline=time.monotonic() + 0.3 * max(clock.left() - reserve_s, 0), ranks=ranks)
     stopped = {"saliency": head_stopped}
     head_s = time.monotonic() - tic
-    pipeline.saliency_heads = {name: head.for_label(name) for name in labels}
     priors = size_priors(train, labels, axis)
-    pipeline.size_priors = {**pipeline.size_priors, **priors}
+    _serve_learned(pipeline, head, priors)
     logger.info("size priors (half-sizes in mm at quantiles 25/50/75/95 %%, in-plane aspect): %s",
                 {name: (p.half_mm, p.aspect) for name, p in priors.items()})
     decoder_state, decoder_epoch, val_dice = None, 0, {}
@@ -591,6 +590,15 @@ def run_training(pipeline: SPDPipeline, train: Sequence[LabelledVolume], val: Se
         logger.warning("the time budget cut this round short (%s); raise max_minutes / train_minutes, or train "
                        "when the machine is less loaded, for a full round", result.work())
     return result
+
+
+def _serve_learned(pipeline: SPDPipeline, head: SaliencyHead, priors: Mapping[str, SizePrior]) -> None:
+    """Serve the round's head (for every label it has) and size priors on top of the state in service, with the
+    encoder adapters as the round has them now (LoRA training changes them on the encoder)."""
+    state = pipeline.state
+    pipeline.serve(state.replace(saliency_heads={**state.saliency_heads, **{n: head.for_label(n) for n in head.labels}},
+                                 size_priors={**state.size_priors, **priors},
+                                 adapters=encoder_lora.state(pipeline.backbone.model.image_encoder)))
 
 
 def size_priors(volumes: Sequence[LabelledVolume], labels: Mapping[str, int], axis: int) -> dict[str, SizePrior]:
@@ -629,7 +637,7 @@ def _refit_head(pipeline: SPDPipeline, head: SaliencyHead, train: Sequence[Label
     head, history, _ = train_saliency_head([slabs[v.name] for v in train], [slabs[v.name] for v in val], labels,
                                            axis, config, clock, deadline=clock.end - reserve_s, start=head,
                                            stage="saliency refit")
-    pipeline.saliency_heads = {name: head.for_label(name) for name in labels}
+    _serve_learned(pipeline, head, {})
     scores = validate(pipeline, val or train, labels, axis, config, deadline=clock.end - reserve_s / 2)
     if scores is None:
         logger.warning("LoRA: no time left to validate the refitted head; reporting the decoder stage's Dice")

@@ -126,11 +126,11 @@ def _rank_main(rank: int, job: Job, work: str) -> None:
         pipeline = job.factory(device)
         store = CheckpointStore(job.store_dir)
         ServedModel(store, pipeline).refresh()  # continue from the published model, as a single process does
-        previous = dict(pipeline.saliency_heads), dict(pipeline.size_priors)
+        served = pipeline.state
         result = run_training(pipeline, job.train, job.val, job.labels, job.axis, job.config, ranks=Ranks(rank, world))
         if rank == 0:
             seconds = job.elapsed_s + time.monotonic() - started
-            answer = publish_round(store, pipeline, previous, result, job.axis, job.config, seconds, world,
+            answer = publish_round(store, pipeline, served, result, job.axis, job.config, seconds, world,
                                    job.publish_always)
             (Path(work) / "answer.json").write_text(json.dumps(answer))
     finally:

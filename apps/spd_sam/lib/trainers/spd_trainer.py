@@ -212,30 +212,26 @@ class SPDTrainer(TrainTask):
             return run_distributed(Job(launch, self.pipeline_factory, str(self.store.directory), train, val, labels, axis,
                                        config, time.monotonic() - started, logging.getLogger().getEffectiveLevel(),
                                        always))
-        previous = dict(self.pipeline.saliency_heads), dict(self.pipeline.size_priors)
+        served = self.pipeline.state
         with self._training_copy():
             result = run_training(self.pipeline, train, val, labels, axis, config)
-        return publish_round(self.store, self.pipeline, previous, result, axis, config,
+        return publish_round(self.store, self.pipeline, served, result, axis, config,
                              time.monotonic() - started, always=always)
 
     @contextmanager
     def _training_copy(self) -> Iterator[None]:
-        """Tune a copy of the served decoder; put the served decoder, heads, size priors and encoder adapters back after.
+        """Train on the served state with a copy of its decoder, and serve the served state again afterwards.
 
         MONAI Label trains in a subprocess of its own, but ``run_sync=true`` trains in the server:
         there the served model must stay as it is until the new version is published (or forever,
         when the round fails).
         """
-        backbone, heads, priors = self.pipeline.backbone, dict(self.pipeline.saliency_heads), dict(self.pipeline.size_priors)
-        model = backbone.model
-        served, adapters = model.mask_decoder, encoder_lora.state(model.image_encoder)
-        model.mask_decoder = copy.deepcopy(served)
+        served = self.pipeline.state
+        self.pipeline.serve(served.replace(decoder=copy.deepcopy(self.pipeline.backbone.model.mask_decoder)))
         try:
             yield
         finally:
-            model.mask_decoder, self.pipeline.saliency_heads, self.pipeline.size_priors = served, heads, priors
-            backbone.install_adapters(adapters)
-            self.pipeline.decoder_changed()
+            self.pipeline.serve(served)
 
     def _load(self, datastore: Datastore) -> list[LabelledVolume]:
         """Images with a final label, read as the infer side reads them (same ids, same windows)."""
