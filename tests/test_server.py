@@ -126,6 +126,21 @@ def test_malformed_requests_get_4xx_with_a_message(server, image, params, status
     assert words in response.json()["detail"]
 
 
+@pytest.mark.parametrize(
+    "query, form, words",
+    [
+        ({"image": IMAGE}, {"params": "{not json"}, "params must be a JSON object"),
+        ({"image": IMAGE}, {"params": "[[90, 140, 80]]"}, "got a JSON list"),
+        ({}, {"params": "{}"}, "an image id"),
+        ({"image": ""}, {"params": "{}"}, "an image id"),
+    ],
+)
+def test_requests_monai_labels_route_would_fail_with_a_500_get_a_400(server, query, form, words):
+    response = requests.post(f"{server.url}/infer/spd_sam", params=query, data=form, timeout=60)
+    assert response.status_code == 400, response.text
+    assert words in response.json()["detail"]
+
+
 def test_unknown_model_is_404_and_server_keeps_serving(server, client):
     response = requests.post(f"{server.url}/infer/nope", params={"image": IMAGE},
                              data={"params": json.dumps({"foreground": [[1, 1, 1]]})}, timeout=60)

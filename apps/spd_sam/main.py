@@ -23,6 +23,7 @@ from monailabel.tasks.activelearning.random import Random
 from lib.auth.token_algorithms import name_token_algorithms
 from lib.configs.spd_sam import SPDSamConfig
 from lib.datastore.label_uploads import check_image_id, with_checked_label_saves
+from lib.infers import request_guard
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,10 @@ class SPDSamApp(MONAILabelApp):
         os.makedirs(self.model_dir, exist_ok=True)
         if settings.MONAI_LABEL_AUTH_ENABLE:
             name_token_algorithms()
+        try:
+            request_guard.install()
+        except request_guard.RouteMoved as error:
+            logger.error("malformed infer requests will get MONAI Label's 500s: %s", error)
         self.spd = SPDSamConfig()
         self.spd.init("spd_sam", self.model_dir, conf, None)
         super().__init__(

@@ -1,0 +1,25 @@
+"""The guard of MONAI Label's infer route fits the installed MONAI Label (the server tests send the requests)."""
+
+import pytest
+from fastapi import HTTPException
+from monailabel.endpoints import infer as infer_route
+
+from lib.infers import request_guard
+
+
+def test_the_route_is_shaped_as_the_guard_expects_and_is_wrapped_once():
+    request_guard.check_route()  # fails loudly after a MONAI Label upgrade that moves the worker
+    request_guard.install()
+    wrapped = infer_route.run_inference
+    request_guard.install()
+    assert infer_route.run_inference is wrapped and wrapped.checks_requests
+    assert wrapped.__wrapped__.__module__ == "monailabel.endpoints.infer"
+
+
+@pytest.mark.parametrize("image, params, words", [("a", "{x", "JSON object"), ("a", "3", "got a JSON int"),
+                                                  ("", "{}", "an image id")])
+def test_malformed_requests_are_refused_with_a_400(image, params, words):
+    with pytest.raises(HTTPException) as refused:
+        request_guard.check_infer_request(image, "", params, None)
+    assert refused.value.status_code == 400 and words in refused.value.detail
+    request_guard.check_infer_request("a", "", '{"foreground": []}', None)
