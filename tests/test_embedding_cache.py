@@ -1,5 +1,8 @@
 """Embedding cache: computes only what is missing, persists, evicts under its budget."""
 
+import logging
+
+import numpy as np
 import torch
 
 from lib.spd.embedding_cache import EmbeddingCache
@@ -47,3 +50,19 @@ def test_keys_are_independent(tmp_path):
     cache = EmbeddingCache(1 << 20, tmp_path)
     cache.get("a", [0], CountingEncoder())
     assert cache.missing("b", [0]) == [0]
+
+
+def test_damaged_files_are_embedded_again_with_a_warning(tmp_path, caplog):
+    EmbeddingCache(1 << 20, tmp_path).get("vol", [1, 2, 3, 4], CountingEncoder())
+    folder = tmp_path / "vol"
+    (folder / "00001.npy").write_bytes((folder / "00001.npy").read_bytes()[:40])  # cut short
+    (folder / "00002.npy").write_bytes(b"not an array")
+    np.save(folder / "00003.npy", np.zeros((4, 3, 3), np.float16))  # another shape than the key's slices
+    enc = CountingEncoder()
+    with caplog.at_level(logging.WARNING):
+        out = EmbeddingCache(1 << 20, tmp_path).get("vol", [1, 2, 3, 4], enc)
+    assert enc.calls == [[1, 2], [3]] and "2 damaged file(s)" in caplog.text and "1 damaged file(s)" in caplog.text
+    assert [int(e[0, 0, 0]) for e in out] == [1, 2, 3, 4] and out.shape == (4, 4, 2, 2)
+    again = CountingEncoder()
+    EmbeddingCache(1 << 20, tmp_path).get("vol", [1, 2, 3, 4], again)
+    assert again.calls == [], "the files were written again, whole"

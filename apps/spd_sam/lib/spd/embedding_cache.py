@@ -2,7 +2,9 @@
 
 Keys name a volume, a slice axis, a backbone and its weights, so a restart or a second user finds
 the slices already embedded. Slices are stored as float16 (half the bytes; SAM decoders are
-insensitive to it) and written atomically, one file per slice.
+insensitive to it) and written atomically, one file per slice. A file that cannot be read, is not
+float16 of three dimensions, or has another shape than the key's other slices (a damaged disk, a
+copy cut short) is deleted and its slice embedded again, with a warning.
 """
 
 from __future__ import annotations
@@ -57,7 +59,14 @@ class EmbeddingCache:
         if todo:
             self.put(key, todo, compute(todo))
         with self._lock:
-            return torch.stack([self._load(key, s) for s in slices])
+            found = {s: self._load(key, s) for s in slices}
+        unreadable = [s for s, t in found.items() if t is None]
+        self._embed_again(key, unreadable, compute, found)
+        # the shape of what was just embedded, else the most common one, is the key's shape
+        shapes = [tuple(found[s].shape) for s in (todo + unreadable or slices)]
+        usual = max(set(shapes), key=shapes.count)
+        self._embed_again(key, [s for s, t in found.items() if tuple(t.shape) != usual], compute, found)
+        return torch.stack([found[s] for s in slices])
 
     def put(self, key: str, slices: Sequence[int], embeddings: torch.Tensor) -> None:
         """Store freshly computed embeddings in memory and on disk."""
@@ -68,13 +77,38 @@ class EmbeddingCache:
             with self._lock:
                 self._remember((key, s), e)
 
-    def _load(self, key: str, s: int) -> torch.Tensor:
+    def _embed_again(self, key: str, damaged: list[int], compute, found: dict[int, torch.Tensor]) -> None:
+        """Replace the damaged slices' files and entries in ``found`` with fresh embeddings."""
+        if not damaged:
+            return
+        logger.warning("embedding cache: %d damaged file(s) under %s (slices %s); embedding them again",
+                       len(damaged), self._file(key, damaged[0]).parent, damaged)
+        with self._lock:
+            for s in damaged:
+                self._forget(key, s)
+        self.put(key, damaged, compute(damaged))
+        with self._lock:
+            found.update({s: self._load(key, s) for s in damaged})
+
+    def _load(self, key: str, s: int) -> torch.Tensor | None:
+        """The slice's embedding from memory or disk; None when its file is damaged."""
         if (key, s) in self._memory:
             self._memory.move_to_end((key, s))
             return self._memory[(key, s)]
-        tensor = torch.from_numpy(np.load(self._file(key, s)))
+        try:
+            array = np.load(self._file(key, s), allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            return None
+        if array.dtype != np.float16 or array.ndim != 3:
+            return None
+        tensor = torch.from_numpy(array)
         self._remember((key, s), tensor)
         return tensor
+
+    def _forget(self, key: str, s: int) -> None:
+        if (key, s) in self._memory:
+            self._bytes -= self._memory.pop((key, s)).nbytes
+        self._file(key, s).unlink(missing_ok=True)
 
     def _remember(self, item: tuple[str, int], tensor: torch.Tensor) -> None:
         if item in self._memory:
