@@ -18,9 +18,9 @@ import time
 
 import numpy as np
 
-from bench_spd import CENTRE, SEEDS, baseline_boxes, exact_boxes, mri_cases, typical_sizes
+from bench_spd import CENTRE, SEEDS, baseline_boxes, box_masks, exact_boxes, mri_cases, typical_sizes
 from annotator import clicks_for
-from lib.spd.backbones import SlicePrompts, load_backbone
+from lib.spd.backbones import load_backbone
 from lib.spd.intensity import choose_window
 from lib.spd.training import dice
 
@@ -29,24 +29,9 @@ def segment(backbone, image: np.ndarray, box_sets: list[dict[int, tuple]], regio
             window) -> list[np.ndarray]:
     """Volume-sized masks, one per set of boxes (slice -> box), with the slices cut to ``region`` (rows, cols);
     every set covers the same slices, which are embedded once."""
-    slices = sorted(box_sets[0])
-    planes = np.stack([np.take(image, s, axis=axis)[region] for s in slices]).astype(np.float32)
-    shape = planes.shape[1:]
-    offset = np.array([region[0].start, region[1].start] * 2, dtype=np.float32)
+    planes = np.stack([np.take(image, s, axis=axis)[region] for s in sorted(box_sets[0])]).astype(np.float32)
     embeddings = backbone.embed(window.apply(planes))
-    out = []
-    for boxes in box_sets:
-        prompts = np.clip(np.array([boxes[s] for s in slices], dtype=np.float32) - offset, 0,
-                          [shape[0] - 1, shape[1] - 1] * 2)
-        masks = np.concatenate([backbone.decode(embeddings[n:n + 16], SlicePrompts(boxes=prompts[n:n + 16]), shape,
-                                                binary=True) for n in range(0, len(slices), 16)])
-        mask = np.zeros(image.shape, dtype=bool)
-        for s, m in zip(slices, masks):
-            index = [slice(None)] * 3
-            index[axis] = s
-            mask[tuple(index)][region] = m
-        out.append(mask)
-    return out
+    return [box_masks(backbone, embeddings, boxes, axis, image.shape, region) for boxes in box_sets]
 
 
 def main() -> None:

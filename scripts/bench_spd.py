@@ -110,22 +110,31 @@ def in_plane_extent_mm(mask: np.ndarray, axis: int, spacing) -> np.ndarray:
     return np.median(np.array(sizes), axis=0) * np.array([spacing[a] for a in in_plane])
 
 
-def decode_boxes(pipeline: SPDPipeline, case: Case, view: VolumeView, boxes: dict[int, tuple]) -> np.ndarray:
-    """Plain SAM: one box per slice (slice -> (r0, c0, r1, c1)), the masks stacked into a volume."""
-    mask = np.zeros(case.labels.shape, dtype=bool)
+def box_masks(backbone, embeddings, boxes: dict[int, tuple], axis: int, volume_shape, region=None) -> np.ndarray:
+    """Plain SAM: the masks of one box per slice (slice -> (r0, c0, r1, c1), volume coordinates) stacked into a
+    volume; ``embeddings`` are of the sorted slices cut to ``region`` ((rows, cols) slices; None: whole slices)."""
+    mask = np.zeros(volume_shape, dtype=bool)
     if not boxes:
         return mask
+    in_plane = [a for a in range(3) if a != axis]
+    region = region or tuple(slice(0, volume_shape[a]) for a in in_plane)
+    h, w = region[0].stop - region[0].start, region[1].stop - region[1].start
     slices = sorted(boxes)
-    h, w = view.slice_shape
-    clipped = np.clip(np.array([boxes[s] for s in slices], dtype=np.float32), 0, [h - 1, w - 1, h - 1, w - 1])
-    embeddings = pipeline.embed(case.name, view, slices)
-    masks = np.concatenate([pipeline.backbone.decode(embeddings[n:n + 16], SlicePrompts(boxes=clipped[n:n + 16]),
-                                                     view.slice_shape, binary=True) for n in range(0, len(slices), 16)])
+    offset = np.array([region[0].start, region[1].start] * 2, dtype=np.float32)
+    clipped = np.clip(np.array([boxes[s] for s in slices], dtype=np.float32) - offset, 0, [h - 1, w - 1] * 2)
+    masks = np.concatenate([backbone.decode(embeddings[n:n + 16], SlicePrompts(boxes=clipped[n:n + 16]), (h, w),
+                                            binary=True) for n in range(0, len(slices), 16)])
     for s, m in zip(slices, masks):
         index = [slice(None)] * 3
-        index[view.axis] = s
-        mask[tuple(index)] = m
+        index[axis] = s
+        mask[tuple(index)][region] = m
     return mask
+
+
+def decode_boxes(pipeline: SPDPipeline, case: Case, view: VolumeView, boxes: dict[int, tuple]) -> np.ndarray:
+    """Plain SAM on whole slices (embeddings through the pipeline's cache): see :func:`box_masks`."""
+    embeddings = pipeline.embed(case.name, view, sorted(boxes)) if boxes else None
+    return box_masks(pipeline.backbone, embeddings, boxes, view.axis, case.labels.shape)
 
 
 def baseline_boxes(clicks, axis: int, spacing, typical_mm: np.ndarray) -> dict[int, tuple]:

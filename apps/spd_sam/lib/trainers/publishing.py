@@ -72,11 +72,10 @@ def publish_round(store: CheckpointStore, pipeline: SPDPipeline, served: Trained
         "world_size": world_size, "seconds": round(seconds, 1),
         "published": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "params": dataclasses.asdict(config), "history": [r.to_json() for r in result.history],
+        "size_priors": priors_to_save(served.size_priors, result.size_priors),
     }
-    priors = priors_to_save(served.size_priors, result.size_priors)
-    metadata["size_priors"] = priors
     payload = {"saliency_heads": heads_to_save(served.saliency_heads, result.head), "decoder_state": result.decoder_state,
-               "encoder_adapters": result.adapters, "size_priors": priors}
+               "encoder_adapters": result.adapters, "size_priors": metadata["size_priors"]}
     title = f"spd_sam: {len(result.train_volumes)} train / {len(result.val_volumes)} validation volumes"
     version = store.publish(payload, metadata, {".png": render_training_curve(result.history, title)})
     logger.info("spd_sam training done in %.0f s: published v%04d (validation Dice %s, served model's %s, decoder "
