@@ -19,11 +19,12 @@ import json
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+
+from .atomic_files import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -34,20 +35,6 @@ _VERSION_FILE = re.compile(r"^v(\d{4,})\.pt$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used; the message says which file and why."""
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class CheckpointStore:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -19,6 +18,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+
+from .atomic_files import replacing
 
 logger = logging.getLogger(__name__)
 
@@ -126,12 +127,8 @@ class EmbeddingCache:
 
     def _write(self, key: str, s: int, tensor: torch.Tensor) -> None:
         target = self._file(key, s)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
         try:
-            with os.fdopen(fd, "wb") as handle:
+            with replacing(target, fsync=False) as tmp, open(tmp, "wb") as handle:  # damaged files are re-made
                 np.save(handle, tensor.numpy())
-            os.replace(tmp, target)
         except OSError as error:  # a full disk costs the persistence, not the request
-            Path(tmp).unlink(missing_ok=True)
             logger.warning("could not persist embedding %s: %s", target, error)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .atomic_files import replacing
 
 logger = logging.getLogger(__name__)
 
@@ -30,24 +31,16 @@ def onnx_path(cache_dir: Path, name: str, weights_id: str, image_size: int) -> P
 
 
 def export_encoder(encoder: torch.nn.Module, image_size: int, target: Path) -> None:
-    """Export `encoder` (input (1, 3, S, S) float32) to `target`, atomically (temp file + os.replace).
+    """Export `encoder` (input (1, 3, S, S) float32) to `target`, atomically (see `atomic_files.replacing`).
 
     The batch axis is fixed at 1: TinyViT reads the batch size with `len(x)`, which tracing freezes,
     and batching does not speed up the encoder on the CPU anyway.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".tmp")
-    os.close(handle)
     example = torch.zeros(1, 3, image_size, image_size)
-    try:
-        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(encoder.eval(), (example,), tmp_name, dynamo=False, opset_version=OPSET,
-                              input_names=["image"], output_names=["embedding"])
-        os.replace(tmp_name, target)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+    with replacing(target) as tmp, warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(encoder.eval(), (example,), str(tmp), dynamo=False, opset_version=OPSET,
+                          input_names=["image"], output_names=["embedding"])
 
 
 class OnnxEncoder:
