@@ -39,6 +39,7 @@ from annotator import Annotator, clicks_for  # noqa: E402
 from lib.spd.backbones import SlicePrompts, load_backbone  # noqa: E402
 from lib.spd.embedding_cache import EmbeddingCache  # noqa: E402
 from lib.spd.intensity import choose_window  # noqa: E402
+from lib.spd.focus import FocusConfig  # noqa: E402
 from lib.spd.pipeline import SPDPipeline, VolumeView  # noqa: E402
 from lib.spd.prompts import Click  # noqa: E402
 from lib.spd.size_prior import learn_size_prior  # noqa: E402
@@ -259,6 +260,7 @@ def main(argv=None) -> None:
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "spd_bench_cache",
                         help="embedding cache kept between runs")
     parser.add_argument("--json", type=Path, default=None, help="write every row here")
+    parser.add_argument("--no-focus", action="store_true", help="SPD on whole slices instead of a region around the clicks")
     parser.add_argument("--size-prior", action="store_true",
                         help="SPD probes with the sizes learned from the tuning subjects' labels, as after a round")
     args = parser.parse_args(argv)
@@ -266,7 +268,8 @@ def main(argv=None) -> None:
     started = time.strftime("%Y-%m-%d %H:%M")
 
     backbone = load_backbone(cache_dir=str(args.cache / "runtime"))
-    pipeline = SPDPipeline(backbone, EmbeddingCache(3 << 30, args.cache / "embeddings"))
+    pipeline = SPDPipeline(backbone, EmbeddingCache(3 << 30, args.cache / "embeddings"),
+                           focus=None if args.no_focus else FocusConfig())
     log = lambda text: print(text, flush=True)  # noqa: E731
     reports, all_rows = [], []
     if "mri" in data:

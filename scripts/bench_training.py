@@ -127,22 +127,27 @@ def main(argv=None) -> None:
     labels = {n: LABELS[n] for n in names}
     clicks = TrainConfig(click_every=(3,), seed=args.seed)
     tic = time.monotonic()
-    before = validate(pipeline, [held_out], labels, AXIS, clicks)
+    before = {focus: validate(pipeline, [held_out], labels, AXIS, clicks, focus=focus) for focus in (True, False)}
     print(f"untrained model on the held-out volume: {time.monotonic() - tic:.0f} s")
     reference = exact_boxes(pipeline, held_out, labels, AXIS)
 
     rounds = train_rounds(work, subjects[:-1], json.loads(args.params), args.rounds)
     store = CheckpointStore(work / "trained")
     version = ServedModel(store, pipeline).refresh()
-    after = validate(pipeline, [held_out], labels, AXIS, clicks) if version else {}
+    after = {focus: validate(pipeline, [held_out], labels, AXIS, clicks, focus=focus) if version else {}
+             for focus in (True, False)}
     print(f"published v{version}: validation Dice {store.metadata().get('val_dice')}; curve {store.path(version or 0, '.png')}")
     print("round times: " + ", ".join(f"{seconds:.0f} s ({status['status']})" for seconds, status in rounds))
-    print("\nheld-out volume, rough clicks (every 3rd slice, 3 mm drift, 15 % off target); reference: exact boxes")
-    print(f"{'structure':20s} {'untrained':>9s} {'trained':>8s} {'exact boxes':>11s}")
-    for name in before:
-        print(f"{name:20s} {before[name]:9.3f} {after.get(name, float('nan')):8.3f} {reference[name]:11.3f}")
-    mean = lambda d: sum(d.values()) / max(len(d), 1)  # noqa: E731
-    print(f"{'mean':20s} {mean(before):9.3f} {mean(after):8.3f} {mean(reference):11.3f}")
+    print("\nheld-out volume, rough clicks (every 3rd slice, 3 mm drift, 15 % off target); SPD as served (masks "
+          "decoded in a region around each structure) and on whole slices; reference: exact boxes on whole slices")
+    columns = [before[True], after[True], before[False], after[False], reference]
+    print(f"{'structure':20s} {'untrained':>9s} {'trained':>8s} {'untrained, whole':>16s} {'trained, whole':>14s} "
+          f"{'exact boxes':>11s}")
+    widths = (9, 8, 16, 14, 11)
+    for name in before[True]:
+        print(f"{name:20s} " + " ".join(f"{c.get(name, float('nan')):{w}.3f}" for c, w in zip(columns, widths)))
+    mean = lambda d: sum(d.values()) / len(d) if d else float("nan")  # noqa: E731
+    print(f"{'mean':20s} " + " ".join(f"{mean(c):{w}.3f}" for c, w in zip(columns, widths)))
 
 
 if __name__ == "__main__":

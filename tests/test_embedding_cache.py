@@ -1,6 +1,7 @@
 """Embedding cache: computes only what is missing, persists, evicts under its budget."""
 
 import logging
+import os
 
 import numpy as np
 import torch
@@ -66,3 +67,79 @@ def test_damaged_files_are_embedded_again_with_a_warning(tmp_path, caplog):
     again = CountingEncoder()
     EmbeddingCache(1 << 20, tmp_path).get("vol", [1, 2, 3, 4], again)
     assert again.calls == [], "the files were written again, whole"
+
+
+ONE_SLICE = 4 * 2 * 2 * 2  # float16 bytes of a CountingEncoder slice
+
+
+def slice_file_bytes(tmp_path) -> int:
+    EmbeddingCache(1 << 20, tmp_path / "probe").get("vol", [0], CountingEncoder())
+    return (tmp_path / "probe" / "vol" / "00000.npy").stat().st_size
+
+
+def on_disk(folder) -> dict[str, list[int]]:
+    return {d.name: sorted(int(f.stem) for f in d.glob("*.npy")) for d in sorted(folder.iterdir())}
+
+
+def test_disk_budget_evicts_least_recently_used_files(tmp_path):
+    one_file, folder = slice_file_bytes(tmp_path), tmp_path / "cache"
+    cache = EmbeddingCache(ONE_SLICE, folder, disk_budget_bytes=3 * one_file)  # memory holds one slice
+    enc = CountingEncoder()
+    cache.get("a", [0, 1], enc)
+    cache.get("b", [0], enc)
+    cache.get("a", [0], enc)  # read again, from disk: a/1 is now the oldest
+    cache.get("c", [0], enc)
+    assert on_disk(folder) == {"a": [0], "b": [0], "c": [0]}
+    for i in range(1, 6):
+        cache.get("d", [i], enc)
+    assert on_disk(folder) == {"d": [3, 4, 5]}, "the emptied folders are removed"
+    assert cache.usage() == {"disk_bytes": 3 * one_file, "disk_budget_bytes": 3 * one_file, "files": 3,
+                             "memory_bytes": cache.bytes_in_memory}
+    assert cache.missing("d", range(6)) == [0, 1, 2]
+
+
+def test_memory_hits_count_as_use(tmp_path):
+    one_file, folder = slice_file_bytes(tmp_path), tmp_path / "cache"
+    cache = EmbeddingCache(1 << 20, folder, disk_budget_bytes=3 * one_file)
+    enc = CountingEncoder()
+    cache.get("vol", [0, 1, 2], enc)
+    cache.get("vol", [0], enc)  # from memory
+    cache.get("vol", [3], enc)
+    assert on_disk(folder) == {"vol": [0, 2, 3]}
+
+
+def test_a_restart_sees_the_files_and_their_order(tmp_path):
+    one_file, folder = slice_file_bytes(tmp_path), tmp_path / "cache"
+    EmbeddingCache(1 << 20, folder).get("vol", [0, 1, 2, 3], CountingEncoder())
+    for when, s in enumerate([2, 0, 3, 1]):  # used last: 2 longest ago, 1 most recently
+        os.utime(folder / "vol" / f"{s:05d}.npy", (1000 + when, 1000 + when))
+    restarted = EmbeddingCache(1 << 20, folder, disk_budget_bytes=3 * one_file)
+    assert on_disk(folder) == {"vol": [0, 1, 3]}, "the budget holds from the start"
+    assert restarted.usage()["disk_bytes"] == 3 * one_file and restarted.usage()["files"] == 3
+    restarted.get("other", [0], CountingEncoder())
+    assert on_disk(folder) == {"other": [0], "vol": [1, 3]}
+
+
+def test_slices_of_a_request_over_the_budget_are_returned_whole(tmp_path, caplog):
+    one_file, folder = slice_file_bytes(tmp_path), tmp_path / "cache"
+    cache = EmbeddingCache(ONE_SLICE, folder, disk_budget_bytes=2 * one_file)  # memory holds one slice
+    enc = CountingEncoder()
+    cache.get("old", [0], enc)
+    with caplog.at_level(logging.WARNING):
+        out = cache.get("vol", [0, 1, 2, 3], enc)
+        cache.get("vol", [4, 5, 6, 7], enc)
+    assert [int(e[0, 0, 0]) for e in out] == [0, 1, 2, 3] and out.shape == (4, 4, 2, 2)
+    assert enc.calls == [[0], [0, 1, 2, 3], [4, 5, 6, 7]], "read back from disk, not embedded again"
+    assert caplog.text.count("over the") == 1, "warned once"
+    assert on_disk(folder) == {"vol": [4, 5, 6, 7]}, "kept until the next write"
+    cache.get("vol", [8], enc)
+    assert on_disk(folder) == {"vol": [7, 8]}
+
+
+def test_usage_without_a_disk_budget(tmp_path):
+    EmbeddingCache(1 << 20, tmp_path).get("vol", [0, 1], CountingEncoder())
+    cache = EmbeddingCache(1 << 20, tmp_path)
+    files = list(tmp_path.rglob("*.npy"))
+    assert cache.usage() == {"disk_bytes": sum(f.stat().st_size for f in files), "disk_budget_bytes": None,
+                             "files": 2, "memory_bytes": 0}
+    assert EmbeddingCache(1 << 20).usage()["files"] == 0

@@ -52,6 +52,8 @@ def test_info_lists_spd_sam_as_a_3d_deepgrow_model(client):
     model = info["models"]["spd_sam"]
     assert model["type"] == "deepgrow" and model["dimension"] == 3
     assert model["labels"]["right_caudate"] == LABELS["right_caudate"]
+    cache = info["embedding_cache"]
+    assert cache["disk_budget_bytes"] == 20480 << 20 and 0 <= cache["disk_bytes"] <= cache["disk_budget_bytes"]
 
 
 def test_rough_clicks_segment_the_right_caudate(client, atlas, caudate_clicks):
@@ -72,6 +74,10 @@ def test_rough_clicks_segment_the_right_caudate(client, atlas, caudate_clicks):
     assert consensus["added"], "slices between clicks get prompts"
     first, last = result["slice_range"]
     assert first <= min(c[2] for c in caudate_clicks) and last >= max(c[2] for c in caudate_clicks)
+    bounds = result["focus"]  # the caudate is small on its slices: decoded in a region around it
+    assert bounds[2] == [first, last]
+    assert all(lo <= v <= hi for (lo, hi), v in zip(bounds, np.argwhere(mask).min(axis=0)))
+    assert all(lo <= v <= hi for (lo, hi), v in zip(bounds, np.argwhere(mask).max(axis=0)))
     assert result["backbone"]["name"] == "lite_medsam"
     assert {"embed", "decode", "total"} <= set(result["timing"])
 
@@ -114,6 +120,7 @@ def test_a_client_saving_results_in_the_system_temp_folder_keeps_them(server, ca
         (IMAGE, {"foreground": [[90, 140, 80]], "label": "spleen"}, 400, "unknown label"),
         (IMAGE, {"foreground": [[90, 140, 80]], "slice_axis": 5}, 400, "slice_axis"),
         (IMAGE, {"foreground": [[90, 140, 80]], "result_extension": ".exe"}, 400, "result_extension"),
+        (IMAGE, {"foreground": [[90, 140, 80]], "focus": "sometimes"}, 400, "focus must be true or false"),
         ("no_such_image", {"foreground": [[1, 1, 1]]}, 404, "unknown image"),
         ("../../etc/passwd", {"foreground": [[1, 1, 1]]}, 400, "invalid image id"),
         ("/etc/passwd", {"foreground": [[1, 1, 1]]}, 400, "invalid image id"),

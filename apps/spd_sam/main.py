@@ -108,12 +108,13 @@ class SPDSamApp(MONAILabelApp):
 
         OHIF's MONAI Label panel appends the models' labels to this list (``labels.push``) and fails to
         connect when it is a name->index map; 3D Slicer iterates over it either way. Each model's ``labels``
-        keeps the name->index map.
+        keeps the name->index map. ``embedding_cache`` reports the cache's disk and memory use.
         """
         meta = super().info()
         labels = meta.get("labels")
         if isinstance(labels, dict):
             meta["labels"] = [name for name, _ in sorted(labels.items(), key=lambda item: item[1])]
+        meta["embedding_cache"] = self.spd.pipeline.cache.usage()
         return meta
 
     def _init_dicomweb_datastore(self) -> Datastore:

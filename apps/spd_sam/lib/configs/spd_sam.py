@@ -11,6 +11,7 @@ from typing import Any
 
 from monailabel.config import settings
 from monailabel.interfaces.config import TaskConfig
+from monailabel.utils.others.generic import strtobool
 
 from lib.activelearning.uncertainty import SPDUncertainty, SPDUncertaintyScoring
 from lib.infers.spd_infer import SPDInfer
@@ -19,6 +20,7 @@ from lib.spd.backbones import load_backbone
 from lib.spd.checkpoints import CheckpointStore
 from lib.spd.embedding_cache import EmbeddingCache
 from lib.spd.encoder_runner import EncoderSettings
+from lib.spd.focus import FocusConfig
 from lib.spd.pipeline import SPDPipeline
 from lib.spd.served_model import ServedModel
 from lib.trainers.spd_trainer import SPDTrainer
@@ -34,10 +36,12 @@ DEFAULTS = {
     "precision": "auto",  # auto (bf16 autocast on CUDA, float32 on the CPU) | float32 | bfloat16
     "gpu_memory_mb": "0",  # GPU memory per device for embedding chunks; 0 = 80 % of what is free
     "compile": "false",  # torch.compile the image encoder on CUDA (the first request compiles)
+    "focus": "true",  # decode small structures on a region around them (false: whole slices, no extra embedding)
     "modality": "auto",  # auto | CT | MR (intensity window)
     "labels": str(APP_DIR / "labels.json"),
     "embedding_cache_mb": "2048",
     "embedding_cache_dir": "",  # "" = <datastore cache>/spd_embeddings
+    "embedding_cache_disk_mb": "20480",  # 20 GiB of slice files, room left for the datastore; 0 = unbounded
     "trained_dir": "",  # "" = <app>/model/spd_sam: versioned trained checkpoints and the `current` pointer
 }
 
@@ -61,10 +65,12 @@ def build_pipeline(options: dict[str, str], model_dir: str, device: str | None =
         cache_dir=os.path.join(model_dir, "runtime"),
         encoder_settings=EncoderSettings(precision=options["precision"],
                                          memory_budget_bytes=int(options["gpu_memory_mb"]) << 20,
-                                         compile=options["compile"].lower() in ("1", "true", "yes")),
+                                         compile=strtobool(options["compile"])),
     )
     cache_dir = options["embedding_cache_dir"] or _cache_root() / "spd_embeddings"
-    return SPDPipeline(backbone, EmbeddingCache(int(options["embedding_cache_mb"]) << 20, cache_dir))
+    return SPDPipeline(backbone, EmbeddingCache(int(options["embedding_cache_mb"]) << 20, cache_dir,
+                                                int(options["embedding_cache_disk_mb"]) << 20),
+                       focus=FocusConfig() if strtobool(options["focus"]) else None)
 
 
 class SPDSamConfig(TaskConfig):
@@ -83,8 +89,10 @@ class SPDSamConfig(TaskConfig):
         self.store = CheckpointStore(options["trained_dir"] or os.path.join(model_dir, name))
         self.served = ServedModel(self.store, self.pipeline)
         self.served.refresh()
-        logger.info("spd_sam: backbone %s (%s on %s); embeddings cached in %s (%s MB in memory)",
-                    backbone.name, backbone.runtime, backbone.device, cache_dir, options["embedding_cache_mb"])
+        logger.info("spd_sam: backbone %s (%s on %s); embeddings cached in %s (%s MB in memory, %s MB disk budget, "
+                    "%d MB on disk)", backbone.name, backbone.runtime, backbone.device, cache_dir,
+                    options["embedding_cache_mb"], options["embedding_cache_disk_mb"],
+                    self.pipeline.cache.usage()["disk_bytes"] >> 20)
 
     def infer(self) -> SPDInfer:
         return SPDInfer(self.pipeline, self.labels, self.background, self.modality, self.served)

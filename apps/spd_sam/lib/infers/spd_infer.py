@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+from monailabel.utils.others.generic import strtobool
 
 from lib.infers.heap import release_free_memory
 from lib.infers.volume_io import RESULT_DTYPES, RESULT_EXTENSIONS, ImageReadError, VolumeReader, write_label
@@ -26,9 +27,23 @@ UNLABELLED = "foreground"  # name reported when a viewer sends no label (OHIF's 
 def _as_bool(value: Any, name: str) -> bool:
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
-        return value.lower() in ("true", "1")
+    if isinstance(value, str):
+        try:
+            return strtobool(value)
+        except ValueError:
+            pass
     raise PromptError(f"{name} must be true or false, got {value!r}")
+
+
+def focus_bounds(seg) -> list[list[int]] | None:
+    """The block whose masks were decoded, as inclusive ``[[i0, i1], [j0, j1], [k0, k1]]`` (None: whole slices)."""
+    if seg.focus is None:
+        return None
+    bounds = [None, None, None]
+    bounds[seg.axis] = list(seg.slice_range)
+    for a, span in zip([a for a in range(3) if a != seg.axis], seg.focus):
+        bounds[a] = [span.start, span.stop - 1]
+    return bounds
 
 
 class SPDInfer(InferTask):
@@ -71,6 +86,7 @@ class SPDInfer(InferTask):
             roi = parse_roi(request.get("roi"), volume.array.shape)
             axis = choose_slice_axis(clicks, volume.spacing, request.get("slice_axis"), volume.array.shape)
             extension, dtype, compress = self._result_format(request)
+            focus = _as_bool(request.get("focus", True), "focus")
         except (PromptError, ImageReadError) as error:
             raise HTTPException(status_code=400, detail=str(error)) from None
         loaded = time.perf_counter()
@@ -79,7 +95,7 @@ class SPDInfer(InferTask):
         version = self.served.refresh() if self.served else None
         with self.background.foreground():
             seg = self.pipeline.segment(volume.array, volume.spacing, volume.volume_id, clicks, window,
-                                        label=label_name, slice_axis=axis, roi=roi)
+                                        label=label_name, slice_axis=axis, roi=roi, focus=focus)
         self._embed_rest_later(volume, VolumeView(volume.array, seg.axis, window))
 
         written = time.perf_counter()
@@ -95,6 +111,7 @@ class SPDInfer(InferTask):
             "saliency": seg.saliency,
             "box_probes": seg.box_probes,
             "slice_range": list(seg.slice_range),
+            "focus": focus_bounds(seg),
             "voxels": int(seg.mask.sum()),
             "backbone": {"name": self.pipeline.backbone.name, "runtime": self.pipeline.backbone.runtime,
                          "device": str(self.pipeline.backbone.device)},

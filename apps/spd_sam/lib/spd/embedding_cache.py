@@ -5,6 +5,9 @@ the slices already embedded. Slices are stored as float16 (half the bytes; SAM d
 insensitive to it) and written atomically, one file per slice. A file that cannot be read, is not
 float16 of three dimensions, or has another shape than the key's other slices (a damaged disk, a
 copy cut short) is deleted and its slice embedded again, with a warning.
+
+With a disk budget, the least recently used files are deleted after each write until the files fit.
+A file's mtime is its last use (set when written or read from disk), so the order survives restarts.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -30,18 +34,33 @@ class EmbeddingCache:
     Args:
         budget_bytes: in-memory budget; least recently used slices are evicted beyond it.
         directory: where slices are persisted (None: memory only).
+        disk_budget_bytes: budget of the persisted files (None or 0: unbounded).
     """
 
-    def __init__(self, budget_bytes: int = 2 << 30, directory: str | os.PathLike | None = None):
+    def __init__(self, budget_bytes: int = 2 << 30, directory: str | os.PathLike | None = None,
+                 disk_budget_bytes: int | None = None):
         self.budget_bytes = int(budget_bytes)
         self.directory = Path(directory) if directory else None
+        self.disk_budget_bytes = int(disk_budget_bytes or 0) or None
         self._memory: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
         self._bytes = 0
         self._lock = threading.RLock()
+        self._disk: OrderedDict[tuple[str, int], int] = OrderedDict()  # file sizes, least recently used first
+        self._disk_bytes = 0
+        self._pinned: Counter[tuple[str, int]] = Counter()  # slices that running requests will return
+        self._warned = False
+        if self.directory is not None and self.directory.is_dir():
+            self._scan()
 
     @property
     def bytes_in_memory(self) -> int:
         return self._bytes
+
+    def usage(self) -> dict[str, int | None]:
+        """Bytes and files on disk, the disk budget (None: unbounded) and bytes in memory."""
+        with self._lock:
+            return {"disk_bytes": self._disk_bytes, "disk_budget_bytes": self.disk_budget_bytes,
+                    "files": len(self._disk), "memory_bytes": self._bytes}
 
     def missing(self, key: str, slices: Sequence[int]) -> list[int]:
         """The slices of ``key`` that are neither in memory nor on disk."""
@@ -56,27 +75,46 @@ class EmbeddingCache:
             slices: slice indices to return, in order.
             compute: embeds a list of slice indices, returning (len, C, h, w).
         """
-        todo = self.missing(key, slices)
-        if todo:
-            self.put(key, todo, compute(todo))
-        with self._lock:
-            found = {s: self._load(key, s) for s in slices}
-        unreadable = [s for s, t in found.items() if t is None]
-        self._embed_again(key, unreadable, compute, found)
-        # the shape of what was just embedded, else the most common one, is the key's shape
-        shapes = [tuple(found[s].shape) for s in (todo + unreadable or slices)]
-        usual = max(set(shapes), key=shapes.count)
-        self._embed_again(key, [s for s, t in found.items() if tuple(t.shape) != usual], compute, found)
-        return torch.stack([found[s] for s in slices])
+        with self._pinning(key, slices):
+            todo = self.missing(key, slices)
+            if todo:
+                self.put(key, todo, compute(todo))
+            with self._lock:
+                found = {s: self._load(key, s) for s in slices}
+            unreadable = [s for s, t in found.items() if t is None]
+            self._embed_again(key, unreadable, compute, found)
+            # the shape of what was just embedded, else the most common one, is the key's shape
+            shapes = [tuple(found[s].shape) for s in (todo + unreadable or slices)]
+            usual = max(set(shapes), key=shapes.count)
+            self._embed_again(key, [s for s, t in found.items() if tuple(t.shape) != usual], compute, found)
+            return torch.stack([found[s] for s in slices])
 
     def put(self, key: str, slices: Sequence[int], embeddings: torch.Tensor) -> None:
         """Store freshly computed embeddings in memory and on disk."""
-        for s, e in zip(slices, embeddings):
-            e = e.detach().to("cpu", torch.float16).contiguous()
-            if self.directory is not None:
-                self._write(key, s, e)
+        with self._pinning(key, slices):
+            for s, e in zip(slices, embeddings):
+                e = e.detach().to("cpu", torch.float16).contiguous()
+                size = self._write(key, s, e) if self.directory is not None else 0
+                with self._lock:
+                    self._remember((key, s), e)
+                    if size:
+                        self._record((key, s), size)
+                        self._evict()
+
+    @contextmanager
+    def _pinning(self, key: str, slices: Sequence[int]) -> Iterator[None]:
+        """Keep the files of ``slices`` from eviction while the block runs."""
+        items = [(key, s) for s in slices]
+        with self._lock:
+            self._pinned.update(items)
+        try:
+            yield
+        finally:
             with self._lock:
-                self._remember((key, s), e)
+                for item in items:
+                    self._pinned[item] -= 1
+                    if not self._pinned[item]:
+                        del self._pinned[item]
 
     def _embed_again(self, key: str, damaged: list[int], compute, found: dict[int, torch.Tensor]) -> None:
         """Replace the damaged slices' files and entries in ``found`` with fresh embeddings."""
@@ -95,13 +133,19 @@ class EmbeddingCache:
         """The slice's embedding from memory or disk; None when its file is damaged."""
         if (key, s) in self._memory:
             self._memory.move_to_end((key, s))
+            if (key, s) in self._disk:
+                self._disk.move_to_end((key, s))
             return self._memory[(key, s)]
+        path = self._file(key, s)
         try:
-            array = np.load(self._file(key, s), allow_pickle=False)
+            array = np.load(path, allow_pickle=False)
         except (OSError, ValueError, EOFError):
             return None
         if array.dtype != np.float16 or array.ndim != 3:
             return None
+        with suppress(OSError):  # the mtime records the use across restarts
+            os.utime(path)
+            self._record((key, s), path.stat().st_size)
         tensor = torch.from_numpy(array)
         self._remember((key, s), tensor)
         return tensor
@@ -109,6 +153,7 @@ class EmbeddingCache:
     def _forget(self, key: str, s: int) -> None:
         if (key, s) in self._memory:
             self._bytes -= self._memory.pop((key, s)).nbytes
+        self._disk_bytes -= self._disk.pop((key, s), 0)
         self._file(key, s).unlink(missing_ok=True)
 
     def _remember(self, item: tuple[str, int], tensor: torch.Tensor) -> None:
@@ -125,10 +170,54 @@ class EmbeddingCache:
             return Path(os.devnull) / "absent"
         return self.directory / key / f"{s:05d}.npy"
 
-    def _write(self, key: str, s: int, tensor: torch.Tensor) -> None:
+    def _write(self, key: str, s: int, tensor: torch.Tensor) -> int:
+        """Persist the slice; the file's size, 0 when it could not be written."""
         target = self._file(key, s)
         try:
             with replacing(target, fsync=False) as tmp, open(tmp, "wb") as handle:  # damaged files are re-made
                 np.save(handle, tensor.numpy())
+            return target.stat().st_size
         except OSError as error:  # a full disk costs the persistence, not the request
             logger.warning("could not persist embedding %s: %s", target, error)
+            return 0
+
+    def _scan(self) -> None:
+        """Index the files already on disk, oldest use first, and enforce the disk budget on them."""
+        found = []
+        for path in self.directory.glob("*/*.npy"):
+            with suppress(OSError, ValueError):
+                stat = path.stat()
+                found.append((stat.st_mtime_ns, (path.parent.name, int(path.stem)), stat.st_size))
+        with self._lock:
+            for _, item, size in sorted(found):
+                self._record(item, size)
+            self._evict()
+
+    def _record(self, item: tuple[str, int], size: int) -> None:
+        """Note a file on disk as the most recently used."""
+        self._disk_bytes += size - self._disk.pop(item, 0)
+        self._disk[item] = size
+
+    def _evict(self) -> None:
+        """Delete the least recently used files, except pinned ones, until the disk budget holds."""
+        if not self.disk_budget_bytes or self._disk_bytes <= self.disk_budget_bytes:
+            return
+        excess, victims = self._disk_bytes - self.disk_budget_bytes, []
+        for item, size in self._disk.items():
+            if excess <= 0:
+                break
+            if item not in self._pinned:
+                victims.append(item)
+                excess -= size
+        for item in victims:
+            self._disk_bytes -= self._disk.pop(item)
+            self._file(*item).unlink(missing_ok=True)
+        pinned_keys = {key for key, _ in self._pinned}  # a request may be about to write into its folder
+        for key in {key for key, _ in victims} - pinned_keys:
+            with suppress(OSError):  # not empty
+                (self.directory / key).rmdir()
+        if excess > 0 and not self._warned:
+            self._warned = True
+            logger.warning("embedding cache: the slices of running requests take %d MB on disk, over the %d MB "
+                           "disk budget; they are kept until the next write", self._disk_bytes >> 20,
+                           self.disk_budget_bytes >> 20)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -14,11 +15,15 @@ from .box_calibration import ProbeConfig, calibrate_anchor_boxes
 from .backbones import Backbone, SlicePrompts
 from .distillation import Consensus, ContextualPromptDistiller, CPDConfig
 from .embedding_cache import EmbeddingCache
+from .focus import FocusConfig, Region, focus_region
 from .intensity import IntensityWindow
 from .mask_memo import MaskMemo
 from .prompts import Click, choose_slice_axis, to_slice_clicks
 from .saliency import AppearanceSaliency
 from .trained_state import TrainedState
+
+
+REMEMBERED_REGIONS = 256  # structures whose last focus region is kept
 
 
 @dataclass
@@ -32,15 +37,18 @@ class Segmentation:
     timings: dict = field(default_factory=dict)
     saliency: str = "appearance"  # or "trained head (axis N)"
     box_probes: str = "default sizes"  # or "learned sizes (axis N)"
+    focus: Region | None = None  # the in-plane region (rows, cols) decoded in; None: whole slices
 
 
 @dataclass
 class VolumeView:
-    """A volume seen as a stack of slices along one axis, windowed on demand."""
+    """A volume seen as a stack of slices along one axis, windowed on demand; with a ``region``, only that
+    part (rows, cols) of each slice."""
 
     volume: np.ndarray
     axis: int
     window: IntensityWindow
+    region: Region | None = None
 
     @property
     def in_plane(self) -> list[int]:
@@ -48,15 +56,27 @@ class VolumeView:
 
     @property
     def slice_shape(self) -> tuple[int, int]:
+        if self.region is not None:
+            return tuple(r.stop - r.start for r in self.region)
         return tuple(self.volume.shape[a] for a in self.in_plane)
+
+    @property
+    def origin(self) -> tuple[int, int]:
+        """Where the view's pixel (0, 0) lies on the volume's slices."""
+        return (0, 0) if self.region is None else (self.region[0].start, self.region[1].start)
 
     @property
     def depth(self) -> int:
         return self.volume.shape[self.axis]
 
+    def focused(self, region: Region | None) -> "VolumeView":
+        """The same slices, cut to ``region`` (None: whole)."""
+        return replace(self, region=region)
+
     def slices(self, indices: Sequence[int]) -> np.ndarray:
-        """(N, H, W) float32 in [0, 1]; rows and columns are the remaining axes in order."""
-        return self.window.apply(np.moveaxis(np.take(self.volume, list(indices), axis=self.axis), self.axis, 0))
+        """(N, H, W) float32 in [0, 1]; rows and columns are the remaining axes in order (cut to the region)."""
+        planes = np.moveaxis(np.take(self.volume, list(indices), axis=self.axis), self.axis, 0)
+        return self.window.apply(planes if self.region is None else planes[(slice(None), *self.region)])
 
 
 @dataclass
@@ -94,6 +114,8 @@ class SPDPipeline:
         state: the trained state to serve (default: untrained; see :meth:`serve`).
         cpd: distillation tolerances.
         probes: default box probe sizes for measuring the structure on validated slices.
+        focus: how the region around a structure's boxes is chosen that its masks are decoded in (None: whole
+            slices).
         decode_chunk: slices decoded per call (None: the backbone's ``decode_chunk``).
     """
 
@@ -104,16 +126,19 @@ class SPDPipeline:
         state: TrainedState = TrainedState(),
         cpd: CPDConfig = CPDConfig(),
         probes: ProbeConfig = ProbeConfig(),
+        focus: FocusConfig | None = FocusConfig(),
         decode_chunk: int | None = None,
     ):
         self.backbone = backbone
         self.cache = cache
         self.cpd = cpd
         self.probes = probes
+        self.focus = focus
         self.decode_chunk = decode_chunk or backbone.decode_chunk
         self.base_decoder = backbone.model.mask_decoder  # the backbone's own weights: served by states without one
         self.fallback_saliency = AppearanceSaliency()
         self._hot: tuple[str, int, torch.Tensor] | None = None  # the last request's slab, kept on the GPU
+        self._regions: OrderedDict[tuple, Region] = OrderedDict()  # (volume, axis, label) -> its last focus region
         self.serve(state)
 
     @property
@@ -131,9 +156,13 @@ class SPDPipeline:
         self._hot = None
 
     def cache_key(self, volume_id: str, view: VolumeView) -> str:
-        """Names the embeddings of one volume seen along one axis by one backbone and window."""
+        """Names the embeddings of one volume seen along one axis (and region) by one backbone and window."""
         w = view.window
-        return f"{volume_id}-ax{view.axis}-{self.backbone.name}-{self.backbone.embedding_id}-{w.low:.6g}_{w.high:.6g}"
+        key = f"{volume_id}-ax{view.axis}-{self.backbone.name}-{self.backbone.embedding_id}-{w.low:.6g}_{w.high:.6g}"
+        if view.region is not None:
+            (r0, c0), (rows, cols) = view.origin, view.slice_shape
+            key += f"-at{r0}_{c0}_{rows}x{cols}"
+        return key
 
     def probe_config(self, label: str | None, axis: int) -> ProbeConfig:
         """Probe sizes for ``label`` on slices along ``axis``: learned from its saved labels, else the defaults."""
@@ -155,6 +184,7 @@ class SPDPipeline:
         label: str | None = None,
         slice_axis: int | None = None,
         roi: tuple[tuple[int, int], ...] | None = None,
+        focus: bool = True,
     ) -> Segmentation:
         """Run SPD for one structure.
 
@@ -167,19 +197,31 @@ class SPDPipeline:
             label: structure name, selects a trained saliency head.
             slice_axis: axis to segment along (None: chosen from the clicks).
             roi: optional ((i0, i1), (j0, j1), (k0, k1)) bounds; nothing is segmented outside.
+            focus: decode the consensus boxes on a region around them, embedded on its own at the encoder's
+                full input size (see ``focus.py``), when the pipeline has a focus config; False: whole slices.
         """
         plan = self.plan(volume, spacing, volume_id, clicks, window, label, slice_axis, roi)
-        timings = plan.timings
+        timings, view, saliency, first = plan.timings, plan.view, plan.saliency, plan.first
+        indices = list(range(first, first + len(plan.embeddings)))
+        key, embeddings, boxes = plan.key, plan.embeddings, np.array([plan.consensus.prompts[s].box for s in indices])
+        region = None
+        if focus and self.focus is not None:
+            pixel_mm = [float(spacing[a]) for a in view.in_plane]
+            region = self._focus_region((volume_id, view.axis, label), boxes.reshape(-1, 2), pixel_mm, view.slice_shape)
+        if region is not None:
+            tic = time.perf_counter()
+            view = view.focused(region)
+            key, embeddings = self.cache_key(volume_id, view), self._embeddings_on_device(volume_id, view, indices)
+            saliency = saliency[(slice(None), *region)]
+            timings["embed_focus"] = round(time.perf_counter() - tic, 4)
         tic = time.perf_counter()
-        masks = self._decode(plan.key, plan.embeddings, plan.consensus, plan.saliency, plan.first, plan.view.slice_shape)
+        masks = self._decode(key, embeddings, plan.consensus, saliency, first, view)
         timings["decode"] = round(time.perf_counter() - tic, 4)
         tic = time.perf_counter()
-        mask = self._assemble(masks, plan.saliency, plan.consensus, plan.view, plan.first, roi)
+        mask = self._assemble(masks, saliency, plan.consensus, view, first, roi)
         timings["assemble"] = round(time.perf_counter() - tic, 4)
-        last = plan.first + len(plan.embeddings) - 1
-        return Segmentation(mask, plan.view.axis, (plan.first, last),
-                            plan.consensus.record(plan.view.in_plane, plan.view.axis), timings, plan.saliency_source,
-                            plan.probe_source)
+        return Segmentation(mask, view.axis, (first, indices[-1]), plan.consensus.record(view.in_plane, view.axis),
+                            timings, plan.saliency_source, plan.probe_source, region)
 
     def plan(
         self,
@@ -193,7 +235,8 @@ class SPDPipeline:
         roi: tuple[tuple[int, int], ...] | None = None,
         anchor_boxes: Callable[[dict[int, np.ndarray]], dict[int, tuple[float, float, float, float]]] | None = None,
     ) -> Plan:
-        """Everything before decoding: slice range, embeddings, saliency and consensus prompts with boxes.
+        """Everything before decoding, on whole slices: slice range, embeddings, saliency and consensus prompts
+        with boxes.
 
         Arguments as in :meth:`segment`, plus ``anchor_boxes``: measures the box of each anchored slice
         from its consensus point (slice -> (row, col)) instead of probing the decoder; training
@@ -250,6 +293,16 @@ class SPDPipeline:
                     f"trained head (axis {axis})" if trained else "appearance",
                     "default sizes" if probes is self.probes else f"learned sizes (axis {axis})")
 
+    def _focus_region(self, structure: tuple, corners: np.ndarray, pixel_mm, shape) -> Region | None:
+        """:func:`focus_region` around the boxes' corners, keeping a structure's last region while its boxes fit
+        in it (a correction then reuses the region's embeddings)."""
+        region = focus_region(corners, pixel_mm, shape, self.focus, self._regions.pop(structure, None))
+        if region is not None:
+            self._regions[structure] = region
+            while len(self._regions) > REMEMBERED_REGIONS:
+                self._regions.popitem(last=False)
+        return region
+
     def _embeddings_on_device(self, volume_id: str, view: VolumeView, indices: list[int]) -> torch.Tensor:
         """Embeddings of consecutive slices ``indices`` on the backbone's device. On a GPU the last slab
         stays there, so a re-click on the same structure copies nothing."""
@@ -267,17 +320,20 @@ class SPDPipeline:
         (serving switches whole states with :meth:`serve` instead)."""
         self.memo = MaskMemo()
 
-    def _decode(self, key: str, embeddings, consensus: Consensus, saliency, first: int, slice_shape) -> np.ndarray:
-        """Masks of every slice from its consensus prompts (points only for point-trained backbones)."""
+    def _decode(self, key: str, embeddings, consensus: Consensus, saliency, first: int, view: VolumeView) -> np.ndarray:
+        """Masks of every slice of the view (and its region) from its consensus prompts (points only for
+        point-trained backbones)."""
         prompts = [consensus.prompts[first + n] for n in range(embeddings.shape[0])]
-        boxes = np.array([p.box for p in prompts], dtype=np.float32)
+        shift = np.array(view.origin, dtype=np.float32)
+        boxes = np.array([p.box for p in prompts], dtype=np.float32) - np.tile(shift, 2)
         points = labels = dense = None
         if not self.backbone.box_trained:
             points, labels = _pad_points(prompts)
+            points = points - shift
         if self.backbone.uses_mask_prompt:
             dense = torch.logit(torch.as_tensor(saliency, device=self.backbone.device), eps=1e-4)
         slices = [p.slice for p in prompts]
-        return self._masks(key, slices, embeddings, SlicePrompts(boxes, points, labels, dense), slice_shape)
+        return self._masks(key, slices, embeddings, SlicePrompts(boxes, points, labels, dense), view.slice_shape)
 
     def _masks(self, key: str, slices: list[int], embeddings: torch.Tensor, prompts: SlicePrompts, slice_shape) -> np.ndarray:
         """Bool masks, decoding in chunks only what the memo does not hold."""
@@ -297,13 +353,14 @@ class SPDPipeline:
         """Slab of slice masks -> full-size volume; ends where saliency fades and components without a
         prompt are dropped. Works on the in-plane box that holds the masks and the prompts."""
         seeds = np.array([(s - first, r, c) for s, p in consensus.prompts.items() for r, c in p.positives],
-                         dtype=float).reshape(-1, 3).round().astype(int)
+                         dtype=float).reshape(-1, 3).round().astype(int) - [0, *view.origin]
+        seeds = np.clip(seeds, 0, np.array(masks.shape) - 1)  # a seed beyond the region holds on to its edge
         rows, cols = bounding_box(masks, seeds, axes=(1, 2)) or (slice(0, 0), slice(0, 0))
         masks, saliency = masks[:, rows, cols], saliency[:, rows, cols]
         support = np.array([float(s[m].mean()) if m.any() else 0.0 for s, m in zip(saliency, masks)])
         masks = trim_unanchored_ends(masks, first, consensus.anchored_range, support)
         if roi is not None:
-            (r0, r1), (c0, c1) = (roi[a] for a in view.in_plane)
+            (r0, r1), (c0, c1) = (np.subtract(roi[a], o) for a, o in zip(view.in_plane, view.origin))
             inside = np.zeros(masks.shape[1:], dtype=bool)
             inside[max(r0 - rows.start, 0):max(r1 + 1 - rows.start, 0),
                    max(c0 - cols.start, 0):max(c1 + 1 - cols.start, 0)] = True
@@ -312,7 +369,8 @@ class SPDPipeline:
         volume = np.zeros(view.volume.shape, dtype=bool)
         target = [slice(None)] * 3
         target[view.axis] = slice(first, first + masks.shape[0])
-        target[view.in_plane[0]], target[view.in_plane[1]] = rows, cols
+        for a, o, span in zip(view.in_plane, view.origin, (rows, cols)):
+            target[a] = slice(span.start + o, span.stop + o)
         volume[tuple(target)] = np.moveaxis(masks, 0, view.axis)
         return volume
 

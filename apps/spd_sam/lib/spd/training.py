@@ -272,8 +272,13 @@ def train_saliency_head(train: Sequence[Slab], val: Sequence[Slab], labels: Mapp
 
 # --------------------------------------------------------------------------- stage 2: mask decoder
 def validate(pipeline: SPDPipeline, volumes: Sequence[LabelledVolume], labels: Mapping[str, int], axis: int,
-             config: TrainConfig, deadline: float = float("inf"), ranks: Ranks = Ranks()) -> dict[str, float] | None:
+             config: TrainConfig, deadline: float = float("inf"), ranks: Ranks = Ranks(), focus: bool = False
+             ) -> dict[str, float] | None:
     """Dice per label of the full pipeline on ``volumes``, with clicks fixed per volume and label.
+
+    ``focus``: decode in regions around the structures as serving does; a round validates on whole
+    slices (its slabs' embeddings), since embedding every structure's region again would cost a CPU
+    round most of its budget.
 
     Ranks segment their share of the structures and every rank gets all the scores. Returns None
     when the deadline (``time.monotonic()``) passes on any rank before its structures are segmented.
@@ -289,7 +294,7 @@ def validate(pipeline: SPDPipeline, volumes: Sequence[LabelledVolume], labels: M
         rng = np.random.default_rng([config.seed, n, labels[name]])
         clicks = clicks_for(volume, labels[name], axis, style, rng)
         seg = pipeline.segment(volume.volume, volume.spacing, volume.volume_id, clicks, volume.window,
-                               label=name, slice_axis=axis)
+                               label=name, slice_axis=axis, focus=focus)
         mine.append((name, dice(seg.mask, volume.labels == labels[name])))
     gathered = ranks.gather((complete, mine))
     if not all(done for done, _ in gathered):
