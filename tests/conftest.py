@@ -37,3 +37,38 @@ def server(tmp_path_factory, sample_studies) -> local_server.LocalServer:
     yield running
     running.stop()
     print(f"\nserver log: {running.log}")
+
+
+# Modules that are slow for reasons their fixture names do not show, with the reason.
+SLOW_MODULES = {
+    "test_backbones.py": "loads the real LiteMedSAM backbone (ONNX export and eager) and a random ViT-B",
+    "test_dicomweb.py": "starts Orthanc and a MONAI Label server",
+    "test_ohif.py": "starts Orthanc, a MONAI Label server and Chromium",
+    "test_training_trainer.py": "runs training rounds on the real backbone, one under DDP",
+    "test_training_lora.py": "runs a LoRA training round",
+    "test_training_server.py": "trains through a MONAI Label server with an OIDC realm",
+}
+# Single slow tests in otherwise fast modules (module::test function), with the reason.
+SLOW_TESTS = {
+    "test_fast_paths.py::test_gpu_benchmark_runs_in_cpu_mode": "runs scripts/bench_gpu.py on LiteMedSAM (~40 s)",
+    "test_training_parts.py::test_decoding_with_gradients_matches_serving": "loads the real LiteMedSAM backbone",
+    "test_size_prior.py::test_the_pipeline_uses_a_prior_only_for_its_label_and_axis": "loads the real backbone",
+}
+GPU_MODULES = {"test_cuda.py"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark tests by what they need: `server` and `slow` for tests that use the `server` fixture (directly or
+    through another fixture), `slow` for tests that use a `backbone` fixture or are listed in SLOW_MODULES or
+    SLOW_TESTS, and `gpu` for the modules in GPU_MODULES (which skip themselves without CUDA).
+    Fast tier: pytest -m "not slow"."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        module = item.path.name
+        if "server" in fixtures:
+            item.add_marker(pytest.mark.server)
+            item.add_marker(pytest.mark.slow)
+        if "backbone" in fixtures or module in SLOW_MODULES or f"{module}::{item.originalname}" in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
+        if module in GPU_MODULES:
+            item.add_marker(pytest.mark.gpu)

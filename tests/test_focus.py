@@ -36,8 +36,8 @@ def test_the_region_holds_every_point_with_its_margin_and_its_side_is_on_the_lad
 
 
 def test_a_region_near_the_whole_slice_is_the_whole_slice():
-    assert focus_region([[60, 70], [110, 130]], (1.0, 1.0), (181, 217)) is not None
-    assert focus_region([[60, 70], [110, 130]], (0.25, 0.25), (181, 217)) is None  # 8 mm is 32 pixels here
+    assert focus_region([[40, 50], [120, 140]], (1.0, 1.0), (181, 217)) is not None
+    assert focus_region([[40, 50], [120, 140]], (0.25, 0.25), (181, 217)) is None  # 4 mm is 16 pixels here
     assert focus_region([[40, 40], [150, 180]], (1.0, 1.0), (181, 217)) is None
     assert focus_region([], (1.0, 1.0), (181, 217)) is None
 
