@@ -76,15 +76,18 @@ class AppearanceSaliency:
         z = (torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(device) - centre) / sigma
         return torch.exp(-0.125 * z * z)  # exp(-z^2 / 2 / 4): 2-sigma wide, tolerant to partial volume
 
-    def _embedding_similarity(self, embeddings: torch.Tensor, clicks, slice_shape, chunk: int = 8) -> np.ndarray:
+    def _embedding_similarity(self, embeddings: torch.Tensor, clicks, slice_shape, chunk: int = 16) -> np.ndarray:
         g = embeddings.shape[-1]
         cells = [(n, *_grid_index(r, c, slice_shape, g)) for n, r, c in clicks]
         vectors = F.normalize(torch.stack([embeddings[n, :, gr, gc].float() for n, gr, gc in cells]), dim=1)
         reference = F.normalize(vectors.median(dim=0).values, dim=0)
-        cosine = torch.empty(embeddings.shape[0], g, g, device=embeddings.device)
+        flat = embeddings.flatten(2)  # (N, C, g*g): channel sums as matrix products, the fast path on a CPU
+        ones = torch.ones_like(reference)
+        cosine = torch.empty(embeddings.shape[0], g * g, device=embeddings.device)
         for start in range(0, embeddings.shape[0], chunk):  # float32 copies of a few slices at a time
-            part = embeddings[start:start + chunk].float()
-            cosine[start:start + chunk] = torch.einsum("nchw,c->nhw", part, reference) / part.norm(dim=1).clamp_min(1e-6)
+            part = flat[start:start + chunk].float()
+            cosine[start:start + chunk] = (reference @ part) * (ones @ (part * part)).clamp_min(1e-12).rsqrt()
+        cosine = cosine.view(-1, g, g)
         high = float(torch.stack([cosine[n, gr, gc] for n, gr, gc in cells]).median())
         low = float(cosine.median())
         scaled = ((cosine - low) / max(high - low, 1e-3)).clamp(0.0, 1.0)
