@@ -99,6 +99,22 @@ def test_boxes_carry_anchor_extents_to_every_slice():
         assert c1 < NEIGHBOUR_COL - 3, f"slice {s}: box {consensus.prompts[s].box} swallows the neighbour"
 
 
+def test_a_clicks_drift_inside_the_structure_does_not_move_the_boxes():
+    """Boxes go where the decoder measured the structure: clicks drifting by +-3 px inside it, alternately
+    on each side, leave every slice's box centred on the structure."""
+    clicks = [SliceClick(c.slice, c.row + (3.0 if n % 2 else -3.0), c.col, True, n)
+              for n, c in enumerate(clicks_every(4))]
+    consensus = ContextualPromptDistiller((1.0, 1.0)).distill(clicks, scene(), 0)
+    assert all(d.status == "kept" for d in consensus.decisions)
+    measured = {s: (target_centre(s)[0] - 6, TARGET_COL - 6, target_centre(s)[0] + 6, TARGET_COL + 6)
+                for s, p in consensus.prompts.items() if p.anchored}
+    consensus.assign_boxes(measured, (H, W))
+    first, last = consensus.anchored_range
+    for s in range(first, last + 1):
+        r0, _, r1, _ = consensus.prompts[s].box
+        assert abs((r0 + r1) / 2 - target_centre(s)[0]) < 0.5, (s, consensus.prompts[s].box)
+
+
 def test_record_lists_added_and_rejected_in_ijk():
     clicks = clicks_every(3, off_target_slice=14)
     consensus = ContextualPromptDistiller((1.0, 1.0)).distill(clicks, scene(), 0)

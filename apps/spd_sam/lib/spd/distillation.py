@@ -77,19 +77,17 @@ class Consensus:
     def assign_boxes(self, anchor_boxes: dict[int, tuple[float, float, float, float]], slice_shape, smoothing: int = 3):
         """Give every slice a box.
 
-        Box extents (relative to each slice's point) measured on the anchored slices are first
-        validated against adjacent anchors (running median, so one bad measurement does not
-        spread), then interpolated linearly to the slices between them and carried past the ends.
+        The boxes measured on the anchored slices lie where the decoder found the structure, whatever
+        a click's drift inside it. Each coordinate is first validated against adjacent anchors
+        (running median, so one bad measurement does not spread), then interpolated linearly to the
+        slices between them and carried past the ends.
         """
         anchors = np.array(sorted(anchor_boxes))
-        offsets = np.array([_offsets(anchor_boxes[s], self.prompts[s].positives) for s in anchors])
+        boxes = np.array([anchor_boxes[s] for s in anchors], dtype=float)
         if len(anchors) >= smoothing:
-            offsets = ndimage.median_filter(offsets, size=(smoothing, 1), mode="nearest")
-        height, width = slice_shape
+            boxes = ndimage.median_filter(boxes, size=(smoothing, 1), mode="nearest")
         for s, prompt in self.prompts.items():
-            dr0, dc0, dr1, dc1 = (np.interp(s, anchors, offsets[:, m]) for m in range(4))
-            r, c = np.mean(prompt.positives, axis=0)
-            prompt.box = (max(r + dr0, 0.0), max(c + dc0, 0.0), min(r + dr1, height - 1.0), min(c + dc1, width - 1.0))
+            prompt.box = tuple(float(np.interp(s, anchors, boxes[:, m])) for m in range(4))
 
     def record(self, in_plane: Sequence[int], axis: int) -> dict:
         """JSON-ready record: kept / moved / rejected clicks with reasons, and added prompts."""
@@ -100,12 +98,6 @@ class Consensus:
             for p in self.prompts.values() if not p.anchored
         ]
         return by_status
-
-
-def _offsets(box, points) -> tuple[float, float, float, float]:
-    """A box as extents relative to the mean of its slice's positive points."""
-    r, c = np.mean(points, axis=0)
-    return box[0] - r, box[1] - c, box[2] - r, box[3] - c
 
 
 def _ijk(slice_index: int, row: float, col: float, in_plane: Sequence[int], axis: int) -> list[int]:
