@@ -53,6 +53,7 @@ SLOW_TESTS = {
     "test_fast_paths.py::test_gpu_benchmark_runs_in_cpu_mode": "runs scripts/bench_gpu.py on LiteMedSAM (~40 s)",
     "test_training_parts.py::test_decoding_with_gradients_matches_serving": "loads the real LiteMedSAM backbone",
     "test_size_prior.py::test_the_pipeline_uses_a_prior_only_for_its_label_and_axis": "loads the real backbone",
+    "test_server.py::test_at_start_the_embeddings_of_gone_or_replaced_volumes_are_deleted": "starts two servers",
 }
 GPU_MODULES = {"test_cuda.py"}
 

@@ -143,3 +143,17 @@ def test_usage_without_a_disk_budget(tmp_path):
     assert cache.usage() == {"disk_bytes": sum(f.stat().st_size for f in files), "disk_budget_bytes": None,
                              "files": 2, "memory_bytes": 0}
     assert EmbeddingCache(1 << 20).usage()["files"] == 0
+
+
+def test_retain_deletes_the_slices_of_other_volumes_only(tmp_path):
+    cache = EmbeddingCache(1 << 20, tmp_path)
+    for key in ("aaaa-ax2-lite", "aaaa-ax2-lite-at0_0_32x32", "bbbb-ax2-lite", "cccc-ax0-lite"):
+        cache.get(key, [1, 2], CountingEncoder())
+    assert cache.retain({"aaaa", "cccc"}) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["aaaa-ax2-lite", "aaaa-ax2-lite-at0_0_32x32", "cccc-ax0-lite"]
+    assert cache.usage()["files"] == 6
+    enc = CountingEncoder()
+    cache.get("bbbb-ax2-lite", [1], enc)
+    assert enc.calls == [[1]], "a deleted slice is embedded again when asked for"
+    restarted = EmbeddingCache(1 << 20, tmp_path)
+    assert restarted.retain(set()) == 7 and not list(tmp_path.iterdir())

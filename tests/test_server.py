@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 
@@ -15,6 +16,8 @@ import SimpleITK as sitk
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
+import local_server
+from lib.infers.volume_io import volume_id
 from lib.spd.click_simulation import ClickStyle, simulate_clicks
 
 LABELS = json.loads((__import__("pathlib").Path(__file__).resolve().parents[1] / "apps/spd_sam/labels.json").read_text())
@@ -318,3 +321,24 @@ def test_unusual_volumes_upload_and_segment(server, client, tmp_path, case):
         assert response.status_code == 400, response.text
         assert "slice_axis 0 gives slices of 64x1 voxels" in response.json()["detail"]
     assert requests.get(f"{server.url}/info/", timeout=30).status_code == 200
+
+
+def test_at_start_the_embeddings_of_gone_or_replaced_volumes_are_deleted(sample_studies, tmp_path):
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    shutil.copy(sample_studies / f"{IMAGE}.nii.gz", studies)
+    embeddings = tmp_path / "embeddings"
+    live = f"{volume_id(str(studies / f'{IMAGE}.nii.gz'))}-ax2-lite_medsam-x"
+    for key in (live, "0123456789abcdef-ax2-lite_medsam-x"):  # the second: a volume no longer in the datastore
+        (embeddings / key).mkdir(parents=True)
+        np.save(embeddings / key / "00001.npy", np.zeros((2, 2, 2), np.float16))
+    running = local_server.start(tmp_path / "work", studies, conf={"embedding_cache_dir": str(embeddings)})
+    try:
+        assert [p.name for p in embeddings.iterdir()] == [live]
+        assert requests.get(f"{running.url}/info/", timeout=30).json()["embedding_cache"]["files"] == 1
+    finally:
+        running.stop()
+    os.utime(studies / f"{IMAGE}.nii.gz")  # the volume is replaced: its old embeddings can never be used
+    running = local_server.start(tmp_path / "work", studies, conf={"embedding_cache_dir": str(embeddings)})
+    running.stop()
+    assert not list(embeddings.iterdir())

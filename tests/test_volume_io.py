@@ -9,7 +9,7 @@ import tempfile
 import numpy as np
 import SimpleITK as sitk
 
-from lib.infers.volume_io import results_dir, write_label
+from lib.infers.volume_io import VolumeReader, results_dir, volume_id, write_label
 
 
 def test_results_go_to_a_private_folder_that_is_made_again_if_removed():
@@ -26,3 +26,13 @@ def test_results_go_to_a_private_folder_that_is_made_again_if_removed():
     again = write_label(mask, reference, ".nrrd", "uint8", False)
     assert os.path.dirname(again) == results_dir() and os.path.exists(again)
     os.unlink(again)
+
+
+def test_a_replaced_file_gets_a_new_volume_id(tmp_path):
+    path = tmp_path / "vol.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 5, 6), np.int16)), str(path))
+    first = volume_id(str(path))
+    assert volume_id(str(path)) == first
+    assert VolumeReader().read(str(path)).volume_id == first
+    os.utime(path, ns=(0, 10**9))
+    assert volume_id(str(path)) != first

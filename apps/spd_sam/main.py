@@ -8,10 +8,13 @@ import os
 import shutil
 import sys
 import tempfile
+from contextlib import suppress
 from typing import Dict
 
 from fastapi import HTTPException
 from monailabel.config import settings
+from monailabel.datastore.dicom import DICOMWebDatastore
+from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
@@ -24,6 +27,7 @@ from lib.auth.token_algorithms import name_token_algorithms
 from lib.configs.spd_sam import SPDSamConfig
 from lib.datastore.label_uploads import check_image_id, with_checked_label_saves
 from lib.infers import request_guard
+from lib.infers.volume_io import volume_id
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +58,21 @@ class SPDSamApp(MONAILabelApp):
             version="0.1.0",
             labels=self.spd.labels,
         )
+        self._forget_embeddings_of_gone_volumes()
+
+    def _forget_embeddings_of_gone_volumes(self) -> None:
+        """Delete the cached embeddings of volumes removed or replaced since they were embedded (local datastores:
+        a DICOMweb datastore fetches files on demand, so it cannot say what is gone)."""
+        store = self.datastore()
+        if isinstance(store, DICOMWebDatastore) or not isinstance(store, LocalDatastore):
+            return
+        ids = set()
+        for image in store.list_images():
+            with suppress(OSError):
+                ids.add(volume_id(store.get_image_uri(image)))
+        removed = self.spd.pipeline.cache.retain(ids)
+        logger.info("embedding cache: %d slice(s) of volumes no longer in the datastore deleted; %s", removed,
+                    self.spd.pipeline.cache.usage())
 
     def init_datastore(self) -> Datastore:
         """MONAI Label's datastore, with label uploads checked (shape, readability, tag) and saved all-or-nothing."""

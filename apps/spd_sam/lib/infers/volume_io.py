@@ -45,8 +45,7 @@ class VolumeReader:
         Raises:
             ImageReadError: unreadable file, 2D or 4D/vector images.
         """
-        stat = os.stat(path)
-        key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+        key = _file_identity(path)
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
@@ -61,13 +60,26 @@ class VolumeReader:
                 f"{image.GetNumberOfComponentsPerPixel()} component(s) per voxel"
             )
         array = sitk.GetArrayViewFromImage(image).transpose(2, 1, 0)
-        volume_id = hashlib.sha1(repr(key).encode()).hexdigest()[:16]
-        loaded = LoadedVolume(image, array, tuple(float(s) for s in image.GetSpacing()), volume_id)
+        loaded = LoadedVolume(image, array, tuple(float(s) for s in image.GetSpacing()), _identity_id(key))
         with self._lock:
             self._cache[key] = loaded
             while len(self._cache) > self.keep:
                 self._cache.popitem(last=False)
         return loaded
+
+
+def _file_identity(path: str) -> tuple[str, int, int]:
+    stat = os.stat(path)
+    return os.path.realpath(path), stat.st_size, stat.st_mtime_ns
+
+
+def _identity_id(identity: tuple) -> str:
+    return hashlib.sha1(repr(identity).encode()).hexdigest()[:16]
+
+
+def volume_id(path: str) -> str:
+    """The id of the volume in ``path`` as it is now (its real path, size and mtime): a replaced file gets a new id."""
+    return _identity_id(_file_identity(path))
 
 
 @functools.cache

@@ -8,6 +8,7 @@ copy cut short) is deleted and its slice embedded again, with a warning.
 
 With a disk budget, the least recently used files are deleted after each write until the files fit.
 A file's mtime is its last use (set when written or read from disk), so the order survives restarts.
+:meth:`EmbeddingCache.retain` deletes the slices of volumes that are gone (the app calls it at start).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import threading
 from collections import Counter, OrderedDict
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Collection, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -66,6 +67,20 @@ class EmbeddingCache:
         """The slices of ``key`` that are neither in memory nor on disk."""
         with self._lock:
             return [s for s in slices if (key, s) not in self._memory and not self._file(key, s).is_file()]
+
+    def retain(self, volume_ids: Collection[str]) -> int:
+        """Delete the entries of every volume not in ``volume_ids`` (keys start with the volume id and a dash):
+        a volume that is gone or was replaced can never be asked for again. Returns the slices deleted."""
+        keep = set(volume_ids)
+        with self._lock:
+            stale = [item for item in {*self._disk, *self._memory}
+                     if item[0].split("-", 1)[0] not in keep and item not in self._pinned]
+            for item in stale:
+                self._forget(*item)
+            for key in {key for key, _ in stale} if self.directory is not None else ():
+                with suppress(OSError):  # not empty: a request is writing into it
+                    (self.directory / key).rmdir()
+        return len(stale)
 
     def get(self, key: str, slices: Sequence[int], compute: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
         """Embeddings of ``slices`` stacked (N, C, h, w) as float16, computing the missing ones.
