@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from lib.spd.box_calibration import ProbeConfig, calibrate_anchor_boxes
+from lib.spd.box_calibration import ProbeConfig, calibrate_anchor_boxes, probe_centre
 
 SHAPE = (64, 64)
 
@@ -58,3 +58,17 @@ def test_object_larger_than_every_probe_uses_the_largest():
     boxes = calibrate_anchor_boxes(decode, {0: (30.0, 30.0)}, (1.0, 1.0), SHAPE, ProbeConfig(half_sizes_mm=(4.0, 8.0)))
     r0, _, r1, _ = boxes[0]
     assert r1 - r0 >= 16
+
+
+def test_probes_are_centred_on_the_deepest_salient_pixel_near_the_point():
+    rr, cc = np.mgrid[: SHAPE[0], : SHAPE[1]]
+    saliency = ((rr - 30) ** 2 + (cc - 30) ** 2 <= 49).astype(np.float32)  # a disc of radius 7 px
+    saliency[(rr - 30) ** 2 + (cc - 46) ** 2 <= 49] = 1.0  # a touching-distance neighbour, 16 px away
+    near_edge = probe_centre(saliency, (30.0, 25.0), (1.0, 1.0), 6.0, 0.5)
+    assert np.allclose(near_edge, (30, 30)), "a point near the disc's edge moves to its centre"
+    short = probe_centre(saliency, (30.0, 25.0), (1.0, 1.0), 3.0, 0.5)
+    assert np.hypot(*(short - (30, 25))) <= 3.0 and short[1] > 25, "never further than the radius"
+    assert np.allclose(probe_centre(saliency, (30.0, 36.0), (1.0, 1.0), 6.0, 0.5), (30, 30)), \
+        "the region under the point, not the neighbour"
+    assert np.allclose(probe_centre(saliency, (10.0, 10.0), (1.0, 1.0), 6.0, 0.5), (10, 10)), "not salient: kept"
+    assert np.allclose(probe_centre(saliency, (30.0, 25.0), (1.0, 1.0), 0.0, 0.5), (30, 25))

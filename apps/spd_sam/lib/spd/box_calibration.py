@@ -5,7 +5,9 @@ boxes of growing size are tried around the consensus point. A box smaller than t
 mask cut by the box (or a fragment of the object); once the box holds the whole object, growing it
 further leaves the mask unchanged. The first probe whose mask holds the point and agrees with the
 next larger probe's mask (IoU) is taken, and that mask's bounding box (padded) becomes the slice's
-box. Where no two successive probes agree, the most stable pair is used.
+box. Where no two successive probes agree, the most stable pair is used. A click that drifted to the
+edge of its structure would centre the probes half outside it, so they are centred on the deepest
+salient pixel near the point instead.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
+from scipy import ndimage
 
 Box = tuple[float, float, float, float]
 
@@ -23,13 +26,15 @@ class ProbeConfig:
     """Probe sizes and tolerances, in mm.
 
     ``aspect`` scales a probe's half-size along rows and columns (the larger is 1): square probes by
-    default; a structure's learned size prior gives its in-plane shape.
+    default; a structure's learned size prior gives its in-plane shape. Probes are centred on the
+    deepest salient pixel within ``centre_mm`` of the consensus point (see :func:`probe_centre`).
     """
 
     half_sizes_mm: tuple[float, ...] = (5.0, 8.0, 12.0, 18.0)
     stable_iou: float = 0.85
     pad_mm: float = 2.0
     aspect: tuple[float, float] = (1.0, 1.0)
+    centre_mm: float = 3.0
 
 
 def probe_boxes(centre: Sequence[float], pixel_mm: np.ndarray, shape, config: ProbeConfig) -> list[Box]:
@@ -98,3 +103,23 @@ def calibrate_anchor_boxes(
         out[s] = (max(rows.min() - pad[0], 0.0), max(cols.min() - pad[1], 0.0),
                   min(rows.max() + pad[0], shape[0] - 1.0), min(cols.max() + pad[1], shape[1] - 1.0))
     return out
+
+
+def probe_centre(saliency: np.ndarray, point, pixel_mm, radius_mm: float, threshold: float) -> np.ndarray:
+    """The deepest pixel of the salient region under ``point`` within ``radius_mm`` of it (``point`` itself
+    when it is not salient): probes centred there hold the structure rather than its edge."""
+    pixel_mm = np.asarray(pixel_mm, dtype=float)
+    r, c = (int(round(v)) for v in point)
+    if not (0 <= r < saliency.shape[0] and 0 <= c < saliency.shape[1]) or saliency[r, c] < threshold:
+        return np.asarray(point, dtype=float)
+    reach = np.ceil(2 * radius_mm / pixel_mm).astype(int)
+    r0, c0 = max(r - reach[0], 0), max(c - reach[1], 0)
+    window = saliency[r0:r + reach[0] + 1, c0:c + reach[1] + 1] >= threshold
+    labels, _ = ndimage.label(window)
+    region = labels == labels[r - r0, c - c0]
+    depth = ndimage.distance_transform_edt(np.pad(region, 1), sampling=pixel_mm)[1:-1, 1:-1]
+    rr, cc = np.indices(region.shape)
+    near = np.hypot((rr + r0 - point[0]) * pixel_mm[0], (cc + c0 - point[1]) * pixel_mm[1]) <= radius_mm
+    depth[~near] = -1
+    best = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    return np.array([best[0] + r0, best[1] + c0], dtype=float)

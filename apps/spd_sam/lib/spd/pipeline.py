@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .assembly import bounding_box, keep_prompted_components, trim_unanchored_ends
-from .box_calibration import ProbeConfig, calibrate_anchor_boxes
+from .box_calibration import ProbeConfig, calibrate_anchor_boxes, probe_centre
 from .backbones import Backbone, SlicePrompts
 from .distillation import Consensus, ContextualPromptDistiller, CPDConfig
 from .embedding_cache import EmbeddingCache
@@ -283,6 +283,8 @@ class SPDPipeline:
 
         anchors = {s: np.mean(p.positives, axis=0) for s, p in consensus.prompts.items() if p.anchored}
         probes = self.probe_config(label, axis)
+        anchors = {s: probe_centre(saliency[s - first], a, pixel_mm, probes.centre_mm, self.cpd.saliency_threshold)
+                   for s, a in anchors.items()}
         if anchor_boxes is None:
             measured = calibrate_anchor_boxes(probe, anchors, pixel_mm, view.slice_shape, probes)
         else:
