@@ -92,7 +92,7 @@ def test_boxes_carry_anchor_extents_to_every_slice():
             r, _ = target_centre(s)
             anchor_boxes[s] = (r - 6, TARGET_COL - 6, r + 6, TARGET_COL + 6)
     anchor_boxes[10] = (0.0, 0.0, 63.0, 63.0)  # one wild anchor: the median over neighbours ignores it
-    consensus.assign_boxes(anchor_boxes, (H, W))
+    consensus.assign_boxes(anchor_boxes)
     for s in range(N):
         r0, c0, r1, c1 = consensus.prompts[s].box
         assert r0 <= target_centre(s)[0] <= r1 and c0 <= TARGET_COL <= c1
@@ -108,7 +108,7 @@ def test_a_clicks_drift_inside_the_structure_does_not_move_the_boxes():
     assert all(d.status == "kept" for d in consensus.decisions)
     measured = {s: (target_centre(s)[0] - 6, TARGET_COL - 6, target_centre(s)[0] + 6, TARGET_COL + 6)
                 for s, p in consensus.prompts.items() if p.anchored}
-    consensus.assign_boxes(measured, (H, W))
+    consensus.assign_boxes(measured)
     first, last = consensus.anchored_range
     for s in range(first, last + 1):
         r0, _, r1, _ = consensus.prompts[s].box

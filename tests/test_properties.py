@@ -49,7 +49,7 @@ def test_distillation_keeps_every_prompt_inside_the_image(fg, bg, seed, axis):
     saliency = np.random.default_rng(seed).random((last - first + 1, *in_plane)).astype(np.float32)
     consensus = ContextualPromptDistiller((1.0, 1.5)).distill(sclicks, saliency, first)
     anchors = {s: (0.0, 0.0, in_plane[0] - 1.0, in_plane[1] - 1.0) for s, p in consensus.prompts.items() if p.anchored}
-    consensus.assign_boxes(anchors, tuple(in_plane))
+    consensus.assign_boxes(anchors)
     assert sorted(consensus.prompts) == list(range(first, last + 1))
     for p in consensus.prompts.values():
         for r, c in p.positives + p.negatives:

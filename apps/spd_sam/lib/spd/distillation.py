@@ -74,7 +74,7 @@ class Consensus:
         anchored = [s for s, p in self.prompts.items() if p.anchored]
         return min(anchored), max(anchored)
 
-    def assign_boxes(self, anchor_boxes: dict[int, tuple[float, float, float, float]], slice_shape, smoothing: int = 3):
+    def assign_boxes(self, anchor_boxes: dict[int, tuple[float, float, float, float]], smoothing: int = 3):
         """Give every slice a box.
 
         The boxes measured on the anchored slices lie where the decoder found the structure, whatever

@@ -77,9 +77,7 @@ class EmbeddingCache:
                      if item[0].split("-", 1)[0] not in keep and item not in self._pinned]
             for item in stale:
                 self._forget(*item)
-            for key in {key for key, _ in stale} if self.directory is not None else ():
-                with suppress(OSError):  # not empty: a request is writing into it
-                    (self.directory / key).rmdir()
+            self._remove_empty_folders({key for key, _ in stale})
         return len(stale)
 
     def get(self, key: str, slices: Sequence[int], compute: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
@@ -180,6 +178,14 @@ class EmbeddingCache:
             _, evicted = self._memory.popitem(last=False)
             self._bytes -= evicted.nbytes
 
+    def _remove_empty_folders(self, keys: set[str]) -> None:
+        """Remove the folders of ``keys`` that are empty, except those of running requests (about to write)."""
+        if self.directory is None:
+            return
+        for key in keys - {key for key, _ in self._pinned}:
+            with suppress(OSError):  # not empty
+                (self.directory / key).rmdir()
+
     def _file(self, key: str, s: int) -> Path:
         if self.directory is None:
             return Path(os.devnull) / "absent"
@@ -227,10 +233,7 @@ class EmbeddingCache:
         for item in victims:
             self._disk_bytes -= self._disk.pop(item)
             self._file(*item).unlink(missing_ok=True)
-        pinned_keys = {key for key, _ in self._pinned}  # a request may be about to write into its folder
-        for key in {key for key, _ in victims} - pinned_keys:
-            with suppress(OSError):  # not empty
-                (self.directory / key).rmdir()
+        self._remove_empty_folders({key for key, _ in victims})
         if excess > 0 and not self._warned:
             self._warned = True
             logger.warning("embedding cache: the slices of running requests take %d MB on disk, over the %d MB "

@@ -289,7 +289,7 @@ class SPDPipeline:
             measured = calibrate_anchor_boxes(probe, anchors, pixel_mm, view.slice_shape, probes)
         else:
             measured = anchor_boxes(anchors)
-        consensus.assign_boxes(measured, view.slice_shape)
+        consensus.assign_boxes(measured)
         lap("calibrate")
         return Plan(view, first, key, embeddings, saliency, consensus, timings,
                     f"trained head (axis {axis})" if trained else "appearance",
