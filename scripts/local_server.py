@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -24,17 +25,38 @@ class LocalServer:
     studies: Path
     log: Path
     process: subprocess.Popen
+    own_group: bool = False  # started in a session of its own: stop() and kill() reach its subprocesses too
+    killed: bool = False  # by kill()
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-chars:]
 
     def stop(self) -> None:
+        if self.killed:
+            return  # its group is gone with it, and the group id may belong to another process by now
         self.process.terminate()
         try:
             self.process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        if self.own_group:  # training or scoring subprocesses the server left behind
+            self._kill_group()
+
+    def kill(self) -> None:
+        """SIGKILL the server (and, in its own session, every process of the group), as a crash would; waits."""
+        if self.own_group:
+            self._kill_group()
+        else:
+            self.process.kill()
+        self.process.wait()
+        self.killed = True
+
+    def _kill_group(self) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def free_port() -> int:
@@ -44,9 +66,12 @@ def free_port() -> int:
 
 
 def start(workdir: Path, studies: Path | str, conf: dict[str, str] | None = None, timeout_s: float = 300,
-          env: dict[str, str] | None = None, probe: str = "/info/") -> LocalServer:
+          env: dict[str, str] | None = None, probe: str = "/info/", own_group: bool = False,
+          log_name: str = "server.log") -> LocalServer:
     """Start the app on ``studies`` with every MONAI Label path (and trained checkpoints) inside ``workdir``;
     wait for ``probe`` to answer (``/auth/`` when authentication is on: ``/info/`` then needs a token).
+    ``own_group``: start it in a session of its own (see :meth:`LocalServer.kill`); ``log_name``: the log
+    file in ``workdir`` (another name per restart keeps the earlier logs).
 
     Raises:
         RuntimeError: the server exited or did not answer in time (with the log's tail).
@@ -65,9 +90,10 @@ def start(workdir: Path, studies: Path | str, conf: dict[str, str] | None = None
             "--host", "127.0.0.1", "--port", str(port)]
     for key, value in {"trained_dir": str(workdir / "trained"), **(conf or {})}.items():
         args += ["--conf", key, value]
-    log = workdir / "server.log"
-    process = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=full_env, cwd=workdir)
-    server = LocalServer(f"http://127.0.0.1:{port}", Path(studies), log, process)
+    log = workdir / log_name
+    process = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=full_env, cwd=workdir,
+                               start_new_session=own_group)
+    server = LocalServer(f"http://127.0.0.1:{port}", Path(studies), log, process, own_group)
     return wait_until_up(server, f"{server.url}{probe}", "MONAI Label server", timeout_s)
 
 

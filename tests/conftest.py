@@ -47,6 +47,7 @@ SLOW_MODULES = {
     "test_training_trainer.py": "runs training rounds on the real backbone, one under DDP",
     "test_training_lora.py": "runs a LoRA training round",
     "test_training_server.py": "trains through a MONAI Label server with an OIDC realm",
+    "test_kill9.py": "SIGKILLs and restarts MONAI Label servers: label saves, background embedding, two training rounds",
 }
 # Single slow tests in otherwise fast modules (module::test function), with the reason.
 SLOW_TESTS = {

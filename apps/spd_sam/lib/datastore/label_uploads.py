@@ -2,26 +2,35 @@
 
 MONAI Label's local datastore copies whatever file it is given under the label folder of any tag:
 a label of the wrong shape or a truncated gzip is accepted, and a tag like ``../x`` leaves the
-folder. The mixin here answers those with a 4xx naming the problem, and keeps the previous label
-of the image when the copy fails half-way (a full disk, a file-size limit).
+folder. The mixin here answers those with a 4xx naming the problem. It also copies the label over the
+previous one in place and rewrites ``datastore_v2.json`` in place: a kill -9 in between leaves a cut
+label, or an empty datastore file on which the server no longer starts. Here both are written beside
+their target and renamed over it, so a failed copy (a full disk) or a crash at any moment leaves the
+previous label or the complete new one.
 """
 
 from __future__ import annotations
 
 import errno
 import gzip
+import json
 import logging
 import os
 import re
-import tempfile
+import shutil
+import time
 import zlib
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Any, Iterator
 
 import SimpleITK as sitk
 from fastapi import HTTPException
-from monailabel.datastore.local import LocalDatastore
+from filelock import FileLock
+from monailabel.datastore.local import DataModel, LocalDatastore
+from monailabel.interfaces.exception import ImageNotFoundException
+
+from lib.spd.atomic_files import replacing
 
 logger = logging.getLogger(__name__)
 
@@ -76,56 +85,81 @@ def check_label_file(label_path: str, image_path: str) -> None:
 
 
 @contextmanager
-def previous_label_kept(folder: str, image_id: str) -> Iterator[None]:
-    """Put the image's label files in ``folder`` back as they were if the body fails.
-
-    The previous files are moved aside first (a rename: atomic, no space needed), so the body writes
-    new files instead of overwriting them in place; on failure the new, possibly half-written files
-    are removed and the previous ones renamed back. An OSError (a full disk) becomes a 507.
-    """
-    folder_path = Path(folder)
-    previous = sorted(folder_path.glob(f"{image_id}.*")) if folder_path.is_dir() else []
-    aside = Path(tempfile.mkdtemp(prefix=".previous-", dir=folder)) if previous else None
-    for n, path in enumerate(previous):
-        os.replace(path, aside / str(n))
+def save_errors_reported(image_id: str) -> Iterator[None]:
+    """An OSError of a label save becomes a 507 (a full disk, a file-size limit; else a 500) that says the
+    previous label is unchanged, as :class:`AtomicLabelFiles` leaves it."""
     try:
         yield
-    except BaseException as error:
-        for path in folder_path.glob(f"{image_id}.*"):
-            path.unlink(missing_ok=True)
-        for n, path in enumerate(previous):
-            os.replace(aside / str(n), path)
+    except OSError as error:
         logger.error("saving the label of %s failed, previous label kept: %s", image_id, error)
-        if isinstance(error, OSError):
-            status = 507 if error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else 500
-            raise HTTPException(status, f"label not saved ({error.strerror or error}); "
-                                        f"the previous label of {image_id} is unchanged") from None
-        raise
-    finally:
-        if aside is not None:
-            for kept in aside.iterdir():
-                kept.unlink()
-            aside.rmdir()
+        status = 507 if error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else 500
+        raise HTTPException(status, f"label not saved ({error.strerror or error}); "
+                                    f"the previous label of {image_id} is unchanged") from None
+
+
+class AtomicLabelFiles(LocalDatastore):
+    """MONAI Label's local datastore with its label files and ``datastore_v2.json`` written atomically
+    (:func:`lib.spd.atomic_files.replacing`: a temp file beside the target, fsynced, renamed over it)."""
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+        """``LocalDatastore.save_label`` with the copy atomic; the image's label files of other extensions
+        (``.nii`` after ``.nii.gz``) are deleted once the datastore file names the new one."""
+        obj = self._datastore.objects.get(image_id)
+        if not obj:
+            raise ImageNotFoundException(f"Image {image_id} not found")
+        _, label_ext = self._to_id(os.path.basename(label_filename))
+        folder = self._datastore.label_path(label_tag)
+        name = self._filename(image_id, label_ext)
+        with FileLock(self._lock_file):
+            with replacing(os.path.join(folder, name)) as staged:
+                shutil.copy(label_filename, staged)
+            label_info = label_info if label_info else {}
+            label_info.update(ts=int(time.time()), name=name)
+            obj.labels[label_tag] = DataModel(info=label_info, ext=label_ext)
+            self._update_datastore_file(lock=False)
+            for other in Path(folder).iterdir():
+                if other.name != name and other.is_file() and self._to_id(other.name)[0] == image_id:
+                    other.unlink(missing_ok=True)
+        logger.info("label %r of %s saved as %s", label_tag, image_id, name)
+        return image_id
+
+    def _update_datastore_file(self, lock: bool = True) -> None:
+        """``LocalDatastore._update_datastore_file``, atomic, keeping the file's permissions."""
+        with FileLock(self._lock_file) if lock else nullcontext():
+            text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
+            with replacing(self._datastore_config_path) as staged:
+                staged.write_text(text)
+                with suppress(OSError):
+                    shutil.copymode(self._datastore_config_path, staged)
+            self._config_ts = os.stat(self._datastore_config_path).st_mtime
 
 
 class CheckedLabelSaves:
-    """Mixin for MONAI Label's local datastore (and its DICOMweb subclass): checked, all-or-nothing label saves."""
+    """Mixin for MONAI Label's local datastore (and its DICOMweb subclass): checked label saves."""
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         if not LABEL_TAG.match(label_tag or ""):
             raise HTTPException(400, f"invalid label tag {label_tag!r}: letters, digits, '_' and '-' only")
         check_image_id(self, image_id)
         check_label_file(label_filename, self.get_image_uri(image_id))
-        with previous_label_kept(self._datastore.label_path(label_tag), image_id):
+        with save_errors_reported(image_id):
             return super().save_label(image_id, label_filename, label_tag, label_info)
 
 
+def checked_class(cls: type) -> type:
+    """``cls`` (LocalDatastore or a subclass) with :class:`CheckedLabelSaves` in front and
+    :class:`AtomicLabelFiles` just above LocalDatastore, so a subclass's own ``save_label`` (DICOMweb:
+    upload a DICOM-SEG, then keep a local copy) still runs and its local copy is atomic too."""
+    bases = (CheckedLabelSaves, AtomicLabelFiles) if cls is LocalDatastore else (CheckedLabelSaves, cls, AtomicLabelFiles)
+    return type(f"Checked{cls.__name__}", bases, {})
+
+
 def with_checked_label_saves(datastore):
-    """``datastore`` with :class:`CheckedLabelSaves` in front of its own ``save_label`` (local and DICOMweb
-    datastores; others are returned as they are, with a warning)."""
+    """``datastore`` as :func:`checked_class` of its class: checked, atomic label saves (local and DICOMweb
+    datastores; others are returned as they are, with a warning). Files it wrote while being built (the
+    datastore file, at start) were written by MONAI Label's own code."""
     if not isinstance(datastore, LocalDatastore):
         logger.warning("label uploads to %s are not checked by the app", type(datastore).__name__)
         return datastore
-    cls = type(datastore)
-    datastore.__class__ = type(f"Checked{cls.__name__}", (CheckedLabelSaves, cls), {})
+    datastore.__class__ = checked_class(type(datastore))
     return datastore
