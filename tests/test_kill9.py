@@ -178,6 +178,18 @@ def test_a_kill_during_a_label_save_keeps_the_previous_or_the_new_label(tmp_path
         print("\nlabel saves killed:", "; ".join(outcomes))
         assert np.array_equal(np.asarray(nib.load(final / f"{OTHER}.nii.gz").dataobj), other)
         assert_clean_log(server)
+
+        # temp files of writes that kills cut short (made old here: the ones above may be too young) go at start
+        left = [final / f".{IMAGE}.nii.gz.x1y2z3.tmp", work / "studies" / ".datastore_v2.json.q9w8.tmp",
+                work / "trained" / ".v0001.pt.e5r6.tmp"]
+        for path in left:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"cut short")
+            os.utime(path, (time.time() - 3600,) * 2)
+        server.kill()
+        server = restarts.start()
+        assert not [p for p in left if p.exists()], "a restart deletes the temp files that kills left"
+        assert "temp file(s) of writes cut short" in server.log.read_text(errors="replace")
     finally:
         restarts.stop()
 

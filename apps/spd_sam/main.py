@@ -26,6 +26,7 @@ from monailabel.tasks.activelearning.random import Random
 from lib.auth.token_algorithms import name_token_algorithms
 from lib.configs.spd_sam import SPDSamConfig
 from lib.datastore.label_uploads import check_image_id, with_checked_label_saves
+from lib.spd.atomic_files import remove_stale_temps
 from lib.infers import request_guard
 from lib.infers.volume_io import volume_id
 
@@ -59,6 +60,17 @@ class SPDSamApp(MONAILabelApp):
             labels=self.spd.labels,
         )
         self._forget_embeddings_of_gone_volumes()
+        self._remove_stale_temps()
+
+    def _remove_stale_temps(self) -> None:
+        """Delete the temp files of atomic writes (labels, datastore JSON, checkpoints, cached embeddings) that a
+        killed server left behind."""
+        folders = [self.model_dir, self.spd.store.directory, self.spd.pipeline.cache.directory]
+        if os.path.isdir(self.studies):  # a local studies folder: its labels and datastore_v2.json
+            folders.append(self.studies)
+        removed = sum(remove_stale_temps(folder) for folder in folders if folder)
+        if removed:
+            logger.warning("deleted %d temp file(s) of writes cut short by an earlier kill", removed)
 
     def _forget_embeddings_of_gone_volumes(self) -> None:
         """Delete the cached embeddings of volumes removed or replaced since they were embedded (local datastores:
