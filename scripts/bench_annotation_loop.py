@@ -17,26 +17,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "apps" / "spd_sam"))
-sys.path.insert(0, str(ROOT / "scripts"))
+from app_path import ROOT  # first: it puts the app folder and scripts/ on sys.path
 
-from make_cohort import make_cohort  # noqa: E402
+from make_cohort import make_cohort
 
-from lib.spd.backbones import load_backbone  # noqa: E402
-from lib.spd.click_simulation import ClickStyle  # noqa: E402
-from lib.spd.embedding_cache import EmbeddingCache  # noqa: E402
-from lib.spd.intensity import choose_window  # noqa: E402
-from lib.spd.pipeline import SPDPipeline  # noqa: E402
-from lib.spd.training import TrainConfig, dice, run_training  # noqa: E402
-from lib.spd.training_data import LabelledVolume, clicks_for, split_by_volume  # noqa: E402
+from lib.spd.backbones import load_backbone
+from lib.spd.click_simulation import ClickStyle
+from lib.spd.embedding_cache import EmbeddingCache
+from lib.spd.intensity import choose_window
+from lib.spd.pipeline import SPDPipeline
+from lib.spd.training import TrainConfig, dice, run_training
+from lib.spd.training_data import LabelledVolume, clicks_for, split_by_volume
 
 LABELS = json.loads((ROOT / "apps" / "spd_sam" / "labels.json").read_text())
 AXIS = 2

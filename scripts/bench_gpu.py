@@ -20,21 +20,20 @@ import argparse
 import copy
 import json
 import resource
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "apps" / "spd_sam"))
+import app_path  # noqa: F401  (first: it puts the app folder and scripts/ on sys.path)
 
-from lib.spd.backbones import LITE_MEDSAM, Geometry, assemble_backbone  # noqa: E402
-from lib.spd.embedding_cache import EmbeddingCache  # noqa: E402
-from lib.spd.encoder_runner import EncoderSettings  # noqa: E402
-from lib.spd.intensity import choose_window  # noqa: E402
-from lib.spd.pipeline import SPDPipeline  # noqa: E402
-from lib.spd.prompts import Click  # noqa: E402
+from lib.spd.backbones import LITE_MEDSAM, Geometry, assemble_backbone
+from lib.spd.embedding_cache import EmbeddingCache
+from lib.spd.encoder_runner import EncoderSettings
+from lib.spd.intensity import choose_window
+from lib.spd.pipeline import SPDPipeline
+from lib.spd.prompts import Click
 
 
 def synthetic_ct(slices: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

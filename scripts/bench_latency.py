@@ -15,7 +15,6 @@ import argparse
 import json
 import resource
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,14 +22,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "apps" / "spd_sam"))
-sys.path.insert(0, str(ROOT / "scripts"))
+from app_path import ROOT  # first: it puts the app folder and scripts/ on sys.path
 
-from lib.spd.backbones import load_backbone  # noqa: E402
-from lib.spd.click_simulation import ClickStyle, simulate_clicks  # noqa: E402
-from lib.spd.intensity import choose_window  # noqa: E402
-from lib.spd.pipeline import VolumeView  # noqa: E402
+from lib.spd.backbones import load_backbone
+from lib.spd.click_simulation import ClickStyle, simulate_clicks
+from lib.spd.intensity import choose_window
+from lib.spd.pipeline import VolumeView
 
 STUDIES = ROOT / "sample_studies"
 IMAGE = "colin27_t1"

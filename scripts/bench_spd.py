@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -31,22 +30,20 @@ import numpy as np
 import torch
 from monai.metrics import compute_hausdorff_distance
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "apps" / "spd_sam"))
-sys.path.insert(0, str(ROOT / "scripts"))
+from app_path import ROOT  # first: it puts the app folder and scripts/ on sys.path
 
-from annotator import Annotator, clicks_for  # noqa: E402
-from lib.spd.backbones import SlicePrompts, load_backbone  # noqa: E402
-from lib.spd.embedding_cache import EmbeddingCache  # noqa: E402
-from lib.spd.intensity import choose_window  # noqa: E402
-from lib.spd.focus import FocusConfig  # noqa: E402
-from lib.spd.pipeline import SPDPipeline, VolumeView  # noqa: E402
-from lib.spd.prompts import Click  # noqa: E402
-from lib.spd.size_prior import learn_size_prior  # noqa: E402
-from lib.spd.trained_state import TrainedState  # noqa: E402
-from lib.spd.training import dice  # noqa: E402
-from make_cohort import make_cohort  # noqa: E402
-from tube_phantom import make_tube_phantom  # noqa: E402
+from annotator import Annotator, clicks_for
+from lib.spd.backbones import SlicePrompts, load_backbone
+from lib.spd.embedding_cache import EmbeddingCache
+from lib.spd.intensity import choose_window
+from lib.spd.focus import FocusConfig
+from lib.spd.pipeline import SPDPipeline, VolumeView
+from lib.spd.prompts import Click
+from lib.spd.size_prior import learn_size_prior
+from lib.spd.trained_state import TrainedState
+from lib.spd.training import dice
+from make_cohort import make_cohort
+from tube_phantom import make_tube_phantom
 
 LABELS = json.loads((ROOT / "apps" / "spd_sam" / "labels.json").read_text())
 SEEDS = {"tuning": {"mri": 11, "tubes": (1,)}, "held-out": {"mri": 12, "tubes": (2, 3)}}

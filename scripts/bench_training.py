@@ -21,29 +21,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "apps" / "spd_sam"))
-sys.path.insert(0, str(ROOT / "scripts"))
+from app_path import ROOT  # first: it puts the app folder and scripts/ on sys.path
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-import local_server  # noqa: E402
-from make_cohort import Subject, make_cohort, write_cohort  # noqa: E402
-from monailabel.client import MONAILabelClient  # noqa: E402
+import local_server
+from make_cohort import Subject, make_cohort, write_cohort
+from monailabel.client import MONAILabelClient
 
-from lib.spd.backbones import SlicePrompts, load_backbone  # noqa: E402
-from lib.spd.checkpoints import CheckpointStore  # noqa: E402
-from lib.spd.embedding_cache import EmbeddingCache  # noqa: E402
-from lib.spd.intensity import choose_window  # noqa: E402
-from lib.spd.pipeline import SPDPipeline, VolumeView  # noqa: E402
-from lib.spd.served_model import ServedModel  # noqa: E402
-from lib.spd.training import TrainConfig, dice, validate  # noqa: E402
-from lib.spd.training_data import LabelledVolume  # noqa: E402
+from lib.spd.backbones import SlicePrompts, load_backbone
+from lib.spd.checkpoints import CheckpointStore
+from lib.spd.embedding_cache import EmbeddingCache
+from lib.spd.intensity import choose_window
+from lib.spd.pipeline import SPDPipeline, VolumeView
+from lib.spd.served_model import ServedModel
+from lib.spd.training import TrainConfig, dice, validate
+from lib.spd.training_data import LabelledVolume
 
 LABELS = json.loads((ROOT / "apps" / "spd_sam" / "labels.json").read_text())
 AXIS = 2

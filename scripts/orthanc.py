@@ -30,10 +30,10 @@ from pathlib import Path
 
 import requests
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import app_path  # noqa: F401  (first: it puts the app folder and scripts/ on sys.path)
 
-from local_server import free_port, wait_until_up  # noqa: E402
-from nifti_to_dicom import nifti_to_dicom  # noqa: E402
+from local_server import free_port, wait_until_up
+from nifti_to_dicom import nifti_to_dicom
 
 PACKAGES = ("orthanc", "orthanc-dicomweb")
 PLUGIN = "libOrthancDicomWeb.so"

@@ -31,12 +31,10 @@ import psutil
 import requests
 from monailabel.client import MONAILabelClient
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT / "apps" / "spd_sam"))
+from app_path import ROOT  # first: it puts the app folder and scripts/ on sys.path
 
-import local_server  # noqa: E402
-from lib.spd.click_simulation import ClickStyle, simulate_clicks  # noqa: E402
+import local_server
+from lib.spd.click_simulation import ClickStyle, simulate_clicks
 
 LABELS = json.loads((ROOT / "apps" / "spd_sam" / "labels.json").read_text())
 

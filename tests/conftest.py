@@ -7,13 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import local_server
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import local_server  # noqa: E402
-
 SAMPLE_STUDIES = ROOT / "sample_studies"
 
 

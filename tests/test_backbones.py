@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "apps" / "spd_sam"))
-
-from lib.spd.backbones import Backbone, BackboneError, SlicePrompts, load_backbone  # noqa: E402
+from lib.spd.backbones import Backbone, BackboneError, SlicePrompts, load_backbone
 
 CH2 = Path("/usr/share/mricron/templates/ch2.nii.gz")
 AAL = Path("/usr/share/mricron/templates/aal.nii.gz")
