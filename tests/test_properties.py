@@ -70,9 +70,11 @@ def _line_scene(n_slices: int, slope: float, col: float, radius: int = 5):
 
 
 @settings(max_examples=60, deadline=None)
-@given(every=st.integers(1, 5), slope=st.floats(-0.8, 0.8), col=st.floats(15, 45),
+@given(every=st.integers(1, 5), slope=st.floats(-0.6, 0.6), col=st.floats(15, 45),
        jitter=st.lists(st.tuples(st.floats(-2, 2), st.floats(-2, 2)), min_size=12, max_size=12))
 def test_distillation_leaves_clean_clicks_as_they_are(every, slope, col, jitter):
+    """Clicks on a straight structure (inside the image, as the parser guarantees: |slope| <= 0.6 keeps the
+    rows 20 + slope * slice +- 2 within 0..63 over 30 slices) are all kept where they are."""
     maps = _line_scene(30, slope, col)
     clicks = [SliceClick(s, 20 + slope * s + dr, col + dc, True, n)
               for n, (s, (dr, dc)) in enumerate(zip(range(1, 29, every), jitter))]

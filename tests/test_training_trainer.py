@@ -121,6 +121,7 @@ def test_a_round_worse_than_the_served_model_is_not_published_unless_asked(tmp_p
 
 @pytest.mark.parametrize("request_, message", [({"cpu_processes": "two"}, "cpu_processes"),
                                                ({"cpu_processes": 0}, "cpu_processes"),
+                                               ({"multi_gpu": "ture"}, "multi_gpu must be true or false"),
                                                ({"max_epochs": -1}, "max_epochs"),
                                                ({"labels": "spleen"}, "unknown labels"),
                                                ({"publish": "never"}, "publish must be")])

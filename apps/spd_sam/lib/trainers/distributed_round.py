@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+from monailabel.utils.others.generic import strtobool
 
 from lib.spd.checkpoints import CheckpointStore
 from lib.spd.distributed import Ranks
@@ -44,8 +45,12 @@ class Launch:
     backend: str
 
 
-def _flag(value) -> bool:
-    return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes", "on")
+def _flag(request: dict, name: str, default: bool) -> bool:
+    value = request.get(name, default)
+    try:
+        return value if isinstance(value, bool) else strtobool(str(value).strip())
+    except ValueError:
+        raise LaunchError(f"{name} must be true or false, got {value!r}") from None
 
 
 def plan_launch(request: dict, serving_device: torch.device, cuda_count: int) -> Launch | None:
@@ -57,10 +62,11 @@ def plan_launch(request: dict, serving_device: torch.device, cuda_count: int) ->
         cuda_count: visible CUDA devices.
 
     Raises:
-        LaunchError: a malformed ``gpus`` or ``cpu_processes``, or a GPU id that does not exist.
+        LaunchError: a malformed ``multi_gpu``, ``gpus`` or ``cpu_processes``, or a GPU id that does not exist.
     """
+    multi_gpu = _flag(request, "multi_gpu", True)
     if serving_device.type == "cuda":
-        if not _flag(request.get("multi_gpu", True)) or cuda_count < 2:
+        if not multi_gpu or cuda_count < 2:
             return None
         gpus = str(request.get("gpus", "all") or "all").strip()
         try:
