@@ -9,6 +9,7 @@ import shutil
 import sys
 import tempfile
 from contextlib import suppress
+from pathlib import Path
 from typing import Dict
 
 from fastapi import HTTPException
@@ -68,7 +69,9 @@ class SPDSamApp(MONAILabelApp):
         folders = [self.model_dir, self.spd.store.directory, self.spd.pipeline.cache.directory]
         if os.path.isdir(self.studies):  # a local studies folder: its labels and datastore_v2.json
             folders.append(self.studies)
-        removed = sum(remove_stale_temps(folder) for folder in folders if folder)
+        folders = {Path(f).resolve() for f in folders if f}
+        outermost = [f for f in folders if not any(f != g and f.is_relative_to(g) for g in folders)]  # walked once
+        removed = sum(remove_stale_temps(folder) for folder in outermost)
         if removed:
             logger.warning("deleted %d temp file(s) of writes cut short by an earlier kill", removed)
 
