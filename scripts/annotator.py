@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from lib.spd.click_simulation import medial_point
+from lib.spd.training.click_simulation import medial_point
 
 
 @dataclass(frozen=True)

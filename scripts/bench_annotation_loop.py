@@ -27,13 +27,13 @@ from app_path import ROOT  # first: it puts the app folder and scripts/ on sys.p
 
 from make_cohort import make_cohort
 
-from lib.spd.backbones import load_backbone
-from lib.spd.click_simulation import ClickStyle
-from lib.spd.embedding_cache import EmbeddingCache
-from lib.spd.intensity import choose_window
-from lib.spd.pipeline import SPDPipeline
+from lib.spd.runtime import load_backbone
+from lib.spd.training import ClickStyle
+from lib.spd.serving import EmbeddingCache
+from lib.spd.method import choose_window
+from lib.spd.method import SPDPipeline
 from lib.spd.training import TrainConfig, dice, run_training
-from lib.spd.training_data import LabelledVolume, clicks_for, split_by_volume
+from lib.spd.training.data import LabelledVolume, clicks_for, split_by_volume
 
 LABELS = json.loads((ROOT / "apps" / "spd_sam" / "labels.json").read_text())
 AXIS = 2

@@ -20,8 +20,8 @@ import numpy as np
 
 from bench_spd import CENTRE, SEEDS, baseline_boxes, box_masks, exact_boxes, mri_cases, typical_sizes
 from annotator import clicks_for
-from lib.spd.backbones import load_backbone
-from lib.spd.intensity import choose_window
+from lib.spd.runtime import load_backbone
+from lib.spd.method import choose_window
 from lib.spd.training import dice
 
 

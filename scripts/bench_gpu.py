@@ -5,7 +5,7 @@ ellipse), so the figures are speed and memory only, not accuracy. Per backbone i
   - stock: slices/s of SAM's own per-slice loop (``SamPredictor.set_image`` + ``predict`` with a
     box, float32; for LiteMedSAM, its encoder + decoder one slice at a time in float32);
   - spd: slices/s of ``SPDPipeline.segment`` end to end on an empty cache (windowing, embedding,
-    saliency, CPD, box calibration, decoding, assembly) with its time breakdown;
+    saliency, CPD, box probing, decoding, assembly) with its time breakdown;
   - re-click: server compute of a second request on the now cached volume with one click moved,
     for clicks along the whole volume and along 40 slices;
   - peak GPU memory of the SPD run and the embedding chunk chosen for the memory budget.
@@ -28,12 +28,12 @@ import torch
 
 import app_path  # noqa: F401  (first: it puts the app folder and scripts/ on sys.path)
 
-from lib.spd.backbones import LITE_MEDSAM, Geometry, assemble_backbone
-from lib.spd.embedding_cache import EmbeddingCache
-from lib.spd.encoder_runner import EncoderSettings
-from lib.spd.intensity import choose_window
-from lib.spd.pipeline import SPDPipeline
-from lib.spd.prompts import Click
+from lib.spd.runtime import LITE_MEDSAM, Geometry, assemble_backbone
+from lib.spd.serving import EmbeddingCache
+from lib.spd.runtime import EncoderSettings
+from lib.spd.method import choose_window
+from lib.spd.method import SPDPipeline
+from lib.spd.method import Click
 
 
 def synthetic_ct(slices: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -24,10 +24,10 @@ import numpy as np
 
 from app_path import ROOT  # first: it puts the app folder and scripts/ on sys.path
 
-from lib.spd.backbones import load_backbone
-from lib.spd.click_simulation import ClickStyle, simulate_clicks
-from lib.spd.intensity import choose_window
-from lib.spd.pipeline import VolumeView
+from lib.spd.runtime import load_backbone
+from lib.spd.training import ClickStyle, simulate_clicks
+from lib.spd.method import choose_window
+from lib.spd.method import VolumeView
 
 STUDIES = ROOT / "sample_studies"
 IMAGE = "colin27_t1"

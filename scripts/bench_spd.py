@@ -33,14 +33,14 @@ from monai.metrics import compute_hausdorff_distance
 from app_path import ROOT  # first: it puts the app folder and scripts/ on sys.path
 
 from annotator import Annotator, clicks_for
-from lib.spd.backbones import SlicePrompts, load_backbone
-from lib.spd.embedding_cache import EmbeddingCache
-from lib.spd.intensity import choose_window
-from lib.spd.focus import FocusConfig
-from lib.spd.pipeline import SPDPipeline, VolumeView
-from lib.spd.prompts import Click
-from lib.spd.size_prior import learn_size_prior
-from lib.spd.trained_state import TrainedState
+from lib.spd.runtime import PromptBatch, load_backbone
+from lib.spd.serving import EmbeddingCache
+from lib.spd.method import choose_window
+from lib.spd.method.focus import FocusConfig
+from lib.spd.method import SPDPipeline, VolumeView
+from lib.spd.method import Click
+from lib.spd.method import learn_size_prior
+from lib.spd.method import TrainedState
 from lib.spd.training import dice
 from make_cohort import make_cohort
 from tube_phantom import make_tube_phantom
@@ -120,7 +120,7 @@ def box_masks(backbone, embeddings, boxes: dict[int, tuple], axis: int, volume_s
     slices = sorted(boxes)
     offset = np.array([region[0].start, region[1].start] * 2, dtype=np.float32)
     clipped = np.clip(np.array([boxes[s] for s in slices], dtype=np.float32) - offset, 0, [h - 1, w - 1] * 2)
-    masks = np.concatenate([backbone.decode(embeddings[n:n + 16], SlicePrompts(boxes=clipped[n:n + 16]), (h, w),
+    masks = np.concatenate([backbone.decode(embeddings[n:n + 16], PromptBatch(boxes=clipped[n:n + 16]), (h, w),
                                             binary=True) for n in range(0, len(slices), 16)])
     for s, m in zip(slices, masks):
         index = [slice(None)] * 3

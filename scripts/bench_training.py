@@ -33,14 +33,14 @@ import local_server
 from make_cohort import Subject, make_cohort, write_cohort
 from monailabel.client import MONAILabelClient
 
-from lib.spd.backbones import SlicePrompts, load_backbone
-from lib.spd.checkpoints import CheckpointStore
-from lib.spd.embedding_cache import EmbeddingCache
-from lib.spd.intensity import choose_window
-from lib.spd.pipeline import SPDPipeline, VolumeView
-from lib.spd.served_model import ServedModel
+from lib.spd.runtime import PromptBatch, load_backbone
+from lib.spd.serving import CheckpointStore
+from lib.spd.serving import EmbeddingCache
+from lib.spd.method import choose_window
+from lib.spd.method import SPDPipeline, VolumeView
+from lib.spd.serving import ModelReloader
 from lib.spd.training import TrainConfig, dice, validate
-from lib.spd.training_data import LabelledVolume
+from lib.spd.training import LabelledVolume
 
 LABELS = json.loads((ROOT / "apps" / "spd_sam" / "labels.json").read_text())
 AXIS = 2
@@ -66,7 +66,7 @@ def exact_boxes(pipeline: SPDPipeline, volume: LabelledVolume, labels: dict[str,
             rows, cols = np.nonzero(np.take(truth, s, axis=axis))
             boxes.append([rows.min(), cols.min(), rows.max(), cols.max()])
         logits = pipeline.backbone.decode(pipeline.embed(volume.volume_id, view, slices),
-                                          SlicePrompts(boxes=np.array(boxes, dtype=np.float32)), view.slice_shape)
+                                          PromptBatch(boxes=np.array(boxes, dtype=np.float32)), view.slice_shape)
         mask = np.zeros_like(truth)
         for s, slice_logits in zip(slices, logits):
             index = [slice(None)] * 3
@@ -130,7 +130,7 @@ def main(argv=None) -> None:
 
     rounds = train_rounds(work, subjects[:-1], json.loads(args.params), args.rounds)
     store = CheckpointStore(work / "trained")
-    version = ServedModel(store, pipeline).refresh()
+    version = ModelReloader(store, pipeline).refresh()
     after = {focus: validate(pipeline, [held_out], labels, AXIS, clicks, focus=focus) if version else {}
              for focus in (True, False)}
     print(f"published v{version}: validation Dice {store.metadata().get('val_dice')}; curve {store.path(version or 0, '.png')}")

@@ -34,7 +34,7 @@ from monailabel.client import MONAILabelClient
 from app_path import ROOT  # first: it puts the app folder and scripts/ on sys.path
 
 import local_server
-from lib.spd.click_simulation import ClickStyle, simulate_clicks
+from lib.spd.training import ClickStyle, simulate_clicks
 
 LABELS = json.loads((ROOT / "apps" / "spd_sam" / "labels.json").read_text())
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import local_server
 import pytest
+from labelled_cohort import LABELS, FolderDatastore
+from make_cohort import make_cohort, write_cohort
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_STUDIES = ROOT / "sample_studies"
@@ -34,6 +36,15 @@ def server(tmp_path_factory, sample_studies) -> local_server.LocalServer:
     yield running
     running.stop()
     print(f"\nserver log: {running.log}")
+
+
+@pytest.fixture(scope="module")
+def cohort_datastore(tmp_path_factory):
+    """Two small synthetic volumes (Colin27 + AAL variations) with final labels, and their work folder."""
+    work = tmp_path_factory.mktemp("trainer")
+    subjects = make_cohort(2, seed=1, labels=list(LABELS), crop_margin_mm=(25, 25, 2), slice_mm=4.0)
+    write_cohort(subjects, work / "images", label_dir=work / "labels")
+    return FolderDatastore(work / "images", work / "labels", [s.name for s in subjects]), work
 
 
 # Modules that are slow for reasons their fixture names do not show, with the reason.

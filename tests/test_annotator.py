@@ -1,9 +1,8 @@
 """The benchmark's simulated annotators and its CT tube phantom do what the benchmark says they do."""
 
 import numpy as np
-from scipy import ndimage
-
 from annotator import Annotator, clicks_for
+from scipy import ndimage
 from tube_phantom import make_tube_phantom
 
 

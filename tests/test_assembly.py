@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from lib.spd.assembly import keep_prompted_components, trim_unanchored_ends
+from lib.spd.method.assembly import keep_prompted_components, trim_unanchored_ends
 
 
 def test_trim_stops_where_the_structure_ends():

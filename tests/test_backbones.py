@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lib.spd.backbones import Backbone, BackboneError, SlicePrompts, load_backbone
+from lib.spd.runtime import Backbone, BackboneError, PromptBatch, load_backbone
 
 CH2 = Path("/usr/share/mricron/templates/ch2.nii.gz")
 AAL = Path("/usr/share/mricron/templates/aal.nii.gz")
@@ -84,7 +84,7 @@ def test_box_decode_on_real_slice(lite: Backbone, lite_embedding: torch.Tensor,
     for label in (PUTAMEN_L, THALAMUS_L):
         truth = labels == label
         box = box_of(truth)
-        logits = lite.decode(lite_embedding, SlicePrompts(boxes=box[None]), image.shape)
+        logits = lite.decode(lite_embedding, PromptBatch(boxes=box[None]), image.shape)
         assert logits.shape == (1, *image.shape) and logits.dtype == np.float32
         mask = logits[0] > 0
         assert mask.sum() > 0.3 * truth.sum(), f"label {label}: mask of {mask.sum()} px, structure {truth.sum()} px"
@@ -113,10 +113,10 @@ def test_cropped_decoding_matches_full(lite: Backbone, lite_embedding: torch.Ten
     boxes = np.stack([box_of(labels == label) for label in (PUTAMEN_L, THALAMUS_L)])
     embeddings = lite_embedding.expand(2, -1, -1, -1)
     assert lite.crop_decoding, "cropped decoding should be the default"
-    cropped = lite.decode(embeddings, SlicePrompts(boxes=boxes), image.shape)
+    cropped = lite.decode(embeddings, PromptBatch(boxes=boxes), image.shape)
     lite.crop_decoding = False
     try:
-        full = lite.decode(embeddings, SlicePrompts(boxes=boxes), image.shape)
+        full = lite.decode(embeddings, PromptBatch(boxes=boxes), image.shape)
     finally:
         lite.crop_decoding = True
     for c, f in zip(cropped, full):
@@ -130,10 +130,24 @@ def test_vit_b_checkpoint_embeds_and_decodes(vit_b_file: Path) -> None:
     image = np.random.default_rng(1).random((1, 30, 40), dtype=np.float32)
     embeddings = backbone.embed(image)
     assert embeddings.shape == (1, 256, 64, 64)
-    prompts = SlicePrompts(points=np.array([[[10.0, 12.0]]], np.float32), point_labels=np.array([[1]]),
+    prompts = PromptBatch(points=np.array([[[10.0, 12.0]]], np.float32), point_labels=np.array([[1]]),
                            mask_logits=np.zeros((1, 30, 40), np.float32))
     logits = backbone.decode(embeddings, prompts, (30, 40))
     assert logits.shape == (1, 30, 40) and np.isfinite(logits).all()
+
+
+def test_medsam_is_a_box_trained_vit_b_by_the_registry(vit_b_file: Path) -> None:
+    from lib.spd.runtime.registry import BACKBONES
+
+    backbone = load_backbone("medsam", checkpoint=str(vit_b_file))
+    assert backbone.spec is BACKBONES["medsam"] and BACKBONES["medsam"].architecture == "vit_b"
+    assert (backbone.image_size, backbone.box_trained, backbone.uses_mask_prompt) == (1024, True, False)
+    vit_b = load_backbone("vit_b", checkpoint=str(vit_b_file))
+    image = np.random.default_rng(2).random((1, 30, 40), dtype=np.float32)
+    # same weights, same SAM normalisation: the same embedding; the traits differ only in how it is prompted
+    assert torch.allclose(backbone.embed(image), vit_b.embed(image))
+    assert sorted(BACKBONES) == ["lite_medsam", "medsam", "vit_b", "vit_h", "vit_l"]
+    assert [n for n, spec in BACKBONES.items() if spec.bundled] == ["lite_medsam"]
 
 
 def test_missing_file(tmp_path: Path) -> None:

@@ -3,7 +3,7 @@
 import threading
 import time
 
-from lib.spd.background import BackgroundEmbedder
+from lib.spd.serving import BackgroundEmbedder
 
 
 class Store:

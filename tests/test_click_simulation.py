@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from lib.spd.click_simulation import ClickStyle, simulate_clicks
+from lib.spd.training import ClickStyle, simulate_clicks
 
 
 def tube(shape=(40, 40, 30), centre=(15, 15), radius=5):

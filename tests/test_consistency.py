@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from lib.spd.consistency import pairwise_slice_consistency
+from lib.spd.method.consistency import pairwise_slice_consistency
 
 SHAPE = (48, 48)
 

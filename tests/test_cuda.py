@@ -9,11 +9,10 @@ import logging
 import numpy as np
 import pytest
 import torch
-
 from fast_paths_models import tiny_sam
-from lib.spd.backbones import SlicePrompts, assemble_backbone
-from lib.spd.encoder_runner import EncoderRunner, EncoderSettings
-from lib.spd.sam_attention import use_sdpa_attention
+
+from lib.spd.runtime import EncoderRunner, EncoderSettings, PromptBatch, assemble_backbone
+from lib.spd.runtime.sam_attention import use_sdpa_attention
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda", 0)
@@ -45,7 +44,7 @@ def test_batched_decoding_on_cuda_equals_slice_by_slice():
     shape = (96, 96)
     embeddings = backbone.embed(rng.random((6, *shape), dtype=np.float32))
     centres = rng.uniform(30, 60, (6, 2))
-    prompts = SlicePrompts(np.concatenate([centres - 8, centres + 8], axis=1).astype(np.float32),
+    prompts = PromptBatch(np.concatenate([centres - 8, centres + 8], axis=1).astype(np.float32),
                            centres[:, None].astype(np.float32), np.ones((6, 1), dtype=np.int64),
                            rng.normal(0, 2, (6, *shape)).astype(np.float32))
     assert backbone.batch_decoding

@@ -13,22 +13,22 @@ import sys
 import time
 from pathlib import Path
 
+import local_server
 import monailabel.interfaces.app as monailabel_app
 import nibabel as nib
 import numpy as np
+import orthanc
 import pydicom_seg
 import pytest
 import SimpleITK as sitk
 from dicomweb_client import DICOMwebClient
 from monailabel.client import MONAILabelClient
 from monailabel.config import Settings
+from nifti_to_dicom import DicomSeries, compare, nifti_to_dicom
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-import local_server
-import orthanc
-from lib.spd.click_simulation import ClickStyle, simulate_clicks
-from nifti_to_dicom import DicomSeries, compare, nifti_to_dicom
+from lib.spd.training import ClickStyle, simulate_clicks
 
 pytestmark = pytest.mark.server
 

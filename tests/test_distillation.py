@@ -7,8 +7,8 @@ clicks across slices can tell an off-target click from a good one.
 import numpy as np
 import pytest
 
-from lib.spd.distillation import ContextualPromptDistiller, CPDConfig, theil_sen_predict
-from lib.spd.prompts import SliceClick
+from lib.spd.method.distillation import ContextualPromptDistiller, CPDConfig, theil_sen_predict
+from lib.spd.method.prompts import SliceClick
 
 N, H, W = 30, 64, 64
 TARGET_COL, NEIGHBOUR_COL = 20, 40

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import torch
 
-from lib.spd.embedding_cache import EmbeddingCache
+from lib.spd.serving import EmbeddingCache
 
 
 class CountingEncoder:

@@ -13,11 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from fast_paths_models import tiny_sam
-from lib.spd.backbones import SlicePrompts, assemble_backbone
-from lib.spd.encoder_runner import EncoderRunner, EncoderSettings
-from lib.spd.sam_attention import SDPAAttention, use_sdpa_attention
+
+from lib.spd.runtime import EncoderRunner, EncoderSettings, PromptBatch, assemble_backbone
+from lib.spd.runtime.sam_attention import SDPAAttention, use_sdpa_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,14 +53,14 @@ def sam_backbone():
     return assemble_backbone("vit_b", tiny_sam(), 128, "tiny", device="cpu", runtime="torch")
 
 
-def _prompts(n: int, shape: tuple[int, int], rng: np.random.Generator) -> SlicePrompts:
+def _prompts(n: int, shape: tuple[int, int], rng: np.random.Generator) -> PromptBatch:
     rows, cols = shape
     centres = rng.uniform(0.3, 0.7, (n, 2)) * [rows, cols]
     boxes = np.concatenate([centres - 8, centres + 8], axis=1).astype(np.float32)
     points = np.stack([centres, centres + 5], axis=1).astype(np.float32)
     labels = np.array([[1, 0]] * n)
     labels[0, 1] = -1  # padding
-    return SlicePrompts(boxes, points, labels, rng.normal(0, 2, (n, *shape)).astype(np.float32))
+    return PromptBatch(boxes, points, labels, rng.normal(0, 2, (n, *shape)).astype(np.float32))
 
 
 def test_batched_decoding_equals_slice_by_slice(sam_backbone):

@@ -5,12 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lib.spd.backbones import load_backbone
-from lib.spd.embedding_cache import EmbeddingCache
-from lib.spd.focus import FocusConfig, focus_region
-from lib.spd.intensity import choose_window
-from lib.spd.pipeline import SPDPipeline
-from lib.spd.prompts import Click
+from lib.spd.method import Click, SPDPipeline, choose_window
+from lib.spd.method.focus import FocusConfig, focus_region
+from lib.spd.runtime import load_backbone
+from lib.spd.serving import EmbeddingCache
 
 CONFIG = FocusConfig()
 LADDER = {int(np.ceil(CONFIG.min_side_px * CONFIG.ladder ** k)) for k in range(20)}

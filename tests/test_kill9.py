@@ -25,18 +25,18 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import local_server
 import nibabel as nib
 import numpy as np
 import pytest
 import requests
 import torch
+from make_cohort import make_cohort, write_cohort
 from monailabel.client import MONAILabelClient
 
-import local_server
-from lib.infers.volume_io import volume_id
-from lib.spd.checkpoints import CheckpointStore
-from lib.spd.click_simulation import ClickStyle, simulate_clicks
-from make_cohort import make_cohort, write_cohort
+from lib.spd.serving import CheckpointStore
+from lib.spd.training import ClickStyle, simulate_clicks
+from lib.volume_io import volume_id
 
 pytestmark = pytest.mark.server
 

@@ -3,12 +3,11 @@ and label and datastore files are replaced atomically (tests/test_kill9.py SIGKI
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
-
-import json
 
 import nibabel as nib
 import numpy as np
@@ -17,8 +16,13 @@ from fastapi import HTTPException
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
 
-from lib.datastore.label_uploads import AtomicLabelFiles, CheckedLabelSaves, check_label_file, checked_class, \
-    with_checked_label_saves
+from lib.datastore.label_uploads import (
+    AtomicLabelFiles,
+    CheckedLabelSaves,
+    check_label_file,
+    checked_class,
+    with_checked_label_saves,
+)
 
 APP_DIR = Path(__file__).resolve().parents[1] / "apps" / "spd_sam"
 

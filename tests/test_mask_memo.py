@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from lib.spd.backbones import SlicePrompts
-from lib.spd.mask_memo import MaskMemo
+from lib.spd.runtime import PromptBatch
+from lib.spd.runtime.mask_memo import MaskMemo
 
 
 def fake_decoder(calls):
@@ -19,10 +19,10 @@ def fake_decoder(calls):
 def test_repeat_decodes_only_changed_slices():
     memo, calls = MaskMemo(), []
     boxes = np.array([[0, 0, 3, 3], [1, 1, 4, 4], [2, 2, 5, 5]], dtype=np.float32)
-    first = memo.masks("v", [10, 11, 12], SlicePrompts(boxes=boxes), (8, 9), fake_decoder(calls))
+    first = memo.masks("v", [10, 11, 12], PromptBatch(boxes=boxes), (8, 9), fake_decoder(calls))
     boxes2 = boxes.copy()
     boxes2[1] = [0, 0, 7, 8]
-    second = memo.masks("v", [10, 11, 12], SlicePrompts(boxes=boxes2), (8, 9), fake_decoder(calls))
+    second = memo.masks("v", [10, 11, 12], PromptBatch(boxes=boxes2), (8, 9), fake_decoder(calls))
     assert calls == [[0, 1, 2], [1]]
     assert (second[[0, 2]] == first[[0, 2]]).all() and second[1].all()
     assert first[0, :4, :4].all() and not first[0, 5:].any()
@@ -31,16 +31,16 @@ def test_repeat_decodes_only_changed_slices():
 def test_other_volume_or_slice_is_not_confused():
     memo, calls = MaskMemo(), []
     boxes = np.array([[0, 0, 3, 3]], dtype=np.float32)
-    memo.masks("v", [10], SlicePrompts(boxes=boxes), (8, 9), fake_decoder(calls))
-    memo.masks("w", [10], SlicePrompts(boxes=boxes), (8, 9), fake_decoder(calls))
-    memo.masks("v", [11], SlicePrompts(boxes=boxes), (8, 9), fake_decoder(calls))
+    memo.masks("v", [10], PromptBatch(boxes=boxes), (8, 9), fake_decoder(calls))
+    memo.masks("w", [10], PromptBatch(boxes=boxes), (8, 9), fake_decoder(calls))
+    memo.masks("v", [11], PromptBatch(boxes=boxes), (8, 9), fake_decoder(calls))
     assert len(calls) == 3
 
 
 def test_capacity_is_bounded():
     memo, calls = MaskMemo(max_items=2), []
     for s in range(5):
-        memo.masks("v", [s], SlicePrompts(boxes=np.array([[0, 0, 1, 1]], dtype=np.float32)), (8, 9), fake_decoder(calls))
+        memo.masks("v", [s], PromptBatch(boxes=np.array([[0, 0, 1, 1]], dtype=np.float32)), (8, 9), fake_decoder(calls))
     assert len(memo._items) == 2
 
 
@@ -48,9 +48,9 @@ def test_dense_prior_change_on_one_slice_decodes_that_slice_only():
     memo, calls = MaskMemo(), []
     boxes = np.array([[1, 1, 3, 3]] * 3, dtype=np.float32)
     prior = np.random.default_rng(0).normal(size=(3, 8, 9)).astype(np.float32)
-    memo.masks("v", [0, 1, 2], SlicePrompts(boxes=boxes, mask_logits=prior), (8, 9), fake_decoder(calls))
-    memo.masks("v", [0, 1, 2], SlicePrompts(boxes=boxes, mask_logits=prior.copy()), (8, 9), fake_decoder(calls))
+    memo.masks("v", [0, 1, 2], PromptBatch(boxes=boxes, mask_logits=prior), (8, 9), fake_decoder(calls))
+    memo.masks("v", [0, 1, 2], PromptBatch(boxes=boxes, mask_logits=prior.copy()), (8, 9), fake_decoder(calls))
     changed = prior.copy()
     changed[1, 4, 4] += 1e-3
-    memo.masks("v", [0, 1, 2], SlicePrompts(boxes=boxes, mask_logits=changed), (8, 9), fake_decoder(calls))
+    memo.masks("v", [0, 1, 2], PromptBatch(boxes=boxes, mask_logits=changed), (8, 9), fake_decoder(calls))
     assert calls == [[0, 1, 2], [1]]

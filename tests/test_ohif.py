@@ -19,14 +19,13 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import local_server
 import nibabel as nib
 import numpy as np
-import pytest
-from PIL import Image
-
-import local_server
 import orthanc
+import pytest
 from nifti_to_dicom import DicomSeries, nifti_to_dicom
+from PIL import Image
 
 pytestmark = pytest.mark.server
 

@@ -5,14 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lib.spd.backbones import load_backbone
-from lib.spd.embedding_cache import EmbeddingCache
-from lib.spd.intensity import choose_window
-from lib.spd.pipeline import SPDPipeline, VolumeView
-from lib.spd.prompts import Click
-from lib.spd.saliency_head import SaliencyHead
-from lib.spd.size_prior import learn_size_prior
-from lib.spd.trained_state import TrainedState
+from lib.spd.method import Click, SaliencyHead, SPDPipeline, TrainedState, VolumeView, choose_window, learn_size_prior
+from lib.spd.runtime import load_backbone
+from lib.spd.serving import EmbeddingCache
 
 
 @pytest.fixture(scope="module")

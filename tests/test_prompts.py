@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from lib.spd.prompts import Click, PromptError, choose_slice_axis, parse_clicks, parse_roi, to_slice_clicks
+from lib.spd.method.prompts import Click, PromptError, choose_slice_axis, parse_clicks, parse_roi, to_slice_clicks
 
 SHAPE = (20, 30, 40)
 

@@ -5,8 +5,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lib.spd.distillation import ContextualPromptDistiller
-from lib.spd.prompts import PromptError, SliceClick, choose_slice_axis, parse_clicks, parse_roi, to_slice_clicks
+from lib.spd.method.distillation import ContextualPromptDistiller
+from lib.spd.method.prompts import PromptError, SliceClick, choose_slice_axis, parse_clicks, parse_roi, to_slice_clicks
 
 junk = st.recursive(
     st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=True, allow_infinity=True)

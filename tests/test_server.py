@@ -8,6 +8,7 @@ import shutil
 import tempfile
 import time
 
+import local_server
 import nibabel as nib
 import numpy as np
 import pytest
@@ -16,9 +17,8 @@ import SimpleITK as sitk
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
-import local_server
-from lib.infers.volume_io import volume_id
-from lib.spd.click_simulation import ClickStyle, simulate_clicks
+from lib.spd.training import ClickStyle, simulate_clicks
+from lib.volume_io import volume_id
 
 LABELS = json.loads((__import__("pathlib").Path(__file__).resolve().parents[1] / "apps/spd_sam/labels.json").read_text())
 IMAGE = "colin27_t1"

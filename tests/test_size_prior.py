@@ -1,17 +1,15 @@
-"""Size priors learned from saved labels set the probes that box calibration tries."""
+"""Size priors learned from saved labels set the probes that box probing tries."""
 
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from lib.spd.backbones import load_backbone
-
-from lib.spd.box_calibration import ProbeConfig, calibrate_anchor_boxes, probe_boxes
-from lib.spd.embedding_cache import EmbeddingCache
-from lib.spd.pipeline import SPDPipeline
-from lib.spd.size_prior import QUANTILES, SizePrior, learn_size_prior
-from lib.spd.trained_state import TrainedState
+from lib.spd.method import SPDPipeline, TrainedState
+from lib.spd.method.box_probing import ProbeConfig, measure_anchor_boxes, probe_boxes
+from lib.spd.method.size_prior import QUANTILES, SizePrior, learn_size_prior
+from lib.spd.runtime import load_backbone
+from lib.spd.serving import EmbeddingCache
 
 APP_DIR = Path(__file__).resolve().parents[1] / "apps" / "spd_sam"
 
@@ -39,7 +37,7 @@ def test_a_malformed_prior_is_refused(bad):
         SizePrior.from_json({"axis": 2, "slices": 3, **bad})
 
 
-def test_probes_follow_the_prior_and_calibration_then_finds_a_long_thin_structure():
+def test_probes_follow_the_prior_and_box_probing_then_finds_a_long_thin_structure():
     prior = SizePrior(2, (8.0, 10.0, 12.0, 12.0), (0.25, 1.0), 20)
     config = prior.probes(ProbeConfig())
     assert config.half_sizes_mm == (9.0, 11.0, 13.0) and config.aspect == (0.25, 1.0)
@@ -58,8 +56,8 @@ def test_probes_follow_the_prior_and_calibration_then_finds_a_long_thin_structur
             out.append(both & inside)
         return np.array(out)
 
-    square = calibrate_anchor_boxes(decode, {0: (32.0, 32.0)}, (1.0, 1.0), (64, 64))[0]
-    shaped = calibrate_anchor_boxes(decode, {0: (32.0, 32.0)}, (1.0, 1.0), (64, 64), config)[0]
+    square = measure_anchor_boxes(decode, {0: (32.0, 32.0)}, (1.0, 1.0), (64, 64))[0]
+    shaped = measure_anchor_boxes(decode, {0: (32.0, 32.0)}, (1.0, 1.0), (64, 64), config)[0]
     assert square[2] >= 41, "square probes grow over the neighbour"
     assert shaped[2] <= 36 and shaped[3] - shaped[1] >= 20, "probes of the structure's shape hold it alone"
 

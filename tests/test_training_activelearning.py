@@ -8,10 +8,14 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from lib.activelearning.uncertainty import (SCORE_KEY, SPDUncertainty, SPDUncertaintyScoring, sample_pairs,
-                                            saliency_uncertainty)
-from lib.spd.saliency_head import SaliencyHead
-from lib.spd.trained_state import TrainedState
+from lib.activelearning.uncertainty import (
+    SCORE_KEY,
+    SPDUncertainty,
+    SPDUncertaintyScoring,
+    saliency_uncertainty,
+    sample_pairs,
+)
+from lib.spd.method import SaliencyHead, TrainedState
 
 
 def blob(shift: int = 0, level: float = 0.99) -> torch.Tensor:

@@ -11,16 +11,15 @@ import pytest
 import torch
 from torch import nn
 
-from lib.spd.checkpoints import CheckpointError, CheckpointStore
-from lib.spd.saliency_head import LabelSaliency, SaliencyHead
-from lib.spd.served_model import ServedModel
-from lib.spd.trained_state import TrainedState
+from lib.spd.method import TrainedState
+from lib.spd.method.saliency_head import LabelSaliency, SaliencyHead
+from lib.spd.serving import CheckpointError, CheckpointStore, ModelReloader
 
 BACKBONE = {"backbone": "lite_medsam", "weights_id": "0123456789abcdef"}
 
 
 class FakePipeline:
-    """What ServedModel touches: a backbone with a mask decoder, the base decoder, and the state switch."""
+    """What ModelReloader touches: a backbone with a mask decoder, the base decoder, and the state switch."""
 
     def __init__(self):
         model = nn.Module()
@@ -96,11 +95,11 @@ def test_a_reader_never_sees_a_half_written_checkpoint(tmp_path):
     assert not failures, failures[:3]
 
 
-def test_served_model_reloads_without_restart_and_refuses_bad_checkpoints(tmp_path, caplog):
+def test_model_reloader_reloads_without_restart_and_refuses_bad_checkpoints(tmp_path, caplog):
     store = CheckpointStore(tmp_path)
     pipeline = FakePipeline()
     base = pipeline.backbone.model.mask_decoder
-    served = ServedModel(store, pipeline)
+    served = ModelReloader(store, pipeline)
     assert served.refresh() is None and pipeline.backbone.model.mask_decoder is base
 
     store.publish(payload(1), BACKBONE)
@@ -138,7 +137,7 @@ def test_fresh_process_falls_back_to_the_newest_valid_version(tmp_path):
     store.publish(payload(2), BACKBONE)
     store.path(2).write_bytes(b"not a checkpoint")
     pipeline = FakePipeline()
-    assert ServedModel(store, pipeline).refresh() == 1
+    assert ModelReloader(store, pipeline).refresh() == 1
     assert torch.all(pipeline.backbone.model.mask_decoder.weight == 1)
 
 
@@ -147,7 +146,7 @@ def test_unpublished_version_is_not_served(tmp_path):
     store.publish(payload(1), BACKBONE)
     store.pointer.unlink()  # e.g. a round that wrote its file but was stopped before the pointer
     pipeline = FakePipeline()
-    assert ServedModel(store, pipeline).refresh() is None
+    assert ModelReloader(store, pipeline).refresh() is None
 
 
 def test_later_heads_take_over_their_labels(tmp_path):
@@ -155,7 +154,7 @@ def test_later_heads_take_over_their_labels(tmp_path):
     old, new = payload(1, ("left_caudate", "right_caudate")), payload(1, ("right_caudate",))
     store.publish({**new, "saliency_heads": old["saliency_heads"] + new["saliency_heads"]}, BACKBONE)
     pipeline = FakePipeline()
-    ServedModel(store, pipeline).refresh()
+    ModelReloader(store, pipeline).refresh()
     heads = pipeline.state.saliency_heads
     assert set(heads) == {"left_caudate", "right_caudate"}
     assert heads["left_caudate"].head is not heads["right_caudate"].head

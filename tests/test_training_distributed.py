@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lib.spd.distributed import Ranks
+from lib.spd.training import Rank
 
 STEPS, LR = 3, 0.1
 
@@ -26,7 +26,7 @@ def _model() -> torch.nn.Module:
 def _rank_main(rank: int, world: int, work: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{work}/rendezvous", rank=rank, world_size=world)
     try:
-        ranks = Ranks.current()
+        ranks = Rank.current()
         torch.manual_seed(100 + rank)  # different initial weights: DDP must start every rank from rank 0's
         model = torch.nn.Linear(4, 1) if rank else _model()
         net = ranks.wrap(model)
@@ -49,7 +49,7 @@ def _rank_main(rank: int, world: int, work: str) -> None:
 
 
 def test_a_single_process_is_rank_0_of_1():
-    ranks = Ranks.current()
+    ranks = Rank.current()
     assert (ranks.rank, ranks.world, ranks.distributed, ranks.main) == (0, 1, False, True)
     assert ranks.shard([1, 2, 3]) == [1, 2, 3] and ranks.gather("x") == ["x"] and ranks.all_agree(False) is False
     module = torch.nn.Linear(2, 2)
@@ -57,7 +57,7 @@ def test_a_single_process_is_rank_0_of_1():
 
 
 def test_shards_are_equally_long_and_cover_everything():
-    shards = [Ranks(r, 3).shard(list(range(7))) for r in range(3)]
+    shards = [Rank(r, 3).shard(list(range(7))) for r in range(3)]
     assert [len(s) for s in shards] == [3, 3, 3]
     assert sorted(set(sum(shards, []))) == list(range(7))
 

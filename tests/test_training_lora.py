@@ -12,20 +12,16 @@ import logging
 import numpy as np
 import pytest
 import torch
-
 from fast_paths_models import tiny_sam
-from lib.spd import encoder_lora
-from lib.spd.backbones import assemble_backbone
-from lib.spd.checkpoints import CheckpointStore
-from lib.spd.embedding_cache import EmbeddingCache
-from lib.spd.intensity import choose_window
-from lib.spd.pipeline import SPDPipeline, VolumeView
-from lib.spd.served_model import ServedModel
-from lib.spd.training import DecoderTuner, TrainConfig
-from lib.spd.training_data import LabelledVolume, training_axis
-from lib.trainers.spd_trainer import SPDTrainer, TrainRequestError
+from labelled_cohort import LABELS
 from make_cohort import make_cohort
-from test_training_trainer import LABELS, datastore  # noqa: F401  (the synthetic cohort's datastore fixture)
+
+from lib.spd.method import SPDPipeline, VolumeView, choose_window, training_axis
+from lib.spd.runtime import assemble_backbone, encoder_lora
+from lib.spd.serving import CheckpointStore, EmbeddingCache, ModelReloader
+from lib.spd.training import LabelledVolume, TrainConfig
+from lib.spd.training.decoder_stage import DecoderTuner
+from lib.trainers.spd_trainer import SPDTrainer, TrainRequestError
 
 SIZE = 128
 
@@ -123,7 +119,7 @@ def test_served_model_installs_adapters_keys_embeddings_by_them_and_refuses_misf
     store = CheckpointStore(tmp_path / "trained")
     metadata = {"backbone": "medsam", "weights_id": "tiny0000", "labels": []}
     store.publish({"saliency_heads": [], "decoder_state": None, "encoder_adapters": adapters}, metadata)
-    served = ServedModel(store, pipeline)
+    served = ModelReloader(store, pipeline)
 
     assert served.refresh() == 1 and backbone.encoder_tag == encoder_lora.digest(adapters)
     adapted = pipeline.embed(volume.volume_id, view, [0, 1])
@@ -141,8 +137,8 @@ def test_served_model_installs_adapters_keys_embeddings_by_them_and_refuses_misf
     assert torch.equal(pipeline.embed(volume.volume_id, view, [0, 1]), base)
 
 
-def test_a_lora_round_publishes_adapters_and_a_head_for_the_encoder_it_publishes(datastore, tmp_path):  # noqa: F811
-    store_, _ = datastore
+def test_a_lora_round_publishes_adapters_and_a_head_for_the_encoder_it_publishes(cohort_datastore, tmp_path):
+    store_, _ = cohort_datastore
     pipeline = tiny_medsam_pipeline(tmp_path)
     encoder = pipeline.backbone.model.image_encoder
     before = encode(encoder)
@@ -163,12 +159,12 @@ def test_a_lora_round_publishes_adapters_and_a_head_for_the_encoder_it_publishes
     assert changed == (result["decoder_epoch"] > 0)
     assert ("saliency refit" in stages) == changed, "the head is refitted exactly when the encoder changed"
 
-    assert ServedModel(store, pipeline).refresh() == 1
+    assert ModelReloader(store, pipeline).refresh() == 1
     assert pipeline.backbone.encoder_tag == encoder_lora.digest(adapters)
 
 
-def test_lora_needs_a_box_trained_vit(datastore, tmp_path):  # noqa: F811
-    store_, _ = datastore
+def test_lora_needs_a_box_trained_vit(cohort_datastore, tmp_path):
+    store_, _ = cohort_datastore
     backbone = assemble_backbone("vit_b", tiny_sam(SIZE), SIZE, "tiny0000", device="cpu", runtime="torch",
                                  cache_dir=str(tmp_path))
     pipeline = SPDPipeline(backbone, EmbeddingCache(1 << 20))

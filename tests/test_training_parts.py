@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lib.spd.backbones import SlicePrompts, load_backbone
-from lib.spd.decoder_tuning import DifferentiableDecoder
-from lib.spd.training import KeepBest
-from lib.spd.training_data import LabelledVolume, round_axis, slab_indices, split_by_volume, training_axis
+from lib.spd.method import training_axis
+from lib.spd.runtime import PromptBatch, load_backbone
+from lib.spd.runtime.differentiable_decoder import DifferentiableDecoder
+from lib.spd.training.data import LabelledVolume, round_axis, slab_indices, split_by_volume
+from lib.spd.training.progress import KeepBest
 from lib.trainers.spd_trainer import DEFAULTS, TrainRequestError, parse_request
 
 LABELS = {"left_caudate": 1, "right_caudate": 2}
@@ -69,7 +70,7 @@ def test_decoding_with_gradients_matches_serving():
     backbone = load_backbone(runtime="torch")
     embedding = backbone.embed(image)
     boxes = np.array([[90, 120, 125, 150]], dtype=np.float32)
-    served = backbone.decode(embedding, SlicePrompts(boxes=boxes), image.shape[1:])
+    served = backbone.decode(embedding, PromptBatch(boxes=boxes), image.shape[1:])
     (logits,) = DifferentiableDecoder(backbone)([(embedding, boxes, image.shape[1:])])
     inside = served[0] > -20  # the serving window; outside it serving writes a constant
     assert np.abs(logits.detach().numpy()[0][inside] - served[0][inside]).max() < 1e-3
@@ -86,3 +87,4 @@ def test_a_round_slices_along_the_axis_most_volumes_were_acquired_on():
     axial, sagittal = volume((8, 8, 6), (1.0, 1.0, 2.5)), volume((6, 8, 8), (2.5, 1.0, 1.0))
     assert round_axis([sagittal, axial, axial]) == 2 and round_axis([sagittal, axial]) == 0, "majority, then first"
     assert round_axis([volume((8, 8, 1), (3.0, 1.0, 1.0))]) == 2, "never an axis whose slices are a voxel wide"
+

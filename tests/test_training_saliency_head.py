@@ -3,9 +3,10 @@
 import numpy as np
 import torch
 
-from lib.spd.saliency import embedding_grid_to_slice
-from lib.spd.saliency_head import SaliencyHead, grid_targets, saliency_loss
-from lib.spd.training import grid_dice
+from lib.spd.method.saliency import embedding_grid_to_slice
+from lib.spd.method.saliency_head import SaliencyHead, grid_targets
+from lib.spd.training.losses import saliency_loss
+from lib.spd.training.saliency_stage import grid_dice
 
 GRID, CHANNELS = 16, 8
 

@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import time
 
+import local_server
 import nibabel as nib
 import numpy as np
+import oidc_realm
 import pytest
 import requests
+from make_cohort import make_cohort, write_cohort
 from monailabel.client import MONAILabelClient
 
-import local_server
-import oidc_realm
-from lib.spd.click_simulation import ClickStyle, simulate_clicks
-from make_cohort import make_cohort, write_cohort
+from lib.spd.training import ClickStyle, simulate_clicks
 
 pytestmark = pytest.mark.server
 
@@ -67,12 +67,12 @@ def server(cohort, realm):
     print(f"\nserver log: {running.log}")
 
 
-def client_for(server, work, user: str = "admin") -> MONAILabelClient:
+def client_for(server, work, user: str = "admin", folder: str = "client") -> MONAILabelClient:
     """A client logged in as ``user`` (password from the realm), as the Slicer plugin logs in when the server
     has auth on. It saves results in its own folder: with the default (the temp folder) it would write to
     the same path as the server's result file, which the server deletes after answering."""
-    (work / "client").mkdir(exist_ok=True)
-    client = MONAILabelClient(server.url, tmpdir=str(work / "client"))
+    (work / folder).mkdir(exist_ok=True)
+    client = MONAILabelClient(server.url, tmpdir=str(work / folder))
     assert client.auth_enabled()
     client.update_auth(client.auth_token(user, oidc_realm.DEFAULT_USERS[user][0]))
     return client

@@ -8,59 +8,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from labelled_cohort import LABELS
 
 from lib.configs.spd_sam import DEFAULTS as CONFIG_DEFAULTS
 from lib.configs.spd_sam import build_pipeline
-from lib.spd.backbones import load_backbone
-from lib.spd.checkpoints import CheckpointStore
-from lib.spd.embedding_cache import EmbeddingCache
-from lib.spd.pipeline import SPDPipeline
-from lib.spd.saliency_head import SaliencyHead
-from lib.spd.trained_state import TrainedState
+from lib.spd.method import SaliencyHead, SPDPipeline, TrainedState
+from lib.spd.runtime import load_backbone
+from lib.spd.serving import CheckpointStore, EmbeddingCache, ModelReloader
 from lib.spd.training import TIME_BUDGET, TrainConfig, TrainingResult
-from lib.spd.served_model import ServedModel
 from lib.trainers.publishing import publish_round
 from lib.trainers.spd_trainer import SPDTrainer, TrainRequestError
-from make_cohort import make_cohort, write_cohort
 
 APP_DIR = Path(__file__).resolve().parents[1] / "apps" / "spd_sam"
-LABELS = {"right_caudate": 2, "right_putamen": 4}
-
-
-class FolderDatastore:
-    """The four datastore calls the trainer makes, over a folder of images and a folder of final labels."""
-
-    def __init__(self, images, labels, names):
-        self.images, self.labels, self.names = images, labels, names
-
-    def get_labeled_images(self, tag=None, labels=None):
-        return list(self.names)
-
-    def get_label_by_image_id(self, image_id, tag):
-        return image_id
-
-    def get_image_uri(self, image_id):
-        return str(self.images / f"{image_id}.nii.gz")
-
-    def get_label_uri(self, label_id, tag):
-        return str(self.labels / f"{label_id}.nii.gz")
-
-
-@pytest.fixture(scope="module")
-def datastore(tmp_path_factory):
-    """Two small synthetic volumes (Colin27 + AAL variations) with final labels."""
-    work = tmp_path_factory.mktemp("trainer")
-    subjects = make_cohort(2, seed=1, labels=list(LABELS), crop_margin_mm=(25, 25, 2), slice_mm=4.0)
-    write_cohort(subjects, work / "images", label_dir=work / "labels")
-    return FolderDatastore(work / "images", work / "labels", [s.name for s in subjects]), work
-
-
-def test_a_round_publishes_a_version_and_leaves_the_served_model_alone(datastore, tmp_path):
-    store_, work = datastore
+def test_a_round_publishes_a_version_and_leaves_the_served_model_alone(cohort_datastore, tmp_path):
+    store_, work = cohort_datastore
     backbone = load_backbone(cache_dir=str(APP_DIR / "model" / "runtime"))  # the app's ONNX encoder export
     pipeline = SPDPipeline(backbone, EmbeddingCache(1 << 30, work / "cache"))
     store = CheckpointStore(tmp_path / "trained")
-    served = ServedModel(store, pipeline)
+    served = ModelReloader(store, pipeline)
     decoder = backbone.model.mask_decoder
     before = {k: v.clone() for k, v in decoder.state_dict().items()}
 
@@ -85,8 +50,8 @@ def test_a_round_publishes_a_version_and_leaves_the_served_model_alone(datastore
     assert pipeline.probe_config(name, meta["slice_axis"]) != pipeline.probes
 
 
-def test_a_round_under_ddp_with_two_cpu_processes(datastore, tmp_path):
-    store_, work = datastore
+def test_a_round_under_ddp_with_two_cpu_processes(cohort_datastore, tmp_path):
+    store_, work = cohort_datastore
     options = {**CONFIG_DEFAULTS, "embedding_cache_dir": str(work / "cache")}
     factory = functools.partial(build_pipeline, options, str(APP_DIR / "model"))
     pipeline = factory()
@@ -99,7 +64,7 @@ def test_a_round_under_ddp_with_two_cpu_processes(datastore, tmp_path):
     assert result["version"] == 1 and result["world_size"] == 2 and store.current() == 1
     meta = store.metadata()
     assert meta["world_size"] == 2 and [r["stage"] for r in meta["history"]].count("decoder") >= 1
-    assert ServedModel(store, pipeline).refresh() == 1 and set(pipeline.state.saliency_heads) == set(result["labels"])
+    assert ModelReloader(store, pipeline).refresh() == 1 and set(pipeline.state.saliency_heads) == set(result["labels"])
 
 
 def test_a_round_worse_than_the_served_model_is_not_published_unless_asked(tmp_path):
@@ -125,8 +90,8 @@ def test_a_round_worse_than_the_served_model_is_not_published_unless_asked(tmp_p
                                                ({"max_epochs": -1}, "max_epochs"),
                                                ({"labels": "spleen"}, "unknown labels"),
                                                ({"publish": "never"}, "publish must be")])
-def test_malformed_train_requests_are_refused_before_any_work(datastore, tmp_path, request_, message):
-    store_, work = datastore
+def test_malformed_train_requests_are_refused_before_any_work(cohort_datastore, tmp_path, request_, message):
+    store_, work = cohort_datastore
     pipeline = SPDPipeline(load_backbone(cache_dir=str(APP_DIR / "model" / "runtime")), EmbeddingCache(1 << 20))
     with pytest.raises(TrainRequestError, match=message):
         SPDTrainer(pipeline, LABELS, CheckpointStore(tmp_path / "trained"))(request_, store_)

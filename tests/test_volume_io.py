@@ -9,7 +9,7 @@ import tempfile
 import numpy as np
 import SimpleITK as sitk
 
-from lib.infers.volume_io import VolumeReader, results_dir, volume_id, write_label
+from lib.volume_io import VolumeReader, results_dir, volume_id, write_label
 
 
 def test_results_go_to_a_private_folder_that_is_made_again_if_removed():

@@ -27,9 +27,9 @@ from monailabel.tasks.activelearning.random import Random
 from lib.auth.token_algorithms import name_token_algorithms
 from lib.configs.spd_sam import SPDSamConfig
 from lib.datastore.label_uploads import check_image_id, with_checked_label_saves
-from lib.spd.atomic_files import remove_stale_temps
 from lib.infers import request_guard
-from lib.infers.volume_io import volume_id
+from lib.spd.atomic_files import remove_stale_temps
+from lib.volume_io import volume_id
 
 logger = logging.getLogger(__name__)
 

@@ -25,12 +25,9 @@ from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from lib.infers.volume_io import VolumeReader
-from lib.spd.intensity import choose_window
-from lib.spd.pipeline import SPDPipeline, VolumeView
-from lib.spd.saliency_head import SaliencyHead
-from lib.spd.served_model import ServedModel
-from lib.spd.training_data import training_axis
+from lib.spd.method import SaliencyHead, SPDPipeline, VolumeView, choose_window, training_axis
+from lib.spd.serving import ModelReloader
+from lib.volume_io import VolumeReader
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +65,7 @@ class SPDUncertaintyScoring(ScoringMethod):
         pairs: pairs of adjacent slices per volume.
     """
 
-    def __init__(self, pipeline: SPDPipeline, served: ServedModel, modality: str = "auto", pairs: int = 4):
+    def __init__(self, pipeline: SPDPipeline, served: ModelReloader, modality: str = "auto", pairs: int = 4):
         super().__init__("Saliency entropy and adjacent-slice disagreement of the trained SPD saliency head")
         self.pipeline = pipeline
         self.served = served

@@ -15,14 +15,10 @@ from monailabel.utils.others.generic import strtobool
 
 from lib.activelearning.uncertainty import SPDUncertainty, SPDUncertaintyScoring
 from lib.infers.spd_infer import SPDInfer
-from lib.spd.background import BackgroundEmbedder
-from lib.spd.backbones import load_backbone
-from lib.spd.checkpoints import CheckpointStore
-from lib.spd.embedding_cache import EmbeddingCache
-from lib.spd.encoder_runner import EncoderSettings
-from lib.spd.focus import FocusConfig
-from lib.spd.pipeline import SPDPipeline
-from lib.spd.served_model import ServedModel
+from lib.spd.method import SPDPipeline
+from lib.spd.method.focus import FocusConfig
+from lib.spd.runtime import EncoderSettings, load_backbone
+from lib.spd.serving import BackgroundEmbedder, CheckpointStore, EmbeddingCache, ModelReloader
 from lib.trainers.spd_trainer import SPDTrainer
 
 logger = logging.getLogger(__name__)
@@ -87,7 +83,7 @@ class SPDSamConfig(TaskConfig):
         self.modality = options["modality"]
         self.background = BackgroundEmbedder()
         self.store = CheckpointStore(options["trained_dir"] or os.path.join(model_dir, name))
-        self.served = ServedModel(self.store, self.pipeline)
+        self.served = ModelReloader(self.store, self.pipeline)
         self.served.refresh()
         logger.info("spd_sam: backbone %s (%s on %s); embeddings cached in %s (%s MB in memory, %s MB disk budget, "
                     "%d MB on disk)", backbone.name, backbone.runtime, backbone.device, cache_dir,

@@ -8,31 +8,17 @@ from typing import Any
 
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
-from monailabel.utils.others.generic import strtobool
 
-from lib.infers.heap import release_free_memory
-from lib.infers.volume_io import RESULT_DTYPES, RESULT_EXTENSIONS, ImageReadError, VolumeReader, write_label
-from lib.spd.background import BackgroundEmbedder
-from lib.spd.intensity import choose_window
-from lib.spd.pipeline import SPDPipeline, VolumeView
-from lib.spd.prompts import PromptError, choose_slice_axis, parse_clicks, parse_roi, slice_axes
-from lib.spd.served_model import ServedModel
-from lib.spd.training_data import training_axis
+from lib.infers.memory_trim import release_free_memory
+from lib.request_flags import parse_flag
+from lib.spd.method import SPDPipeline, VolumeView, choose_window
+from lib.spd.method.prompts import PromptError, choose_slice_axis, parse_clicks, parse_roi, slice_axes, training_axis
+from lib.spd.serving import BackgroundEmbedder, ModelReloader
+from lib.volume_io import RESULT_DTYPES, RESULT_EXTENSIONS, ImageReadError, VolumeReader, write_label
 
 logger = logging.getLogger(__name__)
 
 UNLABELLED = "foreground"  # name reported when a viewer sends no label (OHIF's point prompts)
-
-
-def _as_bool(value: Any, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        try:
-            return strtobool(value)
-        except ValueError:
-            pass
-    raise PromptError(f"{name} must be true or false, got {value!r}")
 
 
 def focus_bounds(seg) -> list[list[int]] | None:
@@ -58,7 +44,7 @@ class SPDInfer(InferTask):
     """
 
     def __init__(self, pipeline: SPDPipeline, labels: dict[str, int], background: BackgroundEmbedder,
-                 modality: str = "auto", served: ServedModel | None = None):
+                 modality: str = "auto", served: ModelReloader | None = None):
         super().__init__(
             type=InferType.DEEPGROW,
             labels=labels,
@@ -86,7 +72,7 @@ class SPDInfer(InferTask):
             roi = parse_roi(request.get("roi"), volume.array.shape)
             axis = choose_slice_axis(clicks, volume.spacing, request.get("slice_axis"), volume.array.shape)
             extension, dtype, compress = self._result_format(request)
-            focus = _as_bool(request.get("focus", True), "focus")
+            focus = parse_flag(request.get("focus", True), "focus", PromptError)
         except (PromptError, ImageReadError) as error:
             raise HTTPException(status_code=400, detail=str(error)) from None
         loaded = time.perf_counter()
@@ -160,4 +146,4 @@ class SPDInfer(InferTask):
             raise PromptError(f"result_extension must be one of {', '.join(RESULT_EXTENSIONS)}, got {extension!r}")
         if dtype not in RESULT_DTYPES:
             raise PromptError(f"result_dtype must be one of {', '.join(RESULT_DTYPES)}, got {dtype!r}")
-        return extension, dtype, _as_bool(request.get("result_compress", True), "result_compress")
+        return extension, dtype, parse_flag(request.get("result_compress", True), "result_compress", PromptError)

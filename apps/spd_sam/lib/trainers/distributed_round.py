@@ -3,7 +3,7 @@
 MONAI Label's request parameters choose the GPUs (``multi_gpu``, ``gpus``: "all" or "0,1");
 without CUDA, ``cpu_processes`` asks for gloo processes on the CPU (mainly for testing the
 distributed path; on a small CPU one process is faster). Each rank builds its own pipeline, loads
-the published model, trains its share (``lib.spd.training`` under :class:`~lib.spd.distributed.Ranks`);
+the published model, trains its share (``lib.spd.training.round`` under :class:`~lib.spd.training.distributed.Rank`);
 rank 0 publishes and writes the trainer's answer for the parent.
 """
 
@@ -20,14 +20,11 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-from monailabel.utils.others.generic import strtobool
 
-from lib.spd.checkpoints import CheckpointStore
-from lib.spd.distributed import Ranks
-from lib.spd.pipeline import SPDPipeline
-from lib.spd.served_model import ServedModel
-from lib.spd.training import TrainConfig, run_training
-from lib.spd.training_data import LabelledVolume
+from lib.request_flags import parse_flag
+from lib.spd.method import SPDPipeline
+from lib.spd.serving import CheckpointStore, ModelReloader
+from lib.spd.training import LabelledVolume, Rank, TrainConfig, run_training
 from lib.trainers.publishing import publish_round
 
 logger = logging.getLogger(__name__)
@@ -45,14 +42,6 @@ class Launch:
     backend: str
 
 
-def _flag(request: dict, name: str, default: bool) -> bool:
-    value = request.get(name, default)
-    try:
-        return value if isinstance(value, bool) else strtobool(str(value).strip())
-    except ValueError:
-        raise LaunchError(f"{name} must be true or false, got {value!r}") from None
-
-
 def plan_launch(request: dict, serving_device: torch.device, cuda_count: int) -> Launch | None:
     """The ranks a request asks for, or None for a single process.
 
@@ -64,7 +53,7 @@ def plan_launch(request: dict, serving_device: torch.device, cuda_count: int) ->
     Raises:
         LaunchError: a malformed ``multi_gpu``, ``gpus`` or ``cpu_processes``, or a GPU id that does not exist.
     """
-    multi_gpu = _flag(request, "multi_gpu", True)
+    multi_gpu = parse_flag(request.get("multi_gpu", True), "multi_gpu", LaunchError)
     if serving_device.type == "cuda":
         if not multi_gpu or cuda_count < 2:
             return None
@@ -131,9 +120,9 @@ def _rank_main(rank: int, job: Job, work: str) -> None:
         started = time.monotonic()
         pipeline = job.factory(device)
         store = CheckpointStore(job.store_dir)
-        ServedModel(store, pipeline).refresh()  # continue from the published model, as a single process does
+        ModelReloader(store, pipeline).refresh()  # continue from the published model, as a single process does
         served = pipeline.state
-        result = run_training(pipeline, job.train, job.val, job.labels, job.axis, job.config, ranks=Ranks(rank, world))
+        result = run_training(pipeline, job.train, job.val, job.labels, job.axis, job.config, ranks=Rank(rank, world))
         if rank == 0:
             seconds = job.elapsed_s + time.monotonic() - started
             answer = publish_round(store, pipeline, served, result, job.axis, job.config, seconds, world,

@@ -12,12 +12,9 @@ import logging
 from datetime import datetime, timezone
 from typing import Mapping
 
-from lib.spd import encoder_lora
-from lib.spd.checkpoints import CheckpointStore
-from lib.spd.pipeline import SPDPipeline
-from lib.spd.saliency_head import SaliencyHead
-from lib.spd.size_prior import SizePrior
-from lib.spd.trained_state import TrainedState
+from lib.spd.method import SaliencyHead, SizePrior, SPDPipeline, TrainedState
+from lib.spd.runtime import encoder_lora
+from lib.spd.serving import CheckpointStore
 from lib.spd.training import TrainConfig, TrainingResult, mean_dice
 from lib.trainers.training_curve import render_training_curve
 

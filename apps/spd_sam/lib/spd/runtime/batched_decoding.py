@@ -12,23 +12,6 @@ import torch
 from torch import nn
 
 
-def decode_low_res(model: nn.Module, embeddings: torch.Tensor, dense_pe: torch.Tensor,
-                   boxes: torch.Tensor | None, points: tuple[torch.Tensor, torch.Tensor] | None,
-                   masks: torch.Tensor | None) -> torch.Tensor:
-    """Low-resolution mask logits (N, 1, 4g, 4g) for N slices.
-
-    Args:
-        model: a SAM-family model (``prompt_encoder`` and ``mask_decoder``).
-        embeddings: (N, C, g, g) slice embeddings.
-        dense_pe: (1, C, g, g) dense positional encoding of the prompt encoder.
-        boxes: (N, 4) model-frame xyxy boxes, or None.
-        points: ((N, P, 2) model-frame xy, (N, P) labels with -1 for padding), or None.
-        masks: (N, 1, 4g, 4g) mask-prompt logits, or None.
-    """
-    sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=masks)
-    return decode_prompted(model.mask_decoder, embeddings, dense_pe, sparse, dense)
-
-
 def decode_prompted(decoder: nn.Module, embeddings: torch.Tensor, dense_pe: torch.Tensor, sparse: torch.Tensor,
                     dense: torch.Tensor) -> torch.Tensor:
     """Low-resolution mask logits (N, 1, 4h, 4w) from N slice embeddings (N, C, h, w) and their encoded prompts

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .losses import focal_loss, soft_dice_loss
 from .saliency import embedding_grid_to_slice
 
 PRIOR_LOGIT = -4.6  # initial logit of every cell: probability about 0.01
@@ -104,7 +103,3 @@ def grid_targets(masks: np.ndarray, grid: int) -> torch.Tensor:
     covered = F.interpolate(torch.from_numpy(masks.astype(np.float32))[:, None], size=(rows, cols), mode="area")
     return F.pad(covered, (0, grid - cols, 0, grid - rows))[:, 0]
 
-
-def saliency_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Dice per label (over the batch) plus focal loss, for (N, L, g, g) logits and soft targets."""
-    return soft_dice_loss(logits, targets, dims=(0, 2, 3)) + focal_loss(logits, targets)

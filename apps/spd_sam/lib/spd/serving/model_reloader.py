@@ -6,17 +6,17 @@ import copy
 import logging
 import threading
 
-from . import encoder_lora
+from ..method.pipeline import SPDPipeline
+from ..method.saliency_head import SaliencyHead
+from ..method.size_prior import SizePrior
+from ..method.trained_state import TrainedState
+from ..runtime import encoder_lora
 from .checkpoints import CheckpointError, CheckpointStore
-from .pipeline import SPDPipeline
-from .saliency_head import SaliencyHead
-from .size_prior import SizePrior
-from .trained_state import TrainedState
 
 logger = logging.getLogger(__name__)
 
 
-class ServedModel:
+class ModelReloader:
     """Serves the published checkpoint: builds its :class:`TrainedState` and switches the pipeline to it.
 
     A checkpoint without a decoder (or the pointer's removal) serves the backbone's own decoder. A

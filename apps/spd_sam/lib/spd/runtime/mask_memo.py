@@ -10,10 +10,10 @@ from typing import Callable, Hashable, Sequence
 import numpy as np
 import torch
 
-from .backbones import SlicePrompts
+from .backbones import PromptBatch
 
 
-def prompt_key(prompts: SlicePrompts, i: int, dense: float | None = None) -> tuple:
+def prompt_key(prompts: PromptBatch, i: int, dense: float | None = None) -> tuple:
     """A hashable summary of slice ``i``'s prompts (coordinates rounded to 1/4 pixel; ``dense`` from
     :func:`dense_digests`)."""
     def rounded(values):
@@ -48,8 +48,8 @@ class MaskMemo:
         self._items: OrderedDict[Hashable, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
 
-    def masks(self, view_key: str, slices: Sequence[int], prompts: SlicePrompts, shape: tuple[int, int],
-              decode: Callable[[list[int], SlicePrompts], np.ndarray]) -> np.ndarray:
+    def masks(self, view_key: str, slices: Sequence[int], prompts: PromptBatch, shape: tuple[int, int],
+              decode: Callable[[list[int], PromptBatch], np.ndarray]) -> np.ndarray:
         """(N, H, W) bool masks; ``decode(positions, prompts_subset)`` runs for the slices not remembered.
 
         Args:
@@ -72,9 +72,7 @@ class MaskMemo:
                     self._items.move_to_end(key)
                     out[i] = np.unpackbits(packed, count=shape[0] * shape[1]).reshape(shape).astype(bool)
         if todo:
-            subset = SlicePrompts(*(None if v is None else v[todo] for v in
-                                    (prompts.boxes, prompts.points, prompts.point_labels, prompts.mask_logits)))
-            out[todo] = decode(todo, subset) > 0
+            out[todo] = decode(todo, prompts.rows(todo)) > 0
             with self._lock:
                 for i in todo:
                     self._items[keys[i]] = np.packbits(out[i])

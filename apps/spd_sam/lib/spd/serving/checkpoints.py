@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .atomic_files import write_atomic
+from ..atomic_files import write_atomic
 
 logger = logging.getLogger(__name__)
 

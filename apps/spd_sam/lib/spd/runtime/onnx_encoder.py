@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic_files import replacing
+from ..atomic_files import replacing
 
 logger = logging.getLogger(__name__)
 

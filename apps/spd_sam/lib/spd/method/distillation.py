@@ -4,7 +4,7 @@ Every foreground click is checked twice (dual validation): against the saliency 
 slice, and against the centre line that the clicks on nearby slices draw (a robust Theil-Sen
 line per in-plane coordinate). Clicks that fail are moved to the nearest salient pixel near where
 they should be, or rejected. Slices between validated clicks get prompts interpolated from their
-neighbours. Box extents measured on the validated slices (see ``box_calibration``) are carried
+neighbours. Box extents measured on the validated slices (see ``box_probing``) are carried
 to the slices between them and smoothed across adjacent slices.
 """
 

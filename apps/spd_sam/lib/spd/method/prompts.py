@@ -100,6 +100,12 @@ def coarsest_axis(spacing: Sequence[float], axes: Sequence[int] = (0, 1, 2)) -> 
     return max(axes, key=lambda a: (float(spacing[a]), a))
 
 
+def training_axis(spacing: Sequence[float], shape: Sequence[int] | None = None) -> int:
+    """The coarsest axis (the last one on ties), of those with 2D slices given the ``shape``: the one the infer
+    side embeds in the background."""
+    return coarsest_axis(spacing, (0, 1, 2) if shape is None else slice_axes(shape))
+
+
 def choose_slice_axis(clicks: Sequence[Click], spacing: Sequence[float], requested: Any = None,
                       shape: Sequence[int] | None = None) -> int:
     """The axis to segment along: the one the clicks were placed on, as a stack of slices.

@@ -1,6 +1,6 @@
-"""What saved labels say about a structure's in-plane size: the probe sizes box calibration tries.
+"""What saved labels say about a structure's in-plane size: the probe sizes box probing tries.
 
-Box calibration grows square probes around a validated click until the decoder's mask stops
+Box probing grows square probes around a validated click until the decoder's mask stops
 changing. Its default ladder (5 to 18 mm half-size) fits no structure in particular: small ones
 are probed with boxes that take in their neighbours, large ones are cut, and long thin ones (a
 putamen on an axial slice) are probed with squares that hold their neighbours across. Once labels
@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .box_calibration import ProbeConfig
+from .box_probing import ProbeConfig
 
 QUANTILES = (0.25, 0.5, 0.75, 0.95)  # of per-slice half-sizes: the probe ladder
 MARGIN_MM = 1.0  # room between the structure and the probe's edge

@@ -24,7 +24,7 @@ from typing import Callable, Collection, Iterator, Sequence
 import numpy as np
 import torch
 
-from .atomic_files import replacing
+from ..atomic_files import replacing
 
 logger = logging.getLogger(__name__)
 

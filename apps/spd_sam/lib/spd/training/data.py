@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .box_calibration import Box, ProbeConfig, probe_boxes
+from ..method.box_probing import Box, ProbeConfig, probe_boxes
+from ..method.intensity import IntensityWindow
+from ..method.pipeline import SPDPipeline, VolumeView
+from ..method.prompts import Click, training_axis
 from .click_simulation import ClickStyle, simulate_clicks
-from .intensity import IntensityWindow
-from .pipeline import SPDPipeline, VolumeView
-from .prompts import Click, coarsest_axis, slice_axes
 
 
 @dataclass
@@ -54,12 +54,6 @@ class Slab:
     def masks(self, value: int) -> np.ndarray:
         """(N, H, W) bool masks of one label on the slab's slices."""
         return np.moveaxis(np.take(self.volume.labels == value, self.indices, axis=self.view.axis), self.view.axis, 0)
-
-
-def training_axis(spacing: Sequence[float], shape: Sequence[int] | None = None) -> int:
-    """The coarsest axis (the last one on ties), of those with 2D slices given the ``shape``: the one the infer
-    side embeds in the background."""
-    return coarsest_axis(spacing, (0, 1, 2) if shape is None else slice_axes(shape))
 
 
 def round_axis(volumes: Sequence[LabelledVolume]) -> int:
@@ -114,11 +108,11 @@ def clicks_for(volume: LabelledVolume, value: int, axis: int, style: ClickStyle,
 
 def ideal_anchor_boxes(target: np.ndarray, axis: int, anchors: Mapping[int, Sequence[float]], pixel_mm: Sequence[float],
                        probes: ProbeConfig, rng: np.random.Generator, jitter_mm: float = 1.0) -> dict[int, Box]:
-    """The boxes box calibration would measure on the anchored slices with a perfect decoder.
+    """The boxes box probing would measure on the anchored slices with a perfect decoder.
 
-    The structure's bounding box on the slice, padded as calibration pads (each side jittered by
+    The structure's bounding box on the slice, padded as box probing pads (each side jittered by
     ``jitter_mm``), when the consensus point lies within the largest probe of it; otherwise the
-    smallest probe around the point, as calibration falls back to when its masks are empty.
+    smallest probe around the point, as box probing falls back to when its masks are empty.
 
     Args:
         target: (I, J, K) bool mask of the structure.

@@ -57,7 +57,7 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 0.0
 
 
-def calibrate_anchor_boxes(
+def measure_anchor_boxes(
     decode: Callable[[list[int], np.ndarray], np.ndarray],
     anchors: dict[int, Sequence[float]],
     pixel_mm: Sequence[float],

@@ -1,8 +1,8 @@
-"""Box calibration grows probe boxes until the decoder's mask stops changing."""
+"""Box probing grows probe boxes until the decoder's mask stops changing."""
 
 import numpy as np
 
-from lib.spd.box_calibration import ProbeConfig, calibrate_anchor_boxes, probe_centre
+from lib.spd.method.box_probing import ProbeConfig, measure_anchor_boxes, probe_centre
 
 SHAPE = (64, 64)
 
@@ -27,7 +27,7 @@ def object_decoder(radius_by_slice, centre=(30, 30)):
 def test_box_fits_each_objects_extent():
     decode, calls = object_decoder({0: 3, 1: 9, 2: 15})
     config = ProbeConfig(half_sizes_mm=(5.0, 8.0, 12.0, 18.0), pad_mm=2.0)
-    boxes = calibrate_anchor_boxes(decode, {s: (30.0, 30.0) for s in range(3)}, (1.0, 1.0), SHAPE, config)
+    boxes = measure_anchor_boxes(decode, {s: (30.0, 30.0) for s in range(3)}, (1.0, 1.0), SHAPE, config)
     for s, radius in ((0, 3), (1, 9), (2, 15)):
         r0, c0, r1, c1 = boxes[s]
         assert abs((r1 - r0) - (2 * radius + 4)) <= 1, (s, boxes[s])
@@ -48,14 +48,14 @@ def test_a_fragment_inside_a_too_small_box_is_not_taken_for_the_object():
             out.append((rr - 30) ** 2 + (cc - 30) ** 2 <= radius**2)
         return np.array(out)
 
-    boxes = calibrate_anchor_boxes(decode, {0: (30.0, 30.0)}, (1.0, 1.0), SHAPE)
+    boxes = measure_anchor_boxes(decode, {0: (30.0, 30.0)}, (1.0, 1.0), SHAPE)
     r0, _, r1, _ = boxes[0]
     assert r1 - r0 >= 18
 
 
 def test_object_larger_than_every_probe_uses_the_largest():
     decode, _ = object_decoder({0: 40})
-    boxes = calibrate_anchor_boxes(decode, {0: (30.0, 30.0)}, (1.0, 1.0), SHAPE, ProbeConfig(half_sizes_mm=(4.0, 8.0)))
+    boxes = measure_anchor_boxes(decode, {0: (30.0, 30.0)}, (1.0, 1.0), SHAPE, ProbeConfig(half_sizes_mm=(4.0, 8.0)))
     r0, _, r1, _ = boxes[0]
     assert r1 - r0 >= 16
 

@@ -5,23 +5,24 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
 
+from ..runtime.backbones import Backbone, PromptBatch
+from ..runtime.mask_memo import MaskMemo
 from .assembly import bounding_box, keep_prompted_components, trim_unanchored_ends
-from .box_calibration import ProbeConfig, calibrate_anchor_boxes, probe_centre
-from .backbones import Backbone, SlicePrompts
+from .box_probing import ProbeConfig, measure_anchor_boxes, probe_centre
 from .distillation import Consensus, ContextualPromptDistiller, CPDConfig
-from .embedding_cache import EmbeddingCache
 from .focus import FocusConfig, Region, focus_region
 from .intensity import IntensityWindow
-from .mask_memo import MaskMemo
 from .prompts import Click, choose_slice_axis, to_slice_clicks
 from .saliency import AppearanceSaliency
 from .trained_state import TrainedState
 
+if TYPE_CHECKING:  # the cache is serving infrastructure, handed in by whoever builds the pipeline
+    from ..serving.embedding_cache import EmbeddingCache
 
 REMEMBERED_REGIONS = 256  # structures whose last focus region is kept
 
@@ -279,14 +280,14 @@ class SPDPipeline:
         key = self.cache_key(volume_id, view)
 
         def probe(at: list[int], boxes: np.ndarray) -> np.ndarray:
-            return self._masks(key, at, embeddings[[s - first for s in at]], SlicePrompts(boxes=boxes), view.slice_shape)
+            return self._masks(key, at, embeddings[[s - first for s in at]], PromptBatch(boxes=boxes), view.slice_shape)
 
         anchors = {s: np.mean(p.positives, axis=0) for s, p in consensus.prompts.items() if p.anchored}
         probes = self.probe_config(label, axis)
         anchors = {s: probe_centre(saliency[s - first], a, pixel_mm, probes.centre_mm, self.cpd.saliency_threshold)
                    for s, a in anchors.items()}
         if anchor_boxes is None:
-            measured = calibrate_anchor_boxes(probe, anchors, pixel_mm, view.slice_shape, probes)
+            measured = measure_anchor_boxes(probe, anchors, pixel_mm, view.slice_shape, probes)
         else:
             measured = anchor_boxes(anchors)
         consensus.assign_boxes(measured)
@@ -335,17 +336,15 @@ class SPDPipeline:
         if self.backbone.uses_mask_prompt:
             dense = torch.logit(torch.as_tensor(saliency, device=self.backbone.device), eps=1e-4)
         slices = [p.slice for p in prompts]
-        return self._masks(key, slices, embeddings, SlicePrompts(boxes, points, labels, dense), view.slice_shape)
+        return self._masks(key, slices, embeddings, PromptBatch(boxes, points, labels, dense), view.slice_shape)
 
-    def _masks(self, key: str, slices: list[int], embeddings: torch.Tensor, prompts: SlicePrompts, slice_shape) -> np.ndarray:
+    def _masks(self, key: str, slices: list[int], embeddings: torch.Tensor, prompts: PromptBatch, slice_shape) -> np.ndarray:
         """Bool masks, decoding in chunks only what the memo does not hold."""
-        def decode(rows: list[int], subset: SlicePrompts) -> np.ndarray:
+        def decode(rows: list[int], subset: PromptBatch) -> np.ndarray:
             out = []
             for start in range(0, len(rows), self.decode_chunk):
                 part = slice(start, start + self.decode_chunk)
-                chunk = SlicePrompts(*(None if v is None else v[part] for v in
-                                       (subset.boxes, subset.points, subset.point_labels, subset.mask_logits)))
-                out.append(self.backbone.decode(embeddings[rows[part]], chunk, slice_shape, binary=True))
+                out.append(self.backbone.decode(embeddings[rows[part]], subset.rows(part), slice_shape, binary=True))
             return np.concatenate(out)
 
         return self.memo.masks(key, slices, prompts, slice_shape, decode)

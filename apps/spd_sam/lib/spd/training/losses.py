@@ -33,3 +33,8 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -
 def dice_bce_per_slice(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Soft Dice per slice plus pixel-wise binary cross-entropy, for (N, H, W) slice logits."""
     return soft_dice_loss(logits, target, dims=(-2, -1)) + F.binary_cross_entropy_with_logits(logits, target)
+
+
+def saliency_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Dice per label (over the batch) plus focal loss, for (N, L, g, g) logits and soft targets."""
+    return soft_dice_loss(logits, targets, dims=(0, 2, 3)) + focal_loss(logits, targets)
