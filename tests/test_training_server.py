@@ -15,6 +15,7 @@ cannot run here. The MONAI Label server and the app are the real ones.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import local_server
@@ -161,6 +162,66 @@ def test_slicer_flow_next_sample_infer_save_train_infer_again(server, cohort):
     assert (trained / "v0001.png").stat().st_size > 1000, "training curve beside the checkpoint"
     stats = client.info()["train_stats"]["spd_sam"]
     assert stats["version"] == 1 and LABEL in stats["val_dice"]
+
+
+def test_annotators_on_one_image_while_a_round_trains_each_get_their_own_result(server, cohort):
+    """Three annotators at once on the same image while a training round runs: two segment the right caudate from
+    different clicks, one the right putamen. Each answer is the requester's own (its label, its clicks in the
+    consensus record, its structure), and the round runs at a lower priority than the server (logged)."""
+    work, subjects = cohort
+    subject = subjects[-1]
+
+    def requests_(seed: int) -> dict[str, tuple]:
+        putamen, _ = simulate_clicks(subject.label == NEIGHBOUR_VALUE, (1.0, 1.0, 2.5), 2, ClickStyle(3, 3.0, 0.0),
+                                     np.random.default_rng(seed))
+        return {"caudate A": (LABEL, LABEL_VALUE, rough_clicks(subject, seed)),
+                "caudate B": (LABEL, LABEL_VALUE, rough_clicks(subject, seed + 1)),
+                "putamen": ("right_putamen", NEIGHBOUR_VALUE, putamen)}
+
+    answers: dict[str, tuple] = {}
+
+    def annotate(name: str, jobs: dict) -> None:
+        label, _, clicks = jobs[name]
+        client = client_for(server, work, folder=f"client {name}")
+        tic = time.monotonic()
+        result_file, result = client.infer("spd_sam", subject.name,
+                                           {"label": label, "foreground": clicks, "background": [], "slice_axis": 2})
+        answers[name] = (np.asarray(nib.load(result_file).dataobj), result, time.monotonic() - tic)
+
+    for seed in (21, 31):  # the first embeds the structures' slices; the second is the latency without training
+        for name in requests_(seed):
+            annotate(name, requests_(seed))
+    alone = {name: answer[2] for name, answer in answers.items()}
+    jobs = requests_(41)
+    client = client_for(server, work)
+    for labelled in subjects[:3]:  # the round needs final labels (the Slicer flow above saved the same ones)
+        client.save_label(labelled.name, str(work / "labels" / f"{labelled.name}.nii.gz"), tag="final")
+    rounds = server.log.read_text().count("spd_sam training:")
+    client.train_start("spd_sam", ROUND)
+    deadline = time.monotonic() + 120
+    while server.log.read_text().count("spd_sam training:") == rounds and time.monotonic() < deadline:
+        time.sleep(1)
+    threads = [threading.Thread(target=annotate, args=(name, jobs)) for name in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    status = client.train_status()
+    client.train_stop()
+    assert status["status"] == "RUNNING", f"the round was still training while the annotators worked: {status}"
+    assert "training process: niceness 10" in server.log.read_text(), "the round's process yields the CPU"
+    print("infer latency (s), one at a time without training -> three at once with a round training: "
+          + ", ".join(f"{name} {alone[name]:.1f} -> {answers[name][2]:.1f}" for name in jobs))
+    for name, (label, value, clicks) in jobs.items():
+        mask, result, _ = answers[name]
+        assert result["label_names"] == {label: value}
+        assert set(np.unique(mask)) <= {0, value}
+        sent = {tuple(c) for c in clicks}
+        recorded = {tuple(round(v) for v in d["ijk"]) for status in ("kept", "moved", "rejected")
+                    for d in result["consensus"][status]}
+        assert recorded == sent, f"{name}: the consensus record holds another request's clicks"
+        own, other = (subject.label == value), (subject.label == (NEIGHBOUR_VALUE if value == LABEL_VALUE else LABEL_VALUE))
+        assert dice(mask > 0, own) > max(0.3, dice(mask > 0, other)), name
 
 
 def test_a_stopped_round_leaves_the_served_model_intact(server, cohort):

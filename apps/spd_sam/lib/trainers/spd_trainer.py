@@ -30,6 +30,7 @@ from lib.spd.runtime import encoder_lora
 from lib.spd.serving import CheckpointStore
 from lib.spd.training import LabelledVolume, TrainConfig, round_axis, run_training, split_by_volume
 from lib.trainers.distributed_round import Job, LaunchError, plan_launch, run_distributed
+from lib.trainers.process_priority import yield_to_requests
 from lib.trainers.publishing import publish_round
 from lib.volume_io import VolumeReader
 
@@ -163,6 +164,7 @@ class SPDTrainer(TrainTask):
 
     def __call__(self, request: dict, datastore: Datastore) -> dict:
         started = time.monotonic()
+        yield_to_requests()
         config, val_fraction, wanted, axis = parse_request(request, self.labels)
         always = publish_always(request)
         try:
