@@ -98,6 +98,22 @@ def test_disk_budget_evicts_least_recently_used_files(tmp_path):
     assert cache.missing("d", range(6)) == [0, 1, 2]
 
 
+def test_the_folder_never_holds_more_than_the_disk_budget(tmp_path):
+    one_file, folder = slice_file_bytes(tmp_path), tmp_path / "cache"
+    peaks = []
+
+    class Watched(EmbeddingCache):
+        def _write(self, key, s, tensor):
+            size = super()._write(key, s, tensor)  # the new file is in place, nothing evicted since
+            peaks.append(sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()))
+            return size
+
+    cache = Watched(ONE_SLICE, folder, disk_budget_bytes=3 * one_file)
+    for key in "abcd":
+        cache.get(key, [0, 1], CountingEncoder())
+    assert len(peaks) == 8 and max(peaks) <= 3 * one_file, f"{max(peaks)} bytes on disk, budget {3 * one_file}"
+
+
 def test_memory_hits_count_as_use(tmp_path):
     one_file, folder = slice_file_bytes(tmp_path), tmp_path / "cache"
     cache = EmbeddingCache(1 << 20, folder, disk_budget_bytes=3 * one_file)

@@ -6,7 +6,8 @@ insensitive to it) and written atomically, one file per slice. A file that canno
 float16 of three dimensions, or has another shape than the key's other slices (a damaged disk, a
 copy cut short) is deleted and its slice embedded again, with a warning.
 
-With a disk budget, the least recently used files are deleted after each write until the files fit.
+With a disk budget, the least recently used files are deleted before each write until the files and the
+one being written fit (its bytes are reserved while it is written), so the folder never holds more.
 A file's mtime is its last use (set when written or read from disk), so the order survives restarts.
 :meth:`EmbeddingCache.retain` deletes the slices of volumes that are gone (the app calls it at start).
 """
@@ -28,6 +29,8 @@ from ..atomic_files import replacing
 
 logger = logging.getLogger(__name__)
 
+_NPY_HEADER = 128  # bytes numpy's .npy format puts before the array
+
 
 class EmbeddingCache:
     """Embeddings of slices, computed on demand.
@@ -48,6 +51,7 @@ class EmbeddingCache:
         self._lock = threading.RLock()
         self._disk: OrderedDict[tuple[str, int], int] = OrderedDict()  # file sizes, least recently used first
         self._disk_bytes = 0
+        self._reserved = 0  # bytes of files being written
         self._pinned: Counter[tuple[str, int]] = Counter()  # slices that running requests will return
         self._warned = False
         if self.directory is not None and self.directory.is_dir():
@@ -107,7 +111,15 @@ class EmbeddingCache:
         with self._pinning(key, slices):
             for s, e in zip(slices, embeddings):
                 e = e.detach().to("cpu", torch.float16).contiguous()
-                size = self._write(key, s, e) if self.directory is not None else 0
+                room = e.nbytes + _NPY_HEADER if self.directory is not None else 0
+                with self._lock:
+                    self._reserved += room
+                    self._evict()
+                try:
+                    size = self._write(key, s, e) if room else 0
+                finally:
+                    with self._lock:
+                        self._reserved -= room
                 with self._lock:
                     self._remember((key, s), e)
                     if size:
@@ -220,10 +232,11 @@ class EmbeddingCache:
         self._disk[item] = size
 
     def _evict(self) -> None:
-        """Delete the least recently used files, except pinned ones, until the disk budget holds."""
-        if not self.disk_budget_bytes or self._disk_bytes <= self.disk_budget_bytes:
+        """Delete the least recently used files, except pinned ones, until they and the files being written fit
+        the disk budget."""
+        if not self.disk_budget_bytes or self._disk_bytes + self._reserved <= self.disk_budget_bytes:
             return
-        excess, victims = self._disk_bytes - self.disk_budget_bytes, []
+        excess, victims = self._disk_bytes + self._reserved - self.disk_budget_bytes, []
         for item, size in self._disk.items():
             if excess <= 0:
                 break
