@@ -1,6 +1,6 @@
-"""The one path set-up of scripts run from the command line: importing this module puts the app folder
-(packages ``lib.*``, as MONAI Label imports them) and ``scripts/`` on ``sys.path``. Tests get the same two
-folders from ``pytest.ini``."""
+"""The one path set-up of scripts and tests: importing this module puts the app folder (packages ``lib.*``, as
+MONAI Label imports them) and ``scripts/`` on ``sys.path``. Scripts import it first; tests/conftest.py does
+(``pytest.ini`` puts ``scripts/`` on the path for that)."""
 
 import sys
 from pathlib import Path

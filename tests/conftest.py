@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import app_path  # noqa: F401  (first: the one path set-up, shared with the scripts: the app folder on sys.path)
 import local_server
 import pytest
 from labelled_cohort import LABELS, FolderDatastore
