@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/soak.py                    # own server on a temp copy of the sample studies
     .venv/bin/python scripts/soak.py --clients 8 --requests 50 --cache-mb 1024
+    .venv/bin/python scripts/soak.py --cache-disk-mb 200     # more embeddings than the disk budget holds
 
 Every client (a ``MONAILabelClient``, as Slicer uses) sends ``--requests`` requests: infers with
 rough clicks, one of them moved afresh each time as an annotator's re-click, on a structure of one
@@ -10,7 +11,9 @@ caudate and left putamen from the AAL labels, a short centre line in the other v
 ``--save-every``-th request a label save (the last result, tag ``soak``). One client starts a
 training round. Each image's clicked region is embedded once before the clock starts (that first
 request is reported on its own). It prints, per kind of request, the count, the errors and the
-p50/p95 latency, and the server's resident memory against its embedding-cache budget.
+p50/p95 latency, and the server's resident memory against its embedding-cache budget. With
+``--cache-disk-mb`` it also samples the embedding cache's folder twice a second and prints its peak
+against that disk budget and how much it wrote in all; it fails if the folder ever held more.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import nibabel as nib
 import numpy as np
@@ -57,6 +61,10 @@ class Report:
     first_requests: dict[str, float] = field(default_factory=dict)
     rss_start: int = 0
     rss_peak: int = 0
+    disk_budget: int = 0
+    disk_peak: int = 0
+    disk_samples: int = 0
+    disk_written: int = 0
 
     def add(self, kind: str, seconds: float) -> None:
         self.latencies.setdefault(kind, []).append(seconds)
@@ -71,7 +79,14 @@ class Report:
         if self.rss_start:
             out.append(f"server memory: {self.rss_start / 2**20:.0f} MiB before the requests, peak "
                        f"{self.rss_peak / 2**20:.0f} MiB (+{(self.rss_peak - self.rss_start) / 2**20:.0f} MiB)")
+        if self.disk_budget:
+            out.append(f"embedding cache on disk: peak {self.disk_peak / 2**20:.1f} MiB of a {self.disk_budget / 2**20:.0f} "
+                       f"MiB budget over {self.disk_samples} samples; {self.disk_written / 2**20:.0f} MiB of files "
+                       f"written in all ({self.disk_written / self.disk_budget:.1f} x the budget)")
         return out
+
+    def over_disk_budget(self) -> bool:
+        return bool(self.disk_budget) and self.disk_peak > self.disk_budget
 
 
 def sample_targets(studies: Path) -> list[Target]:
@@ -108,33 +123,66 @@ def infer_params(target: Target, clicks: list[list[int]]) -> dict:
     return params
 
 
-class MemoryWatch(threading.Thread):
-    """Samples a process's resident memory until stopped; keeps the peak."""
+class PeakWatch(threading.Thread):
+    """Samples ``measure()`` (bytes) until stopped; keeps the first value, the peak and the count of samples."""
 
-    def __init__(self, pid: int, period_s: float = 0.5):
+    def __init__(self, measure: Callable[[], int], period_s: float = 0.5):
         super().__init__(daemon=True)
-        self.process = psutil.Process(pid)
+        self.measure = measure
         self.period_s = period_s
-        self.peak = self.process.memory_info().rss
+        self.start_value = self.peak = measure()
+        self.samples = 1
         self.halt = threading.Event()
 
     def run(self) -> None:
         while not self.halt.wait(self.period_s):
-            self.peak = max(self.peak, self.process.memory_info().rss)
+            self.peak = max(self.peak, self.measure())
+            self.samples += 1
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join()
+
+
+class FolderBytes:
+    """Bytes of the files under a folder now, and of every file it has held (each file once: what was written)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.seen: dict[str, int] = {}
+
+    def __call__(self) -> int:
+        total = 0
+        for path in self.folder.rglob("*"):
+            try:
+                size = path.stat().st_size if path.is_file() else 0
+            except OSError:  # deleted meanwhile
+                continue
+            total += size
+            self.seen[str(path)] = size
+        return total
 
 
 def run_soak(url: str, targets: list[Target], clients: int, requests_each: int, save_every: int, workdir: Path,
-             train: dict | None, server_pid: int | None = None, seed: int = 0) -> Report:
-    """Warm each target up, then run the clients; returns what happened."""
+             train: dict | None, server_pid: int | None = None, seed: int = 0,
+             cache_dir: Path | None = None, disk_budget: int = 0) -> Report:
+    """Warm each target up, then run the clients; returns what happened. With ``cache_dir`` and ``disk_budget``,
+    the embedding cache's folder is sampled from the first request on."""
     report = Report()
+    disk = None
+    if cache_dir is not None and disk_budget:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        folder = FolderBytes(cache_dir)
+        disk = PeakWatch(folder)
+        disk.start()
     warm = MONAILabelClient(url, tmpdir=str(workdir / "warm"))
     for target in targets:
         tic = time.perf_counter()
         warm.infer("spd_sam", target.image, infer_params(target, target.clicks))
         report.first_requests[f"{target.image}/{target.label or 'centre'}"] = time.perf_counter() - tic
-    watch = MemoryWatch(server_pid) if server_pid else None
+    watch = PeakWatch(lambda: psutil.Process(server_pid).memory_info().rss) if server_pid else None
     if watch:
-        report.rss_start = watch.peak
+        report.rss_start = watch.start_value
         watch.start()
     lock = threading.Lock()
 
@@ -178,9 +226,12 @@ def run_soak(url: str, targets: list[Target], clients: int, requests_each: int, 
     for thread in threads:
         thread.join()
     if watch:
-        watch.halt.set()
-        watch.join()
+        watch.stop()
         report.rss_peak = watch.peak
+    if disk:
+        disk.stop()
+        report.disk_budget, report.disk_peak, report.disk_samples = disk_budget, disk.peak, disk.samples
+        report.disk_written = sum(folder.seen.values())
     return report
 
 
@@ -204,22 +255,31 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=50, help="requests per client")
     parser.add_argument("--save-every", type=int, default=5, help="every n-th request of a client is a label save")
     parser.add_argument("--cache-mb", type=int, default=1024, help="embedding cache budget of the started server")
+    parser.add_argument("--cache-disk-mb", type=int, default=0,
+                        help="disk budget of the started server's embedding cache, watched (0: the app's default, "
+                             "not watched)")
     parser.add_argument("--train-minutes", type=float, default=3.0, help="max_minutes of the training round (0: none)")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="spd_soak_"))
     server = None
     try:
+        cache_dir = workdir / "embeddings"
         if args.url:
+            if args.cache_disk_mb:
+                parser.error("--cache-disk-mb watches the server this script starts; leave out --url")
             url, pid = args.url, None
         else:
             studies = workdir / "studies"
             shutil.copytree(args.studies, studies)
-            server = local_server.start(workdir / "server", studies, conf={"embedding_cache_mb": str(args.cache_mb)})
+            conf = {"embedding_cache_mb": str(args.cache_mb)}
+            if args.cache_disk_mb:
+                conf.update(embedding_cache_disk_mb=str(args.cache_disk_mb), embedding_cache_dir=str(cache_dir))
+            server = local_server.start(workdir / "server", studies, conf=conf)
             url, pid = server.url, server.process.pid
         train = {"max_minutes": args.train_minutes} if args.train_minutes > 0 else None
         tic = time.perf_counter()
         report = run_soak(url, sample_targets(args.studies), args.clients, args.requests, args.save_every,
-                          workdir / "clients", train, pid)
+                          workdir / "clients", train, pid, cache_dir=cache_dir, disk_budget=args.cache_disk_mb << 20)
         print(f"# soak: {args.clients} clients x {args.requests} requests on {url} in "
               f"{time.perf_counter() - tic:.0f} s (cache budget {args.cache_mb} MiB)")
         print("\n".join(report.lines()))
@@ -227,7 +287,7 @@ def main() -> None:
             print(f"training: {wait_for_training(url, timeout_s=60 * args.train_minutes + 300)}")
         alive = requests.get(f"{url}/info/", timeout=30).status_code == 200
         print(f"server answering /info/ afterwards: {alive}")
-        sys.exit(1 if report.errors or not alive else 0)
+        sys.exit(1 if report.errors or not alive or report.over_disk_budget() else 0)
     finally:
         if server is not None:
             server.stop()
