@@ -11,10 +11,11 @@ round did next to nothing.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 import torch
+
+from lib.spd.runtime.onnx_encoder import cpu_cores
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def yield_to_requests() -> bool:
     server process, which it leaves alone)."""
     if not in_train_process():
         return False
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = cpu_cores()
     torch.set_num_threads(max(1, cores - 1))
     logger.info("training process: %d torch threads of %d cores (one left to interactive requests)",
                 torch.get_num_threads(), cores)
