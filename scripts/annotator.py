@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
+from scipy import ndimage
 
-from lib.spd.training.click_simulation import medial_point
+from lib.spd.method.prompts import medial_point
 
 
 @dataclass(frozen=True)
@@ -89,3 +90,24 @@ def _off_target(plane_labels: np.ndarray, value: int, centre: np.ndarray, pixel_
     rows, cols = np.nonzero(pool)
     pick = int(rng.integers(rows.size))
     return np.array([rows[pick], cols[pick]], dtype=float)
+
+
+def corrective_click(mask: np.ndarray, truth: np.ndarray, spacing) -> tuple[list[int], bool] | None:
+    """The next click of the interactive-segmentation protocol: at the deepest point (in mm) of the largest 3D
+    error region, positive where the mask missed the structure and negative where it leaked; None when the mask is
+    exact."""
+    best = None
+    for positive, error in ((True, truth & ~mask), (False, mask & ~truth)):
+        labels, count = ndimage.label(error)
+        if count:
+            sizes = np.bincount(labels.ravel())[1:]
+            n = int(np.argmax(sizes)) + 1
+            if best is None or sizes[n - 1] > best[0]:
+                best = (sizes[n - 1], positive, labels == n)
+    if best is None:
+        return None
+    _, positive, region = best
+    box = tuple(slice(max(int(a.min()) - 1, 0), int(a.max()) + 2) for a in np.nonzero(region))
+    depth = ndimage.distance_transform_edt(region[box], sampling=spacing)
+    offset = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    return [int(o + b.start) for o, b in zip(offset, box)], positive

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from lib.spd.method import Click, SaliencyHead, SPDPipeline, TrainedState, VolumeView, choose_window, learn_size_prior
+from lib.spd.method.box_prompt import segment_box
 from lib.spd.runtime import load_backbone
 from lib.spd.serving import EmbeddingCache
 
@@ -114,3 +115,20 @@ def test_learned_sizes_set_the_probes_on_their_axis_and_the_result_says_so(backb
         seg = pipeline.segment(volume, (1.0, 1.0, 1.0), "tube", clicks, choose_window(volume), label="tube",
                                slice_axis=2)
         assert seg.box_probes == expected and dice(seg.mask, target) > 0.7
+
+
+def test_a_box_on_one_slice_segments_the_structure_it_holds_along_the_slices(backbone):
+    volume, target = phantom(seed=4)
+    pipeline = SPDPipeline(backbone, SHARED)
+    rows, cols = np.nonzero(target[:, :, 12])
+    roi = ((int(rows.min()) - 2, int(rows.max()) + 2), (int(cols.min()) - 2, int(cols.max()) + 2), (12, 12))
+    seg = segment_box(pipeline, volume, (1.0, 1.0, 1.0), "box", choose_window(volume), roi)
+    assert seg.axis == 2, "the axis the box is one slice thick along"
+    assert dice(seg.mask, target) > 0.8
+    assert not seg.mask[12, 60].any(), "the decoy is not segmented"
+    first, last = seg.slice_range
+    assert first <= 6 and last >= 17, "followed from the boxed slice towards both ends of the tube"
+    assert not seg.mask[:, :, :3].any() and not seg.mask[:, :, 21:].any(), "nothing past the tube's ends"
+    outside = np.ones(volume.shape[:2], dtype=bool)
+    outside[roi[0][0]:roi[0][1] + 1, roi[1][0]:roi[1][1] + 1] = False
+    assert not seg.mask[:, :, 12][outside].any(), "nothing outside the box on its slice"

@@ -46,6 +46,12 @@ def test_rejects_malformed_points(params, message):
         parse_clicks(params, SHAPE)
 
 
+def test_an_roi_box_is_a_prompt_without_clicks():
+    with pytest.raises(PromptError, match="foreground point"):
+        parse_clicks({"foreground": []}, SHAPE)
+    assert parse_clicks({"foreground": [], "background": [[1, 2, 3]]}, SHAPE, box=True) == [Click((1, 2, 3), False)]
+
+
 def test_rejects_non_3d_images():
     with pytest.raises(PromptError, match="3D"):
         parse_clicks({"foreground": [[0, 0, 0]]}, (5, 5, 5, 2))

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 
 import local_server
@@ -16,7 +17,9 @@ import requests
 import SimpleITK as sitk
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
+from scipy import ndimage
 
+from lib.spd.method.prompts import medial_point
 from lib.spd.training import ClickStyle, simulate_clicks
 from lib.volume_io import volume_id
 
@@ -111,6 +114,119 @@ def test_a_client_saving_results_in_the_system_temp_folder_keeps_them(server, ca
     finally:
         if os.path.exists(result_file):
             os.unlink(result_file)
+
+
+# Corrective clicks, sent as the Slicer panel sends them: every point of the segment with each run.
+
+def _mask(client, image, params) -> tuple[np.ndarray, dict]:
+    result_file, result = client.infer("spd_sam", image, params)
+    return np.asarray(nib.load(result_file).dataobj) > 0, result
+
+
+def _largest_part(region: np.ndarray) -> np.ndarray:
+    labels, count = ndimage.label(region)
+    assert count, "the region is empty"
+    return labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
+
+
+def _deepest(region: np.ndarray) -> list[int]:
+    return [int(v) for v in np.unravel_index(np.argmax(ndimage.distance_transform_edt(region)), region.shape)]
+
+
+def test_a_negative_click_on_a_leak_removes_it_there_and_on_its_neighbours_only(client, atlas, caudate_clicks):
+    truth = atlas == LABELS["right_caudate"]
+    params = {"label": "right_caudate", "foreground": caudate_clicks, "background": [], "client_id": "negative"}
+    before, first = _mask(client, IMAGE, params)
+    assert first["interaction"]["mode"] == "new"
+    leak = _largest_part(before & ~truth)
+    click = _deepest(leak)
+    after, result = _mask(client, IMAGE, dict(params, background=[click]))
+    removed = before & ~after
+    record = result["interaction"]
+    print(f"leak of {leak.sum()} voxels on slices {np.flatnonzero(leak.any((0, 1)))}; removed {removed.sum()} on "
+          f"{np.flatnonzero(removed.any((0, 1)))}; Dice {dice(before, truth):.3f} -> {dice(after, truth):.3f}; "
+          f"{result['timing']['total']:.2f} s")
+    assert record["mode"] == "correction" and record["step"] == 1 and record["clicks"] == len(caudate_clicks) + 1
+    assert not after[tuple(click)] and not (after & ~before).any()
+    assert (removed & leak).sum() >= 0.6 * removed.sum(), "what goes is the leak"
+    assert (removed & leak).sum() >= 0.3 * leak.sum(), "a good part of the leak goes"
+    k = click[2]
+    leak_slices = set(np.flatnonzero(leak.any((0, 1))))
+    neighbours = {k - 1, k + 1} & leak_slices
+    assert neighbours and all(removed[:, :, s].any() for s in neighbours), "the leak goes where it continues"
+    changed = np.flatnonzero(removed.any((0, 1)))
+    far = np.abs(np.arange(truth.shape[2]) - k) > 12  # two gaps of the annotator's clicks (every 6th slice)
+    assert np.array_equal(after[:, :, far], before[:, :, far]), "distant slices are untouched"
+    assert record["voxels_removed"] == removed.sum() and record["voxels_added"] == 0
+    assert record["slices_changed"] == [int(changed[0]), int(changed[-1])]
+    assert dice(after, truth) > dice(before, truth)
+    again, repeat = _mask(client, IMAGE, dict(params, background=[click]))
+    assert repeat["interaction"]["mode"] == "unchanged" and np.array_equal(again, after)
+
+
+def test_a_positive_click_past_the_end_extends_the_mask_and_a_new_click_list_starts_afresh(client, atlas,
+                                                                                          caudate_clicks):
+    truth = atlas == LABELS["right_caudate"]
+    short = sorted(caudate_clicks, key=lambda c: c[2])[:-2]  # the annotator has not reached the upper end yet
+    params = {"label": "right_caudate", "foreground": short, "background": [], "client_id": "positive"}
+    before, first = _mask(client, IMAGE, params)
+    assert first["interaction"]["mode"] == "new"
+    top = int(np.flatnonzero(before.any((0, 1)))[-1])
+    k = top + 4
+    assert truth[:, :, k].any()
+    click = [*medial_point(truth[:, :, k]), k]
+    after, result = _mask(client, IMAGE, dict(params, foreground=short + [click]))
+    record = result["interaction"]
+    print(f"mask ended on slice {top}, click on {k}: slices now up to {np.flatnonzero(after.any((0, 1)))[-1]}; "
+          f"+{record['voxels_added']} voxels; Dice {dice(before, truth):.3f} -> {dice(after, truth):.3f}; "
+          f"{result['timing']['total']:.2f} s")
+    assert record["mode"] == "correction" and record["voxels_added"] > 0 and record["voxels_removed"] == 0
+    assert after[tuple(click)] and all(after[:, :, s].any() for s in range(top + 1, k + 1)), "extended to the click"
+    assert not (before & ~after).any() and dice(after, truth) > dice(before, truth)
+    _, restart = _mask(client, IMAGE, dict(params, foreground=short[1:] + [click]))
+    assert restart["interaction"]["mode"] == "new", "a click taken away starts a new session"
+
+
+def test_slicers_roi_alone_is_a_box_prompt(client, atlas):
+    truth = atlas == LABELS["right_caudate"]
+    k = int(np.argmax(truth.sum(axis=(0, 1))))
+    rows, cols = np.nonzero(truth[:, :, k])
+    roi = [[int(rows.min()) - 2, int(rows.max()) + 2], [int(cols.min()) - 2, int(cols.max()) + 2], [k, k]]
+    mask, result = _mask(client, IMAGE, {"label": "right_caudate", "roi": roi, "client_id": "box"})
+    span = np.flatnonzero(mask.any((0, 1)))
+    print(f"box on slice {k}: slices {span[0]}..{span[-1]} (truth {np.flatnonzero(truth.any((0, 1)))[[0, -1]]}); "
+          f"Dice on the slice {dice(mask[:, :, k], truth[:, :, k]):.3f}, in 3D {dice(mask, truth):.3f}")
+    assert result["interaction"]["mode"] == "new" and result["slice_axis"] == 2
+    assert dice(mask[:, :, k], truth[:, :, k]) > 0.6
+    assert span[0] < k - 2 and span[-1] > k + 2, "followed onto the adjacent slices"
+    assert dice(mask, truth) > 0.3
+
+
+def test_two_clients_on_two_images_correct_their_own_sessions(server, caudate_clicks):
+    def annotate(client_id: str, image: str, clicks: list, out: dict) -> None:
+        client = MONAILabelClient(server.url, tmpdir=tempfile.mkdtemp(), client_id=client_id)
+        params = {"label": "right_caudate", "foreground": clicks, "background": []}
+        first, one = _mask(client, image, params)
+        inside = np.argwhere(first)  # a negative click on the voxel of the mask farthest from the clicks
+        negative = [int(v) for v in inside[np.argmax(np.abs(inside - clicks[1]).sum(axis=1))]]
+        corrected, two = _mask(client, image, dict(params, background=[negative]))
+        again, three = _mask(client, image, dict(params, background=[negative]))
+        out[client_id] = ([r["interaction"]["mode"] for r in (one, two, three)], two["interaction"],
+                          np.array_equal(again, corrected))
+
+    results: dict = {}
+    i, j, k = caudate_clicks[1]
+    mni_clicks = [[i + 8, j + 8, k + 4], [i + 8, j + 9, k + 7]]  # two clicks three slices apart: little to embed
+    threads = [threading.Thread(target=annotate, args=("annotator-a", IMAGE, caudate_clicks[1:5], results)),
+               threading.Thread(target=annotate, args=("annotator-b", "mni152_t1", mni_clicks, results))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    for name, (modes, correction, repeatable) in results.items():
+        print(f"{name}: {modes}; {correction['voxels_removed']} voxels removed on slices {correction['slices_changed']}")
+        assert modes == ["new", "correction", "unchanged"] and correction["step"] == 1 and repeatable
+    assert len(results) == 2
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.infers.memory_trim import release_free_memory
 from lib.request_flags import parse_flag
-from lib.spd.method import SPDPipeline, VolumeView, choose_window
+from lib.spd.method import Interactions, SPDPipeline, VolumeView, choose_window
 from lib.spd.method.prompts import PromptError, choose_slice_axis, parse_clicks, parse_roi, slice_axes, training_axis
 from lib.spd.serving import BackgroundEmbedder, ModelReloader
 from lib.volume_io import RESULT_DTYPES, RESULT_EXTENSIONS, ImageReadError, VolumeReader, write_label
@@ -57,6 +57,7 @@ class SPDInfer(InferTask):
         self.background = background
         self.modality = modality
         self.served = served
+        self.interactions = Interactions(pipeline)
         self.reader = VolumeReader()
         self._windows: dict[str, Any] = {}
 
@@ -68,9 +69,10 @@ class SPDInfer(InferTask):
         try:
             volume = self.reader.read(request["image"])
             label_name, label_value = self._resolve_label(request.get("label"))
-            clicks = parse_clicks(request, volume.array.shape)
             roi = parse_roi(request.get("roi"), volume.array.shape)
-            axis = choose_slice_axis(clicks, volume.spacing, request.get("slice_axis"), volume.array.shape)
+            clicks = parse_clicks(request, volume.array.shape, box=roi is not None)
+            requested_axis = request.get("slice_axis")
+            choose_slice_axis(clicks, volume.spacing, requested_axis, volume.array.shape)  # 400 on a bad axis
             extension, dtype, compress = self._result_format(request)
             focus = parse_flag(request.get("focus", True), "focus", PromptError)
         except (PromptError, ImageReadError) as error:
@@ -79,9 +81,12 @@ class SPDInfer(InferTask):
 
         window = self._window(volume)
         version = self.served.refresh() if self.served else None
+        session = (volume.volume_id, label_name, str(request.get("client_id") or ""))
         with self.background.foreground():
-            seg = self.pipeline.segment(volume.array, volume.spacing, volume.volume_id, clicks, window,
-                                        label=label_name, slice_axis=axis, roi=roi, focus=focus)
+            outcome = self.interactions.run(session, volume.array, volume.spacing, volume.volume_id, clicks, window,
+                                            label=label_name, slice_axis=requested_axis, roi=roi, focus=focus,
+                                            model_version=version)
+        seg = outcome.segmentation
         self._embed_rest_later(volume, VolumeView(volume.array, seg.axis, window))
 
         written = time.perf_counter()
@@ -99,12 +104,18 @@ class SPDInfer(InferTask):
             "slice_range": list(seg.slice_range),
             "focus": focus_bounds(seg),
             "voxels": int(seg.mask.sum()),
+            "interaction": outcome.record,  # new session, correction (what it changed) or unchanged
             "backbone": {"name": self.pipeline.backbone.name, "runtime": self.pipeline.backbone.runtime,
                          "device": str(self.pipeline.backbone.device)},
             "model_version": version,  # published trained checkpoint in use (None: untrained)
             "timing": timings,
         }
-        c = seg.consensus
+        c, i = seg.consensus, outcome.record
+        if i["mode"] != "new":
+            logger.info("spd_sam %s: %s (step %d, %d clicks): +%d / -%d voxels on slices %s; %d voxels; %.2fs",
+                        label_name, i["mode"], i["step"], i["clicks"], i["voxels_added"], i["voxels_removed"],
+                        i["slices_changed"], result["voxels"], timings["total"])
+            return path, result
         logger.info("spd_sam %s: %d kept, %d moved, %d rejected, %d added; slices %s on axis %d; %d voxels; %.2fs",
                     label_name, len(c["kept"]), len(c["moved"]), len(c["rejected"]), len(c["added"]),
                     seg.slice_range, seg.axis, result["voxels"], timings["total"])

@@ -39,6 +39,7 @@ class Segmentation:
     saliency: str = "appearance"  # or "trained head (axis N)"
     box_probes: str = "default sizes"  # or "learned sizes (axis N)"
     focus: Region | None = None  # the in-plane region (rows, cols) decoded in; None: whole slices
+    prompts: Consensus | None = None  # the consensus prompts (with boxes) the masks were decoded from
 
 
 @dataclass
@@ -222,7 +223,7 @@ class SPDPipeline:
         mask = self._assemble(masks, saliency, plan.consensus, view, first, roi)
         timings["assemble"] = round(time.perf_counter() - tic, 4)
         return Segmentation(mask, view.axis, (first, indices[-1]), plan.consensus.record(view.in_plane, view.axis),
-                            timings, plan.saliency_source, plan.probe_source, region)
+                            timings, plan.saliency_source, plan.probe_source, region, plan.consensus)
 
     def plan(
         self,
@@ -317,6 +318,23 @@ class SPDPipeline:
         if embeddings.device.type == "cuda":
             self._hot = (key, indices[0], embeddings)
         return embeddings
+
+    def decode_slices(self, volume_id: str, view: VolumeView, slices: list[int], prompts: PromptBatch) -> np.ndarray:
+        """(N, H, W) masks on whole slices of ``slices`` (consecutive) from prompts in whole-slice pixels, decoded
+        on the view's region (nothing outside it); points go only to point-trained backbones."""
+        (r0, c0), (h, w) = view.origin, view.slice_shape
+        boxes = None if prompts.boxes is None else np.clip(prompts.boxes - [r0, c0, r0, c0], 0, [h - 1, w - 1] * 2)
+        points = labels = None
+        if prompts.points is not None and not self.backbone.box_trained:
+            points, labels = prompts.points - [r0, c0], prompts.point_labels
+        dense = None if prompts.mask_logits is None else prompts.mask_logits[:, r0:r0 + h, c0:c0 + w]
+        local = PromptBatch(None if boxes is None else boxes.astype(np.float32),
+                            None if points is None else points.astype(np.float32), labels, dense)
+        embeddings = self._embeddings_on_device(volume_id, view, slices)
+        masks = self._masks(self.cache_key(volume_id, view), slices, embeddings, local, view.slice_shape)
+        whole = np.zeros((len(slices), *view.focused(None).slice_shape), dtype=bool)
+        whole[:, r0:r0 + h, c0:c0 + w] = masks
+        return whole
 
     def decoder_changed(self) -> None:
         """Forget remembered masks: training calls it after each update of the decoder weights it tunes in place

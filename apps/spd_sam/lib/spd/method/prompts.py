@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
+from scipy import ndimage
 
 MAX_POINTS = 1000
 
@@ -75,18 +76,19 @@ def parse_points(value: Any, name: str, shape: Sequence[int]) -> list[tuple[int,
     return [_parse_point(p, name, n, shape) for n, p in enumerate(value)]
 
 
-def parse_clicks(params: dict, shape: Sequence[int]) -> list[Click]:
-    """Read ``foreground`` and ``background`` from request params.
+def parse_clicks(params: dict, shape: Sequence[int], box: bool = False) -> list[Click]:
+    """Read ``foreground`` and ``background`` from request params; with ``box`` (an roi was given, which is the
+    prompt then) no foreground click is needed.
 
     Raises:
-        PromptError: if the fields are malformed or no foreground click is given.
+        PromptError: if the fields are malformed or no foreground click is given (and no box).
     """
     if len(shape) != 3:
         raise PromptError(f"expected a 3D image, got shape {list(shape)}")
     fg = parse_points(params.get("foreground"), "foreground", shape)
     bg = parse_points(params.get("background"), "background", shape)
-    if not fg:
-        raise PromptError("at least one foreground point is needed")
+    if not fg and not box:
+        raise PromptError("at least one foreground point (or an roi box) is needed")
     return [Click(p, True) for p in fg] + [Click(p, False) for p in bg]
 
 
@@ -159,6 +161,12 @@ def stack_evidence(values: np.ndarray, spacing_mm: float) -> tuple[float, float,
     bits = (distinct.size - 2) * float(np.log(step)) if distinct.size >= 3 and step > 1 else 0.0
     q1, q3 = np.percentile(values.astype(float), [25, 75])
     return bits, distinct.size / values.size, float(q3 - q1) * spacing_mm
+
+
+def medial_point(mask2d: np.ndarray) -> tuple[int, int]:
+    """The pixel deepest inside a 2D mask (a centre-line point)."""
+    depth = ndimage.distance_transform_edt(mask2d)
+    return tuple(int(v) for v in np.unravel_index(np.argmax(depth), depth.shape))
 
 
 def to_slice_clicks(clicks: Sequence[Click], axis: int) -> list[SliceClick]:

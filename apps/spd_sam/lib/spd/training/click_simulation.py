@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
+
+from ..method.prompts import medial_point
 
 
 @dataclass(frozen=True)
@@ -23,12 +24,6 @@ class ClickStyle:
     drift_mm: float = 3.0
     off_target: float = 0.15
     off_target_mm: tuple[float, float] = (10.0, 18.0)
-
-
-def medial_point(mask2d: np.ndarray) -> tuple[int, int]:
-    """The pixel deepest inside a 2D mask (a centre-line point)."""
-    depth = ndimage.distance_transform_edt(mask2d)
-    return tuple(int(v) for v in np.unravel_index(np.argmax(depth), depth.shape))
 
 
 def simulate_clicks(

@@ -1,0 +1,204 @@
+"""Corrective clicks on a 3D result, acting where the annotator points and on the slices the error continues to.
+
+Masks here are stacks of slices along the segmentation's axis: (D, H, W), rows and columns the other
+axes in order; points are (slice, row, col).
+
+- A **negative** click inside the mask removes the leak around it: the part of the mask that is
+  geodesically nearer to the click than to any positive prompt, where paths run inside the mask
+  and crossing an intensity edge costs more (so the cut falls on the boundary between the
+  structure and what it leaked into). The leak is followed onto adjacent slices as far as it
+  stays nearer to the click, within a few gaps between the annotator's clicks.
+- A **positive** click outside the mask adds what was missed: the decoder segments a box measured
+  around the click (box probing), the part holding the click is added, and the added region is
+  tracked onto adjacent slices with a box around it while it stays coherent (as 3D assembly
+  trims the ends), so a click past the structure's end extends it. Where the backbone takes a
+  dense prompt, the current mask is fed back with the box and the click (PG-SAM's iterative
+  refinement); box-only backbones get the box.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+from scipy import ndimage
+from skimage.graph import MCP_Geometric
+
+from ..runtime.backbones import PromptBatch
+from .box_probing import ProbeConfig, measure_anchor_boxes
+
+Point = tuple[int, int, int]  # (slice, row, col)
+CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
+
+
+@dataclass(frozen=True)
+class CorrectionConfig:
+    """How far and how freely corrections act (lengths in mm, reach in gaps between the annotator's clicks)."""
+
+    reach_gaps: float = 2.0
+    edge_weight: float = 4.0  # extra geodesic cost of a strong intensity edge (relative to the mask's 90th percentile)
+    guard_mm: float = 5.0  # interpolated prompts this close to a negative click do not defend the mask there
+    min_overlap: float = 0.5  # a tracked slice's part must overlap the previous slice's this much (of its area)
+    max_growth: float = 1.3  # ... and grow by at most this factor
+    min_new: float = 0.05  # a tracked slice that adds less than this share of its part ends the walk
+    max_shift: float = 2.0  # ... as does one whose mean intensity leaves the clicked part's by this many of its SDs
+    min_shift: float = 0.05  # (the tolerance is at least this, in windowed intensity)
+
+
+@dataclass
+class ClickEffect:
+    """What one corrective click changed."""
+
+    ijk: list[int]
+    positive: bool
+    added: int = 0
+    removed: int = 0
+    slices: tuple[int, int] | None = None  # first and last slice changed
+    note: str = ""
+
+    def to_json(self) -> dict:
+        return {"ijk": self.ijk, "positive": self.positive, "voxels_added": self.added,
+                "voxels_removed": self.removed, "slices": None if self.slices is None else list(self.slices),
+                "note": self.note}
+
+
+def leak_around(mask: np.ndarray, image: np.ndarray, click: Point, defenders: np.ndarray,
+                spacing: Sequence[float], reach: int, config: CorrectionConfig = CorrectionConfig()) -> np.ndarray:
+    """The region a negative ``click`` inside ``mask`` says is wrong (bool, the stack's shape; empty when the click
+    lies outside the mask).
+
+    Args:
+        mask: (D, H, W) current mask; image: the same slices, windowed to [0, 1].
+        defenders: (n, 3) positive prompts (slice, row, col) that hold the structure.
+        spacing: (slice, row, col) voxel size in mm.
+        reach: slices on either side of the click the leak may extend to.
+    """
+    out = np.zeros(mask.shape, dtype=bool)
+    if not mask[click]:
+        return out
+    s = click[0]
+    lo, hi = max(s - reach, 0), min(s + reach + 1, mask.shape[0])
+    occupied = np.argwhere(mask[lo:hi])
+    (r0, c0), (r1, c1) = occupied[:, 1:].min(0), occupied[:, 1:].max(0) + 1
+    box = (slice(lo, hi), slice(r0, r1), slice(c0, c1))
+    local = mask[box]
+    start = (s - lo, click[1] - r0, click[2] - c0)
+    labels, _ = ndimage.label(local, structure=CONNECTIVITY)
+    piece = labels == labels[start]
+    seeds = np.asarray(defenders, dtype=int).reshape(-1, 3) - [lo, r0, c0]
+    inside = np.all((seeds >= 0) & (seeds < local.shape), axis=1)
+    seeds = seeds[inside]
+    seeds = seeds[piece[tuple(seeds.T)]] if len(seeds) else seeds
+    if len(seeds) == 0:  # nothing the annotator asked for is connected to it within reach: all of it goes
+        out[box] = piece
+        return out
+    edges = ndimage.gaussian_gradient_magnitude(image[box].astype(np.float32), sigma=1.0)
+    scale = float(np.percentile(edges[piece], 90)) + 1e-6
+    costs = np.where(piece, 1.0 + config.edge_weight * edges / scale, np.inf)
+    from_click = MCP_Geometric(costs, sampling=tuple(spacing)).find_costs([start])[0]
+    from_structure = MCP_Geometric(costs, sampling=tuple(spacing)).find_costs([tuple(p) for p in seeds])[0]
+    nearer = piece & (from_click < from_structure)
+    labels, _ = ndimage.label(nearer, structure=CONNECTIVITY)
+    if labels[start]:
+        out[box] = labels == labels[start]
+    return out
+
+
+SliceDecoder = Callable[[int, PromptBatch], np.ndarray]  # (slice, one slice's prompts) -> (H, W) mask
+
+
+def missed_around(mask: np.ndarray, image: np.ndarray, click: Point, decode: SliceDecoder, pixel_mm: Sequence[float],
+                  reach: int, dense: bool, blocked: np.ndarray | None = None, probes: ProbeConfig = ProbeConfig(),
+                  config: CorrectionConfig = CorrectionConfig()) -> np.ndarray:
+    """The region a positive ``click`` outside ``mask`` says is missing (bool, the stack's shape).
+
+    Args:
+        mask: (D, H, W) current mask; image: the same slices, windowed to [0, 1] (where the walk may go).
+        decode: segments one slice from one prompt set (whole-slice pixels).
+        pixel_mm: in-plane spacing (row, col).
+        reach: slices on either side of the click the added region may extend to.
+        dense: feed the current mask back to the decoder as a dense prompt (backbones that take one).
+        blocked: voxels earlier negative clicks removed; tracking does not add them back.
+    """
+    out = np.zeros(mask.shape, dtype=bool)
+    s, point = click[0], np.array(click[1:], dtype=float)
+    if mask[click]:
+        return out
+    shape = mask.shape[1:]
+
+    def segment(t: int, box) -> np.ndarray:  # the click is a point prompt on its own slice only
+        prompts = PromptBatch(boxes=np.array([box], dtype=np.float32),
+                              points=point[None, None].astype(np.float32) if t == s else None,
+                              point_labels=np.ones((1, 1), dtype=np.int64) if t == s else None,
+                              mask_logits=np.where(mask[t], 8.0, -8.0)[None].astype(np.float32) if dense else None)
+        return decode(t, prompts)
+
+    def probe(at: list[int], boxes: np.ndarray) -> np.ndarray:
+        return np.stack([segment(t, b) for t, b in zip(at, boxes)])
+
+    box = measure_anchor_boxes(probe, {s: point}, pixel_mm, shape, probes)[s]
+    part = _part_holding(segment(s, box), point)
+    nearby = mask[max(s - reach, 0):s + reach + 1]
+    if nearby.any():  # what the decoder found must look like, and be no larger than, the structure nearby
+        values = image[max(s - reach, 0):s + reach + 1][nearby]
+        like = np.abs(image[s] - values.mean()) <= max(config.max_shift * float(values.std()), config.min_shift)
+        part = _part_holding(part & like, point)
+        limit = config.max_growth * nearby.sum(axis=(1, 2)).max()
+        if part.sum() > limit:
+            part &= _disc(shape, point, np.sqrt(limit / np.pi))
+    out[s] = part & ~mask[s]
+    follow(out, part, s, mask, image, segment, pixel_mm, reach, blocked, probes, config)
+    return out
+
+
+def follow(out: np.ndarray, part: np.ndarray, s: int, mask: np.ndarray, image: np.ndarray,
+           segment: Callable[[int, tuple], np.ndarray], pixel_mm: Sequence[float], reach: int,
+           blocked: np.ndarray | None = None, probes: ProbeConfig = ProbeConfig(),
+           config: CorrectionConfig = CorrectionConfig()) -> None:
+    """Track ``part`` (slice ``s``) onto the adjacent slices in both directions, writing into ``out`` what each adds
+    to ``mask``: each slice is decoded in the box around the part on the slice before (padded), and the walk stops
+    where the part vanishes, stops overlapping the previous one, grows too fast, changes intensity, or is already
+    in the mask, or ``reach`` slices on."""
+    shape = mask.shape[1:]
+    pad = np.ceil(probes.pad_mm / np.asarray(pixel_mm, dtype=float))
+    values = image[s][part]
+    mean, tolerance = float(values.mean()), max(config.max_shift * float(values.std()), config.min_shift)
+    for step in (-1, 1):
+        previous = part
+        for t in range(s + step, s + step * (reach + 1), step):
+            if not 0 <= t < mask.shape[0]:
+                break
+            rows, cols = np.nonzero(previous)
+            around = (max(rows.min() - pad[0], 0), max(cols.min() - pad[1], 0),
+                      min(rows.max() + pad[0], shape[0] - 1), min(cols.max() + pad[1], shape[1] - 1))
+            labels, _ = ndimage.label(segment(t, around))
+            found = np.isin(labels, np.unique(labels[previous & (labels > 0)]))
+            area = int(found.sum())
+            if (area == 0 or (found & previous).sum() < config.min_overlap * area
+                    or area > config.max_growth * previous.sum() or abs(image[t][found].mean() - mean) > tolerance):
+                break
+            new = found & ~mask[t] & (True if blocked is None else ~blocked[t])
+            if new.sum() < config.min_new * area:
+                break  # the mask already holds the structure here
+            out[t], previous = new, found
+
+
+def _part_holding(mask: np.ndarray, point: np.ndarray) -> np.ndarray:
+    """The connected part of a slice mask that holds ``point`` (the nearest part when none does; a 3 x 3 patch at
+    the point when the mask is empty, so the click itself is always covered)."""
+    r, c = (int(round(v)) for v in point)
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        patch = np.zeros(mask.shape, dtype=bool)
+        patch[max(r - 1, 0):r + 2, max(c - 1, 0):c + 2] = True
+        return patch
+    if not labels[r, c]:
+        _, (ri, ci) = ndimage.distance_transform_edt(labels == 0, return_indices=True)
+        r, c = ri[r, c], ci[r, c]
+    return labels == labels[r, c]
+
+
+def _disc(shape, centre: np.ndarray, radius: float) -> np.ndarray:
+    rows, cols = np.ogrid[:shape[0], :shape[1]]
+    return (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= radius ** 2
