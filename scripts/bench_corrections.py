@@ -66,7 +66,8 @@ def run_case(case, name: str, value: int, pipeline: SPDPipeline, interactions: I
                 curve += [curve[-1]] * (clicks - n)
                 break
             given.append(Click(tuple(nxt[0]), nxt[1]))
-        row[method] = {"dice": curve, "seconds": seconds}
+        row[method] = {"dice": curve, "seconds": seconds,
+                       "clicks": [[list(c.ijk), c.positive] for c in given[len(first):]]}
     return row
 
 

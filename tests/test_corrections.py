@@ -1,11 +1,12 @@
-"""Corrective clicks: the leak a negative click removes, sessions and their store (no backbone)."""
+"""Corrective clicks: the leak a negative click removes, what a positive one adds, sessions and their store (no
+backbone: positive clicks are decoded by thresholding the image in the prompt's box)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from lib.spd.method import Click
-from lib.spd.method.corrections import leak_around
+from lib.spd.method.corrections import leak_around, missed_around
 from lib.spd.method.interaction import Session, SessionStore
 
 
@@ -47,6 +48,37 @@ def test_a_piece_no_positive_prompt_holds_goes_as_a_whole():
     mask[2:5, 40:44, 40:44] = True  # a stray blob, not connected to the tube
     leak = leak_around(mask, image, (3, 42, 42), np.array([(s, 24, 20) for s in range(24)]), (1.0, 1.0, 1.0), reach=4)
     assert leak.sum() == 3 * 16 and leak[2:5, 40:44, 40:44].all()
+
+
+def threshold_in_box(image: np.ndarray):
+    """A decoder for one slice: the bright pixels inside the prompt's box."""
+    def decode(t, prompts):
+        r0, c0, r1, c1 = (int(round(v)) for v in prompts.boxes[0])
+        out = np.zeros(image.shape[1:], dtype=bool)
+        out[r0:r1 + 1, c0:c1 + 1] = image[t, r0:r1 + 1, c0:c1 + 1] > 0.5
+        return out
+    return decode
+
+
+def test_a_positive_click_past_the_end_extends_the_mask_by_the_reach_and_a_click_inside_acts_locally():
+    image, _, truth = leaking_tube(leak=(0, 0))
+    mask = truth.copy()
+    mask[12:] = False  # the mask stops at slice 11
+    added = missed_around(mask, image, (14, 24, 20), threshold_in_box(image), (1.0, 1.0), reach=6, dense=False)
+    span = np.flatnonzero(added.any(axis=(1, 2)))
+    assert span[0] == 12 and span[-1] == 20, "from the mask's end to the click and the whole reach past it"
+    assert (added & ~truth).sum() == 0 and not (added & mask).any()
+    notch = truth.copy()
+    notch[:, 18:21, 14:26] = False  # the mask misses the top of the tube on every slice
+    local = missed_around(notch, image, (10, 19, 20), threshold_in_box(image), (1.0, 1.0), reach=6, dense=False)
+    assert np.flatnonzero(local.any(axis=(1, 2))).tolist() == list(range(7, 14)), "one gap (half the reach) each way"
+    assert (local & ~truth).sum() == 0
+
+
+def test_a_positive_click_the_decoder_leaves_out_is_still_answered():
+    image, mask, _ = leaking_tube(leak=(0, 0))  # the decoder finds only the tube, already in the mask
+    added = missed_around(mask, image, (5, 40, 40), threshold_in_box(image), (1.0, 1.0), reach=6, dense=False)
+    assert added[5, 40, 40] and not (added & mask).any()
 
 
 def session(clicks) -> Session:

@@ -9,9 +9,12 @@ axes in order; points are (slice, row, col).
   structure and what it leaked into). The leak is followed onto adjacent slices as far as it
   stays nearer to the click, within a few gaps between the annotator's clicks.
 - A **positive** click outside the mask adds what was missed: the decoder segments a box measured
-  around the click (box probing), the part holding the click is added, and the added region is
-  tracked onto adjacent slices with a box around it while it stays coherent (as 3D assembly
-  trims the ends), so a click past the structure's end extends it. Where the backbone takes a
+  around the click (box probing), the part holding the click is added (bounded by the size and
+  intensity of the structure nearby and, where the mask covers the slice, by the click's distance
+  from it: the miss is a local one), and the added region is tracked onto adjacent slices with a
+  box around it while it stays coherent (as 3D assembly trims the ends): a gap's worth of slices
+  toward slices the mask covers, the whole reach past its end, so a click past the structure's
+  end extends it. The click itself is always added. Where the backbone takes a
   dense prompt, the current mask is fed back with the box and the click (PG-SAM's iterative
   refinement); box-only backbones get the box.
 """
@@ -37,6 +40,10 @@ class CorrectionConfig:
     """How far and how freely corrections act (lengths in mm, reach in gaps between the annotator's clicks)."""
 
     reach_gaps: float = 2.0
+    within_share: float = 0.5  # toward slices the mask already covers, a positive click's part goes this share of it
+    miss_widths: float = 2.0  # on a slice the mask covers, what a positive click adds lies within this many times
+    # its distance from the mask
+    click_mm: float = 3.0  # radius around a positive click that is added when the decoder's part leaves it out
     edge_weight: float = 4.0  # extra geodesic cost of a strong intensity edge (relative to the mask's 90th percentile)
     guard_mm: float = 5.0  # interpolated prompts this close to a negative click do not defend the mask there
     min_overlap: float = 0.5  # a tracked slice's part must overlap the previous slice's this much (of its area)
@@ -138,7 +145,8 @@ def missed_around(mask: np.ndarray, image: np.ndarray, click: Point, decode: Sli
         return np.stack([segment(t, b) for t, b in zip(at, boxes)])
 
     box = measure_anchor_boxes(probe, {s: point}, pixel_mm, shape, probes)[s]
-    part = _part_holding(segment(s, box), point)
+    found = _part_holding(segment(s, box), point)
+    part = found
     nearby = mask[max(s - reach, 0):s + reach + 1]
     if nearby.any():  # what the decoder found must look like, and be no larger than, the structure nearby
         values = image[max(s - reach, 0):s + reach + 1][nearby]
@@ -147,26 +155,39 @@ def missed_around(mask: np.ndarray, image: np.ndarray, click: Point, decode: Sli
         limit = config.max_growth * nearby.sum(axis=(1, 2)).max()
         if part.sum() > limit:
             part &= _disc(shape, point, np.sqrt(limit / np.pi))
+    bound = None
+    if mask[s].any():  # a miss beside the mask is about as wide as the click is deep in it
+        depth = ndimage.distance_transform_edt(~mask[s], sampling=pixel_mm)[tuple(int(round(v)) for v in point)]
+        bound = _disc(shape, point, max(config.miss_widths * depth, config.click_mm) / min(pixel_mm))
+        part &= bound
+    r, c = (int(round(v)) for v in point)
+    if not part[r, c]:  # the click is always answered: at least the decoder's part close around it
+        part = (found & _disc(shape, point, config.click_mm / min(pixel_mm))) | _disc(shape, point, 1.0)
     out[s] = part & ~mask[s]
-    follow(out, part, s, mask, image, segment, pixel_mm, reach, blocked, probes, config)
+    # A click past the mask's end extends it by the whole reach; toward slices the mask covers, the miss is local.
+    within = max(int(round(config.within_share * reach)), 1)
+    reaches = (within if mask[max(s - reach, 0):s].any() else reach,
+               within if mask[s + 1:s + reach + 1].any() else reach)
+    follow(out, part, s, mask, image, segment, pixel_mm, reaches, blocked, probes, config, bound)
     return out
 
 
 def follow(out: np.ndarray, part: np.ndarray, s: int, mask: np.ndarray, image: np.ndarray,
-           segment: Callable[[int, tuple], np.ndarray], pixel_mm: Sequence[float], reach: int,
+           segment: Callable[[int, tuple], np.ndarray], pixel_mm: Sequence[float], reach: int | tuple[int, int],
            blocked: np.ndarray | None = None, probes: ProbeConfig = ProbeConfig(),
-           config: CorrectionConfig = CorrectionConfig()) -> None:
+           config: CorrectionConfig = CorrectionConfig(), bound: np.ndarray | None = None) -> None:
     """Track ``part`` (slice ``s``) onto the adjacent slices in both directions, writing into ``out`` what each adds
     to ``mask``: each slice is decoded in the box around the part on the slice before (padded), and the walk stops
     where the part vanishes, stops overlapping the previous one, grows too fast, changes intensity, or is already
-    in the mask, or ``reach`` slices on."""
+    in the mask, or ``reach`` slices on (one number, or (down, up)). ``bound`` (H, W): where the part may lie on
+    every slice."""
     shape = mask.shape[1:]
     pad = np.ceil(probes.pad_mm / np.asarray(pixel_mm, dtype=float))
     values = image[s][part]
     mean, tolerance = float(values.mean()), max(config.max_shift * float(values.std()), config.min_shift)
-    for step in (-1, 1):
+    for step, far in zip((-1, 1), np.broadcast_to(reach, 2)):
         previous = part
-        for t in range(s + step, s + step * (reach + 1), step):
+        for t in range(s + step, s + step * (int(far) + 1), step):
             if not 0 <= t < mask.shape[0]:
                 break
             rows, cols = np.nonzero(previous)
@@ -174,6 +195,8 @@ def follow(out: np.ndarray, part: np.ndarray, s: int, mask: np.ndarray, image: n
                       min(rows.max() + pad[0], shape[0] - 1), min(cols.max() + pad[1], shape[1] - 1))
             labels, _ = ndimage.label(segment(t, around))
             found = np.isin(labels, np.unique(labels[previous & (labels > 0)]))
+            if bound is not None:
+                found &= bound
             area = int(found.sum())
             if (area == 0 or (found & previous).sum() < config.min_overlap * area
                     or area > config.max_growth * previous.sum() or abs(image[t][found].mean() - mean) > tolerance):
