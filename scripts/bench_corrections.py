@@ -9,10 +9,12 @@ region, positive where the mask missed and negative where it leaked (``annotator
 - **from scratch**: the SPD pipeline on the whole click list each time.
 Printed: mean Dice after each click, NoC@80 / NoC@85 (clicks to reach that Dice; ``--clicks`` when never reached),
 the share of clicks that lowered Dice by more than 0.01, seconds per click, and the exact-box ceiling (the untrained
-backbone from the true box on every slice). Data (all **synthetic**, held out unless ``--set tuning``): as
+backbone from the true box on every slice). ``--trained`` serves a published model (``bench_training.py`` prints
+the folder it trained into). Data (all **synthetic**, held out unless ``--set tuning``): as
 ``bench_spd.py`` (warped Colin27 + AAL subjects, CT tube phantoms).
 
     .venv/bin/python scripts/bench_corrections.py [--set held-out] [--data mri,tubes] [--subjects 1] [--clicks 10]
+    .venv/bin/python scripts/bench_corrections.py --data mri --trained <trained_dir>   # a model bench_training.py trained
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from annotator import corrective_click, clicks_for
 from bench_spd import CENTRE, SEEDS, decode_boxes, exact_boxes, mri_cases, tube_cases
 from lib.spd.method import Click, Interactions, SPDPipeline, VolumeView, choose_window
 from lib.spd.runtime import load_backbone
-from lib.spd.serving import EmbeddingCache
+from lib.spd.serving import CheckpointStore, EmbeddingCache, ModelReloader
 from lib.spd.training import dice
 
 METHODS = ("corrections", "from scratch")
@@ -42,12 +44,19 @@ def noc(curve: list[float], level: float, cap: int) -> int:
     return next((n for n, d in enumerate(curve) if d >= level), cap)
 
 
-def run_case(case, name: str, value: int, pipeline: SPDPipeline, interactions: Interactions, clicks: int, seed) -> dict:
+def ceiling(case, value: int, pipeline: SPDPipeline) -> float:
+    """Dice of the backbone from the true box on every slice."""
+    truth = case.labels == value
+    view = VolumeView(case.image, CENTRE.view, choose_window(case.image))
+    return dice(decode_boxes(pipeline, case, view, exact_boxes(truth, CENTRE.view)), truth)
+
+
+def run_case(case, name: str, value: int, pipeline: SPDPipeline, interactions: Interactions, clicks: int, seed,
+             exact: float) -> dict:
     truth, window = case.labels == value, choose_window(case.image)
     rough, _ = clicks_for(case.labels, value, case.spacing, CENTRE, np.random.default_rng(seed))
     first = [Click(tuple(c), True) for c in rough]
-    exact = decode_boxes(pipeline, case, VolumeView(case.image, CENTRE.view, window), exact_boxes(truth, CENTRE.view))
-    row = {"case": case.name, "structure": name, "ceiling": dice(exact, truth)}
+    row = {"case": case.name, "structure": name, "ceiling": exact}
     for method in METHODS:
         given, curve, seconds = list(first), [], []
         for n in range(clicks + 1):
@@ -104,26 +113,34 @@ def main(argv=None) -> None:
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "spd_bench_cache",
                         help="embedding cache kept between runs")
     parser.add_argument("--json", type=Path, default=None, help="write every row here")
+    parser.add_argument("--trained", type=Path, default=None,
+                        help="a trained-models folder (the server's trained_dir): serve its newest published model")
     args = parser.parse_args(argv)
     started = time.strftime("%Y-%m-%d %H:%M")
     backbone = load_backbone(cache_dir=str(args.cache / "runtime"))
     pipeline = SPDPipeline(backbone, EmbeddingCache(3 << 30, args.cache / "embeddings"))
-    interactions = Interactions(pipeline)
     cases = []
     if "mri" in args.data:
         cases += mri_cases(SEEDS[args.set]["mri"], args.subjects, None)
     if "tubes" in args.data:
         cases += tube_cases(SEEDS[args.set]["tubes"])
+    exact = {(c.name, v): ceiling(c, v, pipeline) for c in cases for v in c.structures.values()}  # untrained
+    version = ModelReloader(CheckpointStore(args.trained), pipeline).refresh() if args.trained else None
+    if args.trained and version is None:
+        parser.error(f"{args.trained} holds no published model")
+    interactions = Interactions(pipeline)
     rows = []
     for case in cases:
         for name, value in case.structures.items():
-            row = run_case(case, name, value, pipeline, interactions, args.clicks, [value, len(rows)])
+            row = run_case(case, name, value, pipeline, interactions, args.clicks, [value, len(rows)],
+                           exact[case.name, value])
             rows.append(dict(row, data="tubes" if case.name.startswith("tubes") else "mri"))
             print(f"{case.name} {name}: corrections " + " ".join(f"{d:.2f}" for d in row["corrections"]["dice"])
                   + " | from scratch " + " ".join(f"{d:.2f}" for d in row["from scratch"]["dice"])
                   + f" | ceiling {row['ceiling']:.2f}", flush=True)
     print(f"\n# bench_corrections {args.set}, started {started}, backbone {backbone.name} ({backbone.runtime}), "
-          "all data synthetic, simulated annotator")
+          f"{f'trained model v{version} of {args.trained}' if version else 'untrained'}, all data synthetic, "
+          "simulated annotator")
     for data in ("mri", "tubes"):
         part = [r for r in rows if r["data"] == data]
         if part:

@@ -2,8 +2,9 @@
 
 Prints, in one run:
 1. Image encoder ms/slice, eager PyTorch vs the accelerated runtime, and their agreement.
-2. Through a real server and monailabel.client: first-request and repeat-click times (right caudate of
-   the Colin27 sample study, simulated rough clicks every 3rd axial slice).
+2. Through a real server and monailabel.client: first-request, repeat-click and corrective-click times (right
+   caudate of the Colin27 sample study, simulated rough clicks every 3rd axial slice; corrective clicks at the
+   centre of the largest error, as ``bench_corrections.py`` places them).
 3. Peak resident memory of this process.
 
     .venv/bin/python scripts/bench_latency.py [--no-server]
@@ -24,6 +25,7 @@ import numpy as np
 
 from app_path import ROOT  # first: it puts the app folder and scripts/ on sys.path
 
+from annotator import corrective_click
 from lib.spd.runtime import load_backbone
 from lib.spd.training import ClickStyle, simulate_clicks
 from lib.spd.method import choose_window
@@ -53,6 +55,24 @@ def repeat_clicks(client, params, clicks, count: int = 3) -> list[float]:
         t = time.perf_counter()
         client.infer("spd_sam", IMAGE, dict(params, foreground=moved))
         times.append(time.perf_counter() - t)
+    return times
+
+
+def corrective_clicks(client, params, truth: np.ndarray, spacing, count: int = 3) -> list[tuple[bool, float]]:
+    """The annotator corrects the result ``count`` times, each click at the centre of the largest error (positive
+    where it missed, negative where it leaked), all points resent; (positive, seconds) per click."""
+    params = dict(params, foreground=list(params["foreground"]), background=list(params["background"]))
+    result_file, _ = client.infer("spd_sam", IMAGE, params)  # the session's first result (the clicks are new)
+    times = []
+    for _ in range(count):
+        click = corrective_click(np.asarray(nib.load(result_file).dataobj) > 0, truth, spacing)
+        if click is None:
+            break
+        params["foreground" if click[1] else "background"].append(click[0])
+        t = time.perf_counter()
+        result_file, result = client.infer("spd_sam", IMAGE, params)
+        times.append((click[1], time.perf_counter() - t))
+        assert result["interaction"]["mode"] == "correction", result["interaction"]
     return times
 
 
@@ -90,13 +110,16 @@ def server_timings(atlas, labels, spacing, axis) -> dict:
                 time.sleep(1)
             embedded_s = time.perf_counter() - t
             repeats = repeat_clicks(client, params, clicks)
-            again = client.infer("spd_sam", IMAGE, params)[1]
-            ohif = dict(params, result_extension=".nrrd", result_dtype="uint8", result_compress=False)
+            corrections = corrective_clicks(client, params, target, spacing)
+            fresh = lambda name: dict(params, client_id=name)  # noqa: E731  (a new session: the full pipeline again)
+            again = client.infer("spd_sam", IMAGE, fresh("repeat"))[1]
+            ohif = dict(fresh("ohif"), result_extension=".nrrd", result_dtype="uint8", result_compress=False)
             t = time.perf_counter()
             client.infer("spd_sam", IMAGE, ohif)
             ohif_s = time.perf_counter() - t
             span = first["slice_range"][1] - first["slice_range"][0] + 1
             return {"startup_s": startup, "first_s": first_s, "first_server": first["timing"], "repeat_s": repeats,
+                    "corrective_s": corrections,
                     "repeat_busy_s": repeats_busy, "embedded_s": embedded_s, "repeat_server": again["timing"],
                     "ohif_repeat_s": ohif_s, "slices": span, "server_peak_mib": peak_rss_mib(server.process.pid)}
         finally:
@@ -134,6 +157,9 @@ def main(argv=None) -> None:
               f"{', '.join(f'{s:.2f}' for s in t['repeat_busy_s'])} s")
         print(f"   whole volume embedded {t['embedded_s']:.0f} s after the first request was sent; repeat click then: "
               f"{', '.join(f'{s:.2f}' for s in t['repeat_s'])} s; OHIF-style uncompressed .nrrd {t['ohif_repeat_s']:.2f} s")
+        print("   corrective click (all points resent, the result corrected in place): "
+              + ", ".join(f"{'positive' if positive else 'negative'} {s:.2f}" for positive, s in t["corrective_s"])
+              + " s")
         print(f"   server peak resident memory {t['server_peak_mib']:.0f} MiB")
         print(f"   server timing, first: {t['first_server']}")
         print(f"   server timing, repeat: {t['repeat_server']}")
