@@ -118,6 +118,11 @@ def test_a_client_saving_results_in_the_system_temp_folder_keeps_them(server, ca
 
 # Corrective clicks, sent as the Slicer panel sends them: every point of the segment with each run.
 
+def _annotator(server, name: str) -> MONAILabelClient:
+    """A client of its own (the client id keys the server's interaction sessions, as each Slicer has its own)."""
+    return MONAILabelClient(server.url, tmpdir=tempfile.mkdtemp(), client_id=name)
+
+
 def _mask(client, image, params) -> tuple[np.ndarray, dict]:
     result_file, result = client.infer("spd_sam", image, params)
     return np.asarray(nib.load(result_file).dataobj) > 0, result
@@ -133,9 +138,9 @@ def _deepest(region: np.ndarray) -> list[int]:
     return [int(v) for v in np.unravel_index(np.argmax(ndimage.distance_transform_edt(region)), region.shape)]
 
 
-def test_a_negative_click_on_a_leak_removes_it_there_and_on_its_neighbours_only(client, atlas, caudate_clicks):
-    truth = atlas == LABELS["right_caudate"]
-    params = {"label": "right_caudate", "foreground": caudate_clicks, "background": [], "client_id": "negative"}
+def test_a_negative_click_on_a_leak_removes_it_there_and_on_its_neighbours_only(server, atlas, caudate_clicks):
+    truth, client = atlas == LABELS["right_caudate"], _annotator(server, "negative")
+    params = {"label": "right_caudate", "foreground": caudate_clicks, "background": []}
     before, first = _mask(client, IMAGE, params)
     assert first["interaction"]["mode"] == "new"
     leak = _largest_part(before & ~truth)
@@ -164,11 +169,11 @@ def test_a_negative_click_on_a_leak_removes_it_there_and_on_its_neighbours_only(
     assert repeat["interaction"]["mode"] == "unchanged" and np.array_equal(again, after)
 
 
-def test_a_positive_click_past_the_end_extends_the_mask_and_a_new_click_list_starts_afresh(client, atlas,
+def test_a_positive_click_past_the_end_extends_the_mask_and_a_new_click_list_starts_afresh(server, atlas,
                                                                                           caudate_clicks):
-    truth = atlas == LABELS["right_caudate"]
+    truth, client = atlas == LABELS["right_caudate"], _annotator(server, "positive")
     short = sorted(caudate_clicks, key=lambda c: c[2])[:-2]  # the annotator has not reached the upper end yet
-    params = {"label": "right_caudate", "foreground": short, "background": [], "client_id": "positive"}
+    params = {"label": "right_caudate", "foreground": short, "background": []}
     before, first = _mask(client, IMAGE, params)
     assert first["interaction"]["mode"] == "new"
     top = int(np.flatnonzero(before.any((0, 1)))[-1])
@@ -187,12 +192,12 @@ def test_a_positive_click_past_the_end_extends_the_mask_and_a_new_click_list_sta
     assert restart["interaction"]["mode"] == "new", "a click taken away starts a new session"
 
 
-def test_slicers_roi_alone_is_a_box_prompt(client, atlas):
+def test_slicers_roi_alone_is_a_box_prompt(server, atlas):
     truth = atlas == LABELS["right_caudate"]
     k = int(np.argmax(truth.sum(axis=(0, 1))))
     rows, cols = np.nonzero(truth[:, :, k])
     roi = [[int(rows.min()) - 2, int(rows.max()) + 2], [int(cols.min()) - 2, int(cols.max()) + 2], [k, k]]
-    mask, result = _mask(client, IMAGE, {"label": "right_caudate", "roi": roi, "client_id": "box"})
+    mask, result = _mask(_annotator(server, "box"), IMAGE, {"label": "right_caudate", "roi": roi})
     span = np.flatnonzero(mask.any((0, 1)))
     print(f"box on slice {k}: slices {span[0]}..{span[-1]} (truth {np.flatnonzero(truth.any((0, 1)))[[0, -1]]}); "
           f"Dice on the slice {dice(mask[:, :, k], truth[:, :, k]):.3f}, in 3D {dice(mask, truth):.3f}")
@@ -204,7 +209,7 @@ def test_slicers_roi_alone_is_a_box_prompt(client, atlas):
 
 def test_two_clients_on_two_images_correct_their_own_sessions(server, caudate_clicks):
     def annotate(client_id: str, image: str, clicks: list, out: dict) -> None:
-        client = MONAILabelClient(server.url, tmpdir=tempfile.mkdtemp(), client_id=client_id)
+        client = _annotator(server, client_id)
         params = {"label": "right_caudate", "foreground": clicks, "background": []}
         first, one = _mask(client, image, params)
         inside = np.argwhere(first)  # a negative click on the voxel of the mask farthest from the clicks

@@ -44,6 +44,7 @@ def _rank_main(rank: int, world: int, work: str) -> None:
         if rank == 0:
             with open(f"{work}/answer.json", "w") as handle:
                 json.dump(answer, handle)
+        dist.barrier()  # no rank tears gloo down while the other is still in a collective (a SIGABRT at exit)
     finally:
         dist.destroy_process_group()
 
