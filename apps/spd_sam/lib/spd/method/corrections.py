@@ -155,12 +155,12 @@ def missed_around(mask: np.ndarray, image: np.ndarray, click: Point, decode: Sli
         limit = config.max_growth * nearby.sum(axis=(1, 2)).max()
         if part.sum() > limit:
             part &= _disc(shape, point, np.sqrt(limit / np.pi))
+    r, c = (int(round(v)) for v in point)
     bound = None
     if mask[s].any():  # a miss beside the mask is about as wide as the click is deep in it
-        depth = ndimage.distance_transform_edt(~mask[s], sampling=pixel_mm)[tuple(int(round(v)) for v in point)]
+        depth = ndimage.distance_transform_edt(~mask[s], sampling=pixel_mm)[r, c]
         bound = _disc(shape, point, max(config.miss_widths * depth, config.click_mm) / min(pixel_mm))
         part &= bound
-    r, c = (int(round(v)) for v in point)
     if not part[r, c]:  # the click is always answered: at least the decoder's part close around it
         part = (found & _disc(shape, point, config.click_mm / min(pixel_mm))) | _disc(shape, point, 1.0)
     out[s] = part & ~mask[s]

@@ -180,7 +180,7 @@ class Interactions:
                                      reach, self.config)
                 stack(mask)[region] = False
                 stack(removed)[region] = True
-            effects.append(_effect(click, before, stack(mask), axis))
+            effects.append(_effect(click, before, stack(mask)))
         seeds = np.array([_to_volume(p, axis) for p in defenders], dtype=int).reshape(-1, 3)
         seeds = seeds[~removed[tuple(seeds.T)]]  # a prompt in a removed leak holds nothing
         if mask.any() and len(seeds):
@@ -234,11 +234,11 @@ def _to_volume(point, axis: int) -> tuple[int, int, int]:
     return tuple(ijk)
 
 
-def _effect(click: Click, before: np.ndarray, after: np.ndarray, axis: int) -> ClickEffect:
-    added, removed = after & ~before, before & ~after
-    changed = np.flatnonzero((added | removed).any(axis=(1, 2)))
-    effect = ClickEffect(list(click.ijk), click.positive, int(added.sum()), int(removed.sum()),
-                         (int(changed[0]), int(changed[-1])) if changed.size else None)
-    if not changed.size:
+def _effect(click: Click, before: np.ndarray, after: np.ndarray) -> ClickEffect:
+    """What one click changed in the stack of slices (``before`` -> ``after``, slices along axis 0)."""
+    change = _change(before, after, 0)
+    effect = ClickEffect(list(click.ijk), click.positive, change["voxels_added"], change["voxels_removed"],
+                         None if change["slices_changed"] is None else tuple(change["slices_changed"]))
+    if effect.slices is None:
         effect.note = ("already inside the mask" if click.positive else "outside the mask: nothing to remove")
     return effect
