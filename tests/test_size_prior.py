@@ -26,12 +26,16 @@ def test_prior_holds_the_structures_size_and_shape_in_mm():
     assert prior.slices == 7 and prior.axis == 2
     assert prior.half_mm == (20.0,) * len(QUANTILES), "half the larger side: 40 columns of 1 mm"
     assert prior.aspect == (0.125, 1.0), "5 mm of rows (10 at 0.5 mm) against 40 mm of columns"
+    assert prior.volume_mm3 == bar().sum() * 1.5, "its volume in mm^3"
+    legacy = {k: v for k, v in prior.to_json().items() if k != "volume_mm3"}
+    assert SizePrior.from_json(legacy).volume_mm3 is None, "priors published before volumes were learned still load"
     assert learn_size_prior([(np.zeros((8, 8, 8), bool), (1, 1, 1))], axis=2) is None
     assert SizePrior.from_json(prior.to_json()) == prior
 
 
 @pytest.mark.parametrize("bad", [{"half_mm": [1, 2], "aspect": [1, 1]}, {"half_mm": [1, 2, 3, 4, -5], "aspect": [1, 1]},
-                                 {"half_mm": [1, 2, 3, 4, 5], "aspect": [1.5, 1]}])
+                                 {"half_mm": [1, 2, 3, 4, 5], "aspect": [1.5, 1]},
+                                 {"half_mm": [1, 2, 3, 4], "aspect": [1, 1], "volume_mm3": 0}])
 def test_a_malformed_prior_is_refused(bad):
     with pytest.raises(ValueError, match="size prior"):
         SizePrior.from_json({"axis": 2, "slices": 3, **bad})

@@ -26,6 +26,7 @@ import pytest
 import requests
 from make_cohort import make_cohort, write_cohort
 from monailabel.client import MONAILabelClient
+from monailabel.client.client import MONAILabelClientException
 
 from lib.spd.training import ClickStyle, simulate_clicks
 
@@ -132,6 +133,9 @@ def test_slicer_flow_next_sample_infer_save_train_infer_again(server, cohort):
     clicks = rough_clicks(held_out, 11)
     before, result = caudate_dice(client, held_out, clicks)
     assert result["model_version"] is None
+    assert info["models"]["spd_sam_auto"]["type"] == "segmentation" and info["models"]["spd_sam_auto"]["labels"] == {}
+    with pytest.raises(MONAILabelClientException, match="409.*training round"):
+        client.infer("spd_sam_auto", held_out.name, {})
 
     for k, subject in enumerate(subjects[:3]):  # annotate: next sample, clicks, correct and submit
         sample = client.next_sample("first", {})
@@ -162,6 +166,30 @@ def test_slicer_flow_next_sample_infer_save_train_infer_again(server, cohort):
     assert (trained / "v0001.png").stat().st_size > 1000, "training curve beside the checkpoint"
     stats = client.info()["train_stats"]["spd_sam"]
     assert stats["version"] == 1 and LABEL in stats["val_dice"]
+    check_auto_segmentation(client, work, held_out, after)
+
+
+def check_auto_segmentation(client: MONAILabelClient, work, held_out, clicked: float) -> None:
+    """After the round, ``spd_sam_auto`` segments the learned caudate with no clicks, and finds nothing on a crop of
+    the same volume without it."""
+    assert client.info()["models"]["spd_sam_auto"]["labels"] == {LABEL: LABEL_VALUE}, "listed without a restart"
+    result_file, result = client.infer("spd_sam_auto", held_out.name, {})
+    auto = np.asarray(nib.load(result_file).dataobj)
+    truth = held_out.label == LABEL_VALUE
+    score = dice(auto == LABEL_VALUE, truth)
+    found = result["structures"][LABEL]
+    print(f"held-out {LABEL}: auto Dice {score:.3f} (confidence {found['confidence']}, {len(found['clicks'])} "
+          f"self-clicks) vs clicked {clicked:.3f}")
+    assert set(np.unique(auto)) <= {0, LABEL_VALUE} and result["model_version"] == 1
+    assert score >= 0.3, (score, found)
+    # the same volume cut at the caudate's lateral edge keeps the putamen and loses the caudate
+    caudate_i = np.flatnonzero(truth.any(axis=(1, 2)))
+    putamen_i = np.flatnonzero((held_out.label == NEIGHBOUR_VALUE).any(axis=(1, 2)))
+    keep = slice(caudate_i[-1] + 2, None) if putamen_i.mean() > caudate_i.mean() else slice(0, caudate_i[0] - 1)
+    cropped = work / "without_caudate.nii.gz"
+    nib.save(nib.Nifti1Image(held_out.image[keep], held_out.affine), cropped)
+    _, result = client.infer("spd_sam_auto", "", {"label": LABEL}, file=str(cropped))
+    assert result["structures"][LABEL]["voxels"] < 0.01 * truth.sum(), result["structures"]
 
 
 def test_annotators_on_one_image_while_a_round_trains_each_get_their_own_result(server, cohort):

@@ -94,7 +94,7 @@ class SPDSamApp(MONAILabelApp):
         return with_checked_label_saves(super().init_datastore())
 
     def init_infers(self) -> Dict[str, InferTask]:
-        return {"spd_sam": self.spd.infer()}
+        return {"spd_sam": self.spd.infer(), "spd_sam_auto": self.spd.auto_infer()}
 
     def init_trainers(self):
         return {"spd_sam": self.spd.trainer()}

@@ -14,6 +14,7 @@ from monailabel.interfaces.config import TaskConfig
 from monailabel.utils.others.generic import strtobool
 
 from lib.activelearning.uncertainty import SPDUncertainty, SPDUncertaintyScoring
+from lib.infers.spd_auto_infer import SPDAutoInfer
 from lib.infers.spd_infer import SPDInfer
 from lib.spd.method import SPDPipeline
 from lib.spd.method.focus import FocusConfig
@@ -92,6 +93,10 @@ class SPDSamConfig(TaskConfig):
 
     def infer(self) -> SPDInfer:
         return SPDInfer(self.pipeline, self.labels, self.background, self.modality, self.served)
+
+    def auto_infer(self) -> SPDAutoInfer:
+        """``spd_sam_auto``: the structures the published model has learned, without clicks."""
+        return SPDAutoInfer(self.pipeline, self.labels, self.background, self.modality, self.served)
 
     def trainer(self) -> SPDTrainer:
         return SPDTrainer(self.pipeline, self.labels, self.store, self.modality, self.factory)

@@ -171,6 +171,20 @@ class SPDPipeline:
         prior = self.state.size_priors.get(label)
         return prior.probes(self.probes) if prior is not None and prior.axis == axis else self.probes
 
+    def trained_labels(self) -> dict[str, int | None]:
+        """Labels with a trained saliency head, and the slice axis each head was trained on (None: unknown)."""
+        return {name: head.head.axis for name, head in self.state.saliency_heads.items()}
+
+    def saliency_volume(self, volume_id: str, view: VolumeView, label: str, chunk: int = 32) -> np.ndarray:
+        """(depth, H, W) saliency of ``label``'s trained head on every slice of ``view``, embedded chunk by chunk
+        through the cache."""
+        head = self.state.saliency_heads[label]
+        maps = []
+        for start in range(0, view.depth, chunk):
+            indices = list(range(start, min(start + chunk, view.depth)))
+            maps.append(head(view.slices(indices), self.embed(volume_id, view, indices), []))
+        return np.concatenate(maps)
+
     def embed(self, volume_id: str, view: VolumeView, indices: Sequence[int]) -> torch.Tensor:
         """Embeddings of the given slices, through the cache (missing slices are windowed chunk by chunk)."""
         return self.cache.get(self.cache_key(volume_id, view), indices,

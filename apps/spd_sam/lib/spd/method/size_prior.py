@@ -26,12 +26,14 @@ MARGIN_MM = 1.0  # room between the structure and the probe's edge
 @dataclass(frozen=True)
 class SizePrior:
     """A structure's sizes on its slices along ``axis``: half the larger side of its bounding box in mm (at
-    :data:`QUANTILES`) and the median ratio of its (rows, columns) sides (the larger is 1)."""
+    :data:`QUANTILES`) and the median ratio of its (rows, columns) sides (the larger is 1); and its median volume
+    over the labelled volumes (None in priors published before it was learned)."""
 
     axis: int
     half_mm: tuple[float, ...]
     aspect: tuple[float, float]
     slices: int  # labelled slices it was learned from
+    volume_mm3: float | None = None
 
     def probes(self, base: ProbeConfig) -> ProbeConfig:
         """``base`` with the ladder of half-sizes (growing, distinct, at least 2 mm) and the shape of this structure."""
@@ -39,7 +41,8 @@ class SizePrior:
         return replace(base, half_sizes_mm=tuple(ladder), aspect=self.aspect)
 
     def to_json(self) -> dict:
-        return {"axis": self.axis, "half_mm": list(self.half_mm), "aspect": list(self.aspect), "slices": self.slices}
+        return {"axis": self.axis, "half_mm": list(self.half_mm), "aspect": list(self.aspect), "slices": self.slices,
+                "volume_mm3": self.volume_mm3}
 
     @classmethod
     def from_json(cls, data: dict) -> "SizePrior":
@@ -48,7 +51,10 @@ class SizePrior:
             raise ValueError(f"size prior: {len(QUANTILES)} positive half-sizes expected, got {data['half_mm']}")
         if len(aspect) != 2 or not all(0 < a <= 1 for a in aspect):
             raise ValueError(f"size prior: aspect must be two ratios in (0, 1], got {data['aspect']}")
-        return cls(int(data["axis"]), half, aspect, int(data["slices"]))
+        volume = data.get("volume_mm3")
+        if volume is not None and not float(volume) > 0:
+            raise ValueError(f"size prior: volume_mm3 must be positive, got {volume}")
+        return cls(int(data["axis"]), half, aspect, int(data["slices"]), None if volume is None else float(volume))
 
 
 def slice_extents_mm(mask: np.ndarray, axis: int, spacing: Sequence[float]) -> np.ndarray:
@@ -67,10 +73,12 @@ def slice_extents_mm(mask: np.ndarray, axis: int, spacing: Sequence[float]) -> n
 
 def learn_size_prior(masks: Iterable[tuple[np.ndarray, Sequence[float]]], axis: int) -> SizePrior | None:
     """The prior of one structure from its masks (with their voxel spacings); None when no slice holds it."""
+    masks = list(masks)
     sides = np.concatenate([slice_extents_mm(m, axis, spacing) for m, spacing in masks] or [np.zeros((0, 2))])
     if not len(sides):
         return None
+    volumes = [float(m.sum() * np.prod(spacing)) for m, spacing in masks if m.any()]
     half = np.quantile(sides.max(axis=1) / 2, QUANTILES)
     shape = np.median(sides, axis=0)
     return SizePrior(axis, tuple(round(float(q), 2) for q in half), tuple(round(float(a), 3) for a in shape / shape.max()),
-                     len(sides))
+                     len(sides), round(float(np.median(volumes)), 1))
