@@ -24,6 +24,7 @@ import numpy as np
 import oidc_realm
 import pytest
 import requests
+from annotator import corrective_click
 from make_cohort import make_cohort, write_cohort
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
@@ -182,6 +183,15 @@ def check_auto_segmentation(client: MONAILabelClient, work, held_out, clicked: f
           f"self-clicks) vs clicked {clicked:.3f}")
     assert set(np.unique(auto)) <= {0, LABEL_VALUE} and result["model_version"] == 1
     assert score >= 0.3, (score, found)
+    # the annotator's next click on the caudate corrects the auto result (Slicer sends it to spd_sam)
+    point, positive = corrective_click(auto == LABEL_VALUE, truth, (1.0, 1.0, 2.5))
+    params = {"label": LABEL, "foreground": [point] if positive else [], "background": [] if positive else [point]}
+    result_file, result = client.infer("spd_sam", held_out.name, params)
+    corrected = np.asarray(nib.load(result_file).dataobj) > 0
+    assert result["interaction"]["mode"] == "correction" and result["interaction"]["clicks"] == 1, result["interaction"]
+    assert corrected[tuple(point)] == positive, "the clicked voxel is added (positive) or removed (negative)"
+    print(f"a {'positive' if positive else 'negative'} corrective click on the auto result: Dice {score:.3f} -> "
+          f"{dice(corrected, truth):.3f}")
     # the same volume cut at the caudate's lateral edge keeps the putamen and loses the caudate
     caudate_i = np.flatnonzero(truth.any(axis=(1, 2)))
     putamen_i = np.flatnonzero((held_out.label == NEIGHBOUR_VALUE).any(axis=(1, 2)))

@@ -16,7 +16,7 @@ from monailabel.utils.others.generic import strtobool
 from lib.activelearning.uncertainty import SPDUncertainty, SPDUncertaintyScoring
 from lib.infers.spd_auto_infer import SPDAutoInfer
 from lib.infers.spd_infer import SPDInfer
-from lib.spd.method import SPDPipeline
+from lib.spd.method import Interactions, SPDPipeline
 from lib.spd.method.focus import FocusConfig
 from lib.spd.runtime import EncoderSettings, load_backbone
 from lib.spd.serving import BackgroundEmbedder, CheckpointStore, EmbeddingCache, ModelReloader
@@ -83,6 +83,7 @@ class SPDSamConfig(TaskConfig):
         backbone, cache_dir = self.pipeline.backbone, self.pipeline.cache.directory
         self.modality = options["modality"]
         self.background = BackgroundEmbedder()
+        self.interactions = Interactions(self.pipeline)  # spd_sam's sessions; spd_sam_auto's results start them
         self.store = CheckpointStore(options["trained_dir"] or os.path.join(model_dir, name))
         self.served = ModelReloader(self.store, self.pipeline)
         self.served.refresh()
@@ -92,11 +93,11 @@ class SPDSamConfig(TaskConfig):
                     self.pipeline.cache.usage()["disk_bytes"] >> 20)
 
     def infer(self) -> SPDInfer:
-        return SPDInfer(self.pipeline, self.labels, self.background, self.modality, self.served)
+        return SPDInfer(self.pipeline, self.labels, self.background, self.modality, self.served, self.interactions)
 
     def auto_infer(self) -> SPDAutoInfer:
         """``spd_sam_auto``: the structures the published model has learned, without clicks."""
-        return SPDAutoInfer(self.pipeline, self.labels, self.background, self.modality, self.served)
+        return SPDAutoInfer(self.pipeline, self.labels, self.background, self.modality, self.served, self.interactions)
 
     def trainer(self) -> SPDTrainer:
         return SPDTrainer(self.pipeline, self.labels, self.store, self.modality, self.factory)

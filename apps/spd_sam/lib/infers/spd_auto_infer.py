@@ -24,9 +24,10 @@ class SPDAutoInfer(SPDInfer):
     """Segmentation-type task (Slicer's *Auto Segmentation*, OHIF's segmentation mode): the trained saliency
     heads place the clicks themselves (``self_prompts``) and the SPD pipeline segments each learned structure.
 
-    Shares the pipeline, embedding cache and published model with ``spd_sam`` (same arguments as
-    :class:`SPDInfer`). Params: optional ``label`` (a name) or ``labels`` (a list of names) to segment only
-    those; the result format params of ``spd_sam``.
+    Shares the pipeline, embedding cache, published model and interaction sessions with ``spd_sam`` (same
+    arguments as :class:`SPDInfer`): each structure's result becomes the client's session for it, so the clicks
+    it sends next to ``spd_sam`` correct the auto segmentation. Params: optional ``label`` (a name) or ``labels``
+    (a list of names) to segment only those; the result format params of ``spd_sam``.
     """
 
     def __init__(self, *args, prompts: SelfPromptConfig = SelfPromptConfig(), **kwargs):
@@ -64,7 +65,7 @@ class SPDAutoInfer(SPDInfer):
                 axis = trained[name]
                 if axis is None or axis not in slice_axes(volume.array.shape):
                     axis = training_axis(volume.spacing, volume.array.shape)
-                found[name] = self._segment(volume, window, name, axis, out)
+                found[name] = self._segment(volume, window, name, axis, out, request, version)
         path = write_label(out, volume.image, extension, dtype, compress)
         release_free_memory()
         total = round(time.perf_counter() - started, 4)
@@ -87,8 +88,10 @@ class SPDAutoInfer(SPDInfer):
                                                         f"{', '.join(trained)}. Save labels of it and run a training round")
         return names
 
-    def _segment(self, volume, window, name: str, axis: int, out: np.ndarray) -> dict:
-        """Segment one learned structure into ``out`` (voxels other structures took are left to them)."""
+    def _segment(self, volume, window, name: str, axis: int, out: np.ndarray, request: dict, version: int | None
+                 ) -> dict:
+        """Segment one learned structure into ``out`` (voxels other structures took are left to them) and make it the
+        client's interaction session for that structure."""
         tic = time.perf_counter()
         view = VolumeView(volume.array, axis, window)
         saliency = self.pipeline.saliency_volume(volume.volume_id, view, name)
@@ -99,6 +102,7 @@ class SPDAutoInfer(SPDInfer):
                     "seconds": round(time.perf_counter() - tic, 3)}
         seg = self.pipeline.segment(volume.array, volume.spacing, volume.volume_id, prompts.clicks, window,
                                     label=name, slice_axis=axis)
+        self.interactions.start_from(self.session_key(volume, name, request), seg, version)
         mask = seg.mask & (out == 0)
         out[mask] = self.label_map[name]
         return {"voxels": int(mask.sum()), "confidence": round(prompts.confidence, 3),

@@ -12,7 +12,8 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from lib.infers.memory_trim import release_free_memory
 from lib.request_flags import parse_flag
 from lib.spd.method import Interactions, SPDPipeline, VolumeView, choose_window
-from lib.spd.method.prompts import PromptError, choose_slice_axis, parse_clicks, parse_roi, slice_axes, training_axis
+from lib.spd.method.prompts import (PromptError, choose_slice_axis, parse_clicks, parse_roi, require_foreground, slice_axes,
+                                    training_axis)
 from lib.spd.serving import BackgroundEmbedder, ModelReloader
 from lib.volume_io import RESULT_DTYPES, RESULT_EXTENSIONS, ImageReadError, VolumeReader, write_label
 
@@ -41,10 +42,11 @@ class SPDInfer(InferTask):
         background: worker that embeds the rest of a volume after a request.
         modality: "auto", "CT" or "MR" (intensity window).
         served: the published trained model, checked for a newer version at every request.
+        interactions: the interaction sessions (shared with ``spd_sam_auto``, whose results later clicks correct).
     """
 
     def __init__(self, pipeline: SPDPipeline, labels: dict[str, int], background: BackgroundEmbedder,
-                 modality: str = "auto", served: ModelReloader | None = None):
+                 modality: str = "auto", served: ModelReloader | None = None, interactions: Interactions | None = None):
         super().__init__(
             type=InferType.DEEPGROW,
             labels=labels,
@@ -57,7 +59,7 @@ class SPDInfer(InferTask):
         self.background = background
         self.modality = modality
         self.served = served
-        self.interactions = Interactions(pipeline)
+        self.interactions = interactions or Interactions(pipeline)
         self.reader = VolumeReader()
         self._windows: dict[str, Any] = {}
 
@@ -70,8 +72,12 @@ class SPDInfer(InferTask):
             volume = self.reader.read(request["image"])
             label_name, label_value = self._resolve_label(request.get("label"))
             roi = parse_roi(request.get("roi"), volume.array.shape)
-            clicks = parse_clicks(request, volume.array.shape, box=roi is not None)
+            version = self.served.refresh() if self.served else None
+            session = self.session_key(volume, label_name, request)
+            clicks = parse_clicks(request, volume.array.shape, box=True)
             requested_axis = request.get("slice_axis")
+            require_foreground(clicks, roi is not None  # negative clicks alone may correct a result (spd_sam_auto's)
+                               or self.interactions.continues(session, clicks, requested_axis, roi, version))
             choose_slice_axis(clicks, volume.spacing, requested_axis, volume.array.shape)  # 400 on a bad axis
             extension, dtype, compress = self._result_format(request)
             focus = parse_flag(request.get("focus", True), "focus", PromptError)
@@ -80,8 +86,6 @@ class SPDInfer(InferTask):
         loaded = time.perf_counter()
 
         window = self._window(volume)
-        version = self.served.refresh() if self.served else None
-        session = (volume.volume_id, label_name, str(request.get("client_id") or ""))
         with self.background.foreground():
             outcome = self.interactions.run(session, volume.array, volume.spacing, volume.volume_id, clicks, window,
                                             label=label_name, slice_axis=requested_axis, roi=roi, focus=focus,
@@ -120,6 +124,11 @@ class SPDInfer(InferTask):
                     label_name, len(c["kept"]), len(c["moved"]), len(c["rejected"]), len(c["added"]),
                     seg.slice_range, seg.axis, result["voxels"], timings["total"])
         return path, result
+
+    @staticmethod
+    def session_key(volume, label_name: str, request: dict) -> tuple[str, str, str]:
+        """Interaction sessions are per image, label and client (clients without an id share one)."""
+        return volume.volume_id, label_name, str(request.get("client_id") or "")
 
     def prefetch(self, image_path: str) -> None:
         """Queue background embedding of a volume along its coarsest axis (e.g. a proposed next sample)."""

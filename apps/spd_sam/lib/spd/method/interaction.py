@@ -116,10 +116,7 @@ class Interactions:
             roi=None, focus: bool = True, model_version: int | None = None) -> Outcome:
         """Segment from ``clicks``: a correction when they extend the session's clicks for ``key`` (same axis, roi
         and model), else afresh. Arguments as in :meth:`SPDPipeline.segment`."""
-        session = self.store.get(key)
-        same = (session is not None and session.roi == roi and session.model_version == model_version
-                and (slice_axis is None or slice_axis == session.axis))
-        new = session.new_clicks(clicks) if same else None
+        session, new = self._continued(key, clicks, slice_axis, roi, model_version)
         if new == []:
             return Outcome(replace(session.segmentation, timings={}), self._record(session, "unchanged", []))
         if new is not None:
@@ -136,6 +133,24 @@ class Interactions:
                           _defenders(seg), slice_margin([c.ijk[seg.axis] for c in clicks if c.positive]))
         self.store.put(key, session)
         return Outcome(seg, self._record(session, "new", []))
+
+    def continues(self, key: Hashable, clicks: Sequence[Click], slice_axis: int | None = None, roi=None,
+                  model_version: int | None = None) -> bool:
+        """Whether :meth:`run` would take ``clicks`` as a correction (or a repeat) of ``key``'s session."""
+        return self._continued(key, clicks, slice_axis, roi, model_version)[1] is not None
+
+    def _continued(self, key, clicks, slice_axis, roi, model_version) -> tuple[Session | None, list[Click] | None]:
+        """``key``'s session and the clicks that ``clicks`` adds to it (None: they start a new session)."""
+        session = self.store.get(key)
+        same = (session is not None and session.roi == roi and session.model_version == model_version
+                and (slice_axis is None or slice_axis == session.axis))
+        return session, (session.new_clicks(clicks) if same else None)
+
+    def start_from(self, key: Hashable, seg: Segmentation, model_version: int | None) -> None:
+        """Make ``seg`` (a result reached without clicks, e.g. an auto segmentation) the session of ``key``: the next
+        clicks for it correct that result."""
+        self.store.put(key, Session((), seg.axis, None, model_version, seg, np.zeros(seg.mask.shape, dtype=bool),
+                                    _defenders(seg), 3))
 
     def _correct_and_record(self, key, session: Session, volume, spacing, volume_id, new: list[Click], window
                             ) -> Outcome:

@@ -87,9 +87,16 @@ def parse_clicks(params: dict, shape: Sequence[int], box: bool = False) -> list[
         raise PromptError(f"expected a 3D image, got shape {list(shape)}")
     fg = parse_points(params.get("foreground"), "foreground", shape)
     bg = parse_points(params.get("background"), "background", shape)
-    if not fg and not box:
+    clicks = [Click(p, True) for p in fg] + [Click(p, False) for p in bg]
+    require_foreground(clicks, box)
+    return clicks
+
+
+def require_foreground(clicks: Sequence[Click], prompted: bool = False) -> None:
+    """Raises PromptError unless a click is positive or the request has another prompt (``prompted``: an roi box,
+    or a result its clicks correct)."""
+    if not prompted and not any(c.positive for c in clicks):
         raise PromptError("at least one foreground point (or an roi box) is needed")
-    return [Click(p, True) for p in fg] + [Click(p, False) for p in bg]
 
 
 def slice_axes(shape: Sequence[int]) -> list[int]:
