@@ -98,7 +98,7 @@ class SPDAutoInfer(SPDInfer):
         prior = self.pipeline.state.size_priors.get(name)
         prompts = self_prompts(saliency, axis, volume.spacing, self.prompts, prior.volume_mm3 if prior else None)
         if prompts is None:
-            return {"voxels": 0, "confidence": 0.0, "clicks": [], "slice_axis": axis,
+            return {"voxels": 0, "confidence": 0.0, "component_mm3": 0.0, "clicks": [], "slice_axis": axis,
                     "seconds": round(time.perf_counter() - tic, 3)}
         seg = self.pipeline.segment(volume.array, volume.spacing, volume.volume_id, prompts.clicks, window,
                                     label=name, slice_axis=axis)
