@@ -102,7 +102,7 @@ class SPDAutoInfer(SPDInfer):
                     "seconds": round(time.perf_counter() - tic, 3)}
         seg = self.pipeline.segment(volume.array, volume.spacing, volume.volume_id, prompts.clicks, window,
                                     label=name, slice_axis=axis)
-        self.interactions.start_from(self.session_key(volume, name, request), seg, version)
+        self.interactions.start_from(self.session_key(volume, name, request), seg, version, self.prompts.every)
         mask = seg.mask & (out == 0)
         out[mask] = self.label_map[name]
         return {"voxels": int(mask.sum()), "confidence": round(prompts.confidence, 3),

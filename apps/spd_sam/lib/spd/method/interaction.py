@@ -146,11 +146,11 @@ class Interactions:
                 and (slice_axis is None or slice_axis == session.axis))
         return session, (session.new_clicks(clicks) if same else None)
 
-    def start_from(self, key: Hashable, seg: Segmentation, model_version: int | None) -> None:
-        """Make ``seg`` (a result reached without clicks, e.g. an auto segmentation) the session of ``key``: the next
-        clicks for it correct that result."""
+    def start_from(self, key: Hashable, seg: Segmentation, model_version: int | None, gap: int) -> None:
+        """Make ``seg`` (a result reached without clicks, e.g. an auto segmentation, prompted every ``gap`` slices)
+        the session of ``key``: the next clicks for it correct that result."""
         self.store.put(key, Session((), seg.axis, None, model_version, seg, np.zeros(seg.mask.shape, dtype=bool),
-                                    _defenders(seg), 3))
+                                    _defenders(seg), gap))
 
     def _correct_and_record(self, key, session: Session, volume, spacing, volume_id, new: list[Click], window
                             ) -> Outcome:
