@@ -76,9 +76,15 @@ def exact_boxes(pipeline: SPDPipeline, volume: LabelledVolume, labels: dict[str,
     return scores
 
 
-def train_rounds(work: Path, subjects: list[Subject], params: dict, rounds: int) -> list[tuple[float, dict]]:
-    """Save final labels, run ``rounds`` rounds one after the other; wall time and last status of each."""
-    server = local_server.start(work, work / "studies", conf={"trained_dir": str(work / "trained")})
+def train_rounds(work: Path, subjects: list[Subject], params: dict, rounds: int, studies: Path | None = None,
+                 trained: Path | None = None, log_name: str = "server.log") -> list[tuple[float, dict]]:
+    """Save final labels, run ``rounds`` rounds one after the other; wall time and last status of each.
+
+    The server keeps its datastore cache (embeddings) in ``work``; it serves ``studies`` (default ``work/studies``)
+    and publishes into ``trained`` (default ``work/trained``); final labels come from ``work/labels``.
+    """
+    server = local_server.start(work, studies or work / "studies", conf={"trained_dir": str(trained or work / "trained")},
+                                log_name=log_name)
     try:
         client = MONAILabelClient(server.url, tmpdir=str(work))
         for subject in subjects:

@@ -144,7 +144,8 @@ def test_slicer_flow_next_sample_infer_save_train_infer_again(server, cohort):
         score, _ = caudate_dice(client, subject, rough_clicks(subject, k))
         assert score > 0.2, f"{subject.name}: the untrained model finds the structure ({score:.3f})"
         client.save_label(subject.name, str(work / "labels" / f"{subject.name}.nii.gz"), tag="final")
-    assert client.next_sample("first", {})["id"] == held_out.name
+    sample = client.next_sample("first", {})
+    assert sample["id"] == held_out.name and sample["spd_sam_auto"] == "nothing learned yet", sample
     started = time.monotonic()
     client.train_start("spd_sam", ROUND)
     status = client.train_status()
@@ -167,6 +168,8 @@ def test_slicer_flow_next_sample_infer_save_train_infer_again(server, cohort):
     assert (trained / "v0001.png").stat().st_size > 1000, "training curve beside the checkpoint"
     stats = client.info()["train_stats"]["spd_sam"]
     assert stats["version"] == 1 and LABEL in stats["val_dice"]
+    sample = client.next_sample("first", {})  # Slicer's next sample: its auto segmentation starts in the background
+    assert sample["id"] == held_out.name and sample["spd_sam_auto"] == "computing", sample
     check_auto_segmentation(client, work, held_out, after)
 
 
@@ -180,7 +183,9 @@ def check_auto_segmentation(client: MONAILabelClient, work, held_out, clicked: f
     score = dice(auto == LABEL_VALUE, truth)
     found = result["structures"][LABEL]
     print(f"held-out {LABEL}: auto Dice {score:.3f} (confidence {found['confidence']}, {len(found['clicks'])} "
-          f"self-clicks) vs clicked {clicked:.3f}")
+          f"self-clicks) vs clicked {clicked:.3f}; computed ahead in {found['seconds']} s, answered in "
+          f"{result['timing']['total']} s")
+    assert result["precomputed"], "the proposed next sample was segmented ahead"
     assert set(np.unique(auto)) <= {0, LABEL_VALUE} and result["model_version"] == 1
     assert score >= 0.3, (score, found)
     # the annotator's next click on the caudate corrects the auto result (Slicer sends it to spd_sam)
@@ -200,6 +205,7 @@ def check_auto_segmentation(client: MONAILabelClient, work, held_out, clicked: f
     nib.save(nib.Nifti1Image(held_out.image[keep], held_out.affine), cropped)
     _, result = client.infer("spd_sam_auto", "", {"label": LABEL}, file=str(cropped))
     assert result["structures"][LABEL]["voxels"] < 0.01 * truth.sum(), result["structures"]
+    assert not result["precomputed"]
 
 
 def test_annotators_on_one_image_while_a_round_trains_each_get_their_own_result(server, cohort):

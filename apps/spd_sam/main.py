@@ -117,14 +117,19 @@ class SPDSamApp(MONAILabelApp):
         return super().async_scoring(method, params)
 
     def next_sample(self, request):
-        """Propose an image and start embedding it in the background, so the first click is fast."""
+        """Propose an image and prepare it in the background: its auto segmentation once a structure is learned
+        (``spd_sam_auto`` then answers at once; ``"spd_sam_auto": "computing"`` in the answer), else its
+        embeddings, so the first click is fast."""
         strategy = request.get("strategy") or "random"
         if strategy not in self._strategies:
             raise HTTPException(status_code=404,
                                 detail=f"unknown strategy {strategy!r}; available: {', '.join(self._strategies)}")
         result = super().next_sample(request)
         if result.get("path"):
-            self._infers["spd_sam"].prefetch(result["path"])
+            ahead = self._infers["spd_sam_auto"].precompute(result["path"])  # embeds the volume on its way
+            if not ahead:
+                self._infers["spd_sam"].prefetch(result["path"])
+            result["spd_sam_auto"] = "computing" if ahead else "nothing learned yet"
         return result
 
     def infer(self, request, datastore=None):

@@ -17,8 +17,9 @@ from .box_probing import ProbeConfig, measure_anchor_boxes, probe_centre
 from .distillation import Consensus, ContextualPromptDistiller, CPDConfig
 from .focus import FocusConfig, Region, focus_region
 from .intensity import IntensityWindow
-from .prompts import Click, choose_slice_axis, to_slice_clicks
+from .prompts import Click, choose_slice_axis, slice_axes, to_slice_clicks, training_axis
 from .saliency import AppearanceSaliency
+from .self_prompts import SelfPromptConfig, SelfPrompts, self_prompts
 from .trained_state import TrainedState
 
 if TYPE_CHECKING:  # the cache is serving infrastructure, handed in by whoever builds the pipeline
@@ -184,6 +185,25 @@ class SPDPipeline:
             indices = list(range(start, min(start + chunk, view.depth)))
             maps.append(head(view.slices(indices), self.embed(volume_id, view, indices), []))
         return np.concatenate(maps)
+
+    def segment_learned(self, volume: np.ndarray, spacing: Sequence[float], volume_id: str, window: IntensityWindow,
+                        label: str, config: SelfPromptConfig = SelfPromptConfig()
+                        ) -> tuple[Segmentation | None, SelfPrompts | None, int]:
+        """A learned structure without clicks: its trained head's clicks (``self_prompts``) through :meth:`segment`.
+
+        Slices run along the axis the head was trained on (the volume's coarsest one where that is unknown or
+        not a slice axis of this volume). Returns the segmentation and the self-prompts (both None when the head
+        finds no structure) and the slice axis.
+        """
+        axis = self.trained_labels()[label]
+        if axis is None or axis not in slice_axes(volume.shape):
+            axis = training_axis(spacing, volume.shape)
+        saliency = self.saliency_volume(volume_id, VolumeView(volume, axis, window), label)
+        prior = self.state.size_priors.get(label)
+        prompts = self_prompts(saliency, axis, spacing, config, prior.volume_mm3 if prior else None)
+        if prompts is None:
+            return None, None, axis
+        return self.segment(volume, spacing, volume_id, prompts.clicks, window, label=label, slice_axis=axis), prompts, axis
 
     def embed(self, volume_id: str, view: VolumeView, indices: Sequence[int]) -> torch.Tensor:
         """Embeddings of the given slices, through the cache (missing slices are windowed chunk by chunk)."""
