@@ -14,6 +14,7 @@
      of the volume), so it is missing: auto's voxels there, against 1 % of the structure's voxels.
 
     .venv/bin/python scripts/bench_auto.py [--labelled 2,4,8] [--held-out 2] [--seed 21] [--json rows.json]
+    .venv/bin/python scripts/bench_auto.py --work /tmp/spd_bench_auto_x   # again: reuses its embeddings and models
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from bench_spd import CENTRE, Case, decode_boxes, exact_boxes
 from bench_training import train_rounds
 from make_cohort import Subject, make_cohort, write_cohort
 
-from lib.spd.method import Click, SPDPipeline, VolumeView, choose_window
+from lib.spd.method import Click, SPDPipeline, TrainedState, VolumeView, choose_window
 from lib.spd.method.focus import FocusConfig
 from lib.spd.runtime import load_backbone
 from lib.spd.serving import CheckpointStore, EmbeddingCache, ModelReloader
@@ -106,13 +107,16 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=21, help="cohort seed (not one the other benchmarks use)")
     parser.add_argument("--params", default="{}", help="train request params as JSON (default: the trainer's)")
     parser.add_argument("--json", default="", help="write the rows here")
+    parser.add_argument("--work", default="", help="a folder of an earlier run with the same cohort arguments: "
+                                                   "its files, embeddings and published models are reused")
     args = parser.parse_args(argv)
     counts = sorted(int(n) for n in args.labelled.split(","))
     names = [n for n in args.labels.split(",") if n]
-    work = Path(tempfile.mkdtemp(prefix="spd_bench_auto_"))
+    work = Path(args.work or tempfile.mkdtemp(prefix="spd_bench_auto_"))
     subjects = make_cohort(counts[-1] + args.held_out, args.seed, names,
                            [float(v) for v in args.crop_margin_mm.split(",")], args.slice_mm, prefix=f"auto{args.seed}")
-    write_cohort(subjects, work / "images", label_dir=work / "labels")
+    if not (work / "images").is_dir():  # written once: a rewritten file is a new volume id (embedded again)
+        write_cohort(subjects, work / "images", label_dir=work / "labels")
     labelled, held_out = subjects[:counts[-1]], [as_case(s, names) for s in subjects[counts[-1]:]]
     print(f"synthetic cohort in {work}: {len(subjects)} volumes of shape {subjects[0].image.shape}; held out "
           f"{', '.join(c.name for c in held_out)}", flush=True)
@@ -134,14 +138,23 @@ def main(argv=None) -> None:
 
     results = {}
     for n in counts:
-        studies = work / f"studies_{n}"
-        studies.mkdir()
+        studies, trained = work / f"studies_{n}", work / f"trained_{n}"
+        studies.mkdir(exist_ok=True)
         for subject in labelled[:n]:  # links: the same files (volume ids) for every count, embedded once
-            (studies / f"{subject.name}.nii.gz").symlink_to(work / "images" / f"{subject.name}.nii.gz")
-        seconds, status = train_rounds(work, labelled[:n], json.loads(args.params), 1, studies, work / f"trained_{n}",
-                                       f"server_{n}.log")[0]
-        version = ModelReloader(CheckpointStore(work / f"trained_{n}"), pipeline).refresh()
-        print(f"{n} labelled volumes: round {status['status']} in {seconds:.0f} s; published v{version}", flush=True)
+            link = studies / f"{subject.name}.nii.gz"
+            if not link.exists():
+                link.symlink_to(work / "images" / f"{subject.name}.nii.gz")
+        store = CheckpointStore(trained)
+        if store.current() is None:
+            seconds, status = train_rounds(work, labelled[:n], json.loads(args.params), 1, studies, trained,
+                                           f"server_{n}.log")[0]
+            print(f"{n} labelled volumes: round {status['status']} in {seconds:.0f} s", flush=True)
+        else:
+            seconds = store.metadata().get("seconds", float("nan"))
+            print(f"{n} labelled volumes: the model of an earlier run ({trained})", flush=True)
+        pipeline.serve(TrainedState())  # each count's model is its own v1: load it in place of the last one
+        version = ModelReloader(store, pipeline).refresh()
+        print(f"{n} labelled volumes: serving v{version}; work {store.metadata().get('work')}", flush=True)
         results[n] = {"round_seconds": round(seconds), "version": version,
                       "rows": evaluate(pipeline, held_out, clicks, absent) if version else []}
         for row in results[n]["rows"]:
