@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from lib.spd.method.box_probing import ProbeConfig, measure_anchor_boxes, probe_centre
+from lib.spd.method.box_probing import ProbeConfig, cover_salient, measure_anchor_boxes, probe_centre
 
 SHAPE = (64, 64)
 
@@ -72,3 +72,15 @@ def test_probes_are_centred_on_the_deepest_salient_pixel_near_the_point():
         "the region under the point, not the neighbour"
     assert np.allclose(probe_centre(saliency, (10.0, 10.0), (1.0, 1.0), 6.0, 0.5), (10, 10)), "not salient: kept"
     assert np.allclose(probe_centre(saliency, (30.0, 25.0), (1.0, 1.0), 0.0, 0.5), (30, 25))
+
+
+def test_a_box_grows_to_the_salient_region_under_its_point_and_no_further():
+    saliency = np.zeros((60, 60), dtype=np.float32)
+    saliency[20:41, 10:31] = 0.9  # the structure as a trained head sees it
+    saliency[45:55, 40:50] = 0.9  # another salient region, not under the point
+    small = (25.0, 15.0, 35.0, 25.0)  # a probe mask's box that stopped short
+    assert cover_salient(small, saliency, (30, 20), (1.0, 1.0), 2.0, 0.5) == (18.0, 8.0, 42.0, 32.0)
+    assert cover_salient(small, saliency, (30, 20), (1.0, 2.0), 2.0, 0.5) == (18.0, 9.0, 42.0, 31.0), "pad in mm"
+    large = (5.0, 5.0, 50.0, 50.0)
+    assert cover_salient(large, saliency, (30, 20), (1.0, 1.0), 2.0, 0.5) == large, "never shrinks"
+    assert cover_salient(small, saliency, (30, 35), (1.0, 1.0), 2.0, 0.5) == small, "a point off the salient region"

@@ -105,6 +105,23 @@ def measure_anchor_boxes(
     return out
 
 
+def cover_salient(box: Box, saliency: np.ndarray, point, pixel_mm, pad_mm: float, threshold: float) -> Box:
+    """``box`` grown to hold, ``pad_mm`` around, the salient region of a slice under ``point``.
+
+    For a trained head's saliency: on low-contrast tissue the decoder's probe masks stop short of the
+    structure, while the head, which learned the structure from saved labels, shows its extent.
+    """
+    r, c = (int(round(v)) for v in point)
+    if not (0 <= r < saliency.shape[0] and 0 <= c < saliency.shape[1]) or saliency[r, c] < threshold:
+        return box
+    labels, _ = ndimage.label(saliency >= threshold)
+    rows, cols = np.nonzero(labels == labels[r, c])
+    pad = pad_mm / np.asarray(pixel_mm, dtype=float)
+    h, w = saliency.shape
+    return (min(box[0], max(rows.min() - pad[0], 0.0)), min(box[1], max(cols.min() - pad[1], 0.0)),
+            max(box[2], min(rows.max() + pad[0], h - 1.0)), max(box[3], min(cols.max() + pad[1], w - 1.0)))
+
+
 def probe_centre(saliency: np.ndarray, point, pixel_mm, radius_mm: float, threshold: float) -> np.ndarray:
     """The deepest pixel of the salient region under ``point`` within ``radius_mm`` of it (``point`` itself
     when it is not salient): probes centred there hold the structure rather than its edge."""

@@ -13,7 +13,7 @@ import torch
 from ..runtime.backbones import Backbone, PromptBatch
 from ..runtime.mask_memo import MaskMemo
 from .assembly import bounding_box, keep_prompted_components, trim_unanchored_ends
-from .box_probing import ProbeConfig, measure_anchor_boxes, probe_centre
+from .box_probing import ProbeConfig, cover_salient, measure_anchor_boxes, probe_centre
 from .distillation import Consensus, ContextualPromptDistiller, CPDConfig
 from .focus import FocusConfig, Region, focus_region
 from .intensity import IntensityWindow
@@ -323,6 +323,9 @@ class SPDPipeline:
                    for s, a in anchors.items()}
         if anchor_boxes is None:
             measured = measure_anchor_boxes(probe, anchors, pixel_mm, view.slice_shape, probes)
+            if trained:  # what the head learned of the structure's extent, where the probes stopped short of it
+                measured = {s: cover_salient(box, saliency[s - first], anchors[s], pixel_mm, probes.pad_mm,
+                                             self.cpd.saliency_threshold) for s, box in measured.items()}
         else:
             measured = anchor_boxes(anchors)
         consensus.assign_boxes(measured)
