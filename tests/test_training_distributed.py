@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lib.spd.training import Rank
+from lib.spd.training import Rank, exit_rank
 
 STEPS, LR = 3, 0.1
 
@@ -44,9 +44,10 @@ def _rank_main(rank: int, world: int, work: str) -> None:
         if rank == 0:
             with open(f"{work}/answer.json", "w") as handle:
                 json.dump(answer, handle)
-        dist.barrier()  # no rank tears gloo down while the other is still in a collective (a SIGABRT at exit)
+        dist.barrier()  # no rank tears gloo down while the other is still in a collective
     finally:
         dist.destroy_process_group()
+    exit_rank()
 
 
 def test_a_single_process_is_rank_0_of_1():

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from lib.request_flags import parse_flag
 from lib.spd.method import SPDPipeline
 from lib.spd.serving import CheckpointStore, ModelReloader
-from lib.spd.training import LabelledVolume, Rank, TrainConfig, run_training
+from lib.spd.training import LabelledVolume, Rank, TrainConfig, exit_rank, run_training
 from lib.trainers.publishing import publish_round
 
 logger = logging.getLogger(__name__)
@@ -130,3 +130,4 @@ def _rank_main(rank: int, job: Job, work: str) -> None:
             (Path(work) / "answer.json").write_text(json.dumps(answer))
     finally:
         dist.destroy_process_group()
+    exit_rank()  # only after the work returned: an exception above still reaches the launcher

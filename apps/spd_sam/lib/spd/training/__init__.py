@@ -25,11 +25,11 @@ in DistributedDataParallel, so all ranks hold the same weights after every step.
 from .click_simulation import ClickStyle, simulate_clicks
 from .config import TrainConfig
 from .data import LabelledVolume, round_axis, split_by_volume
-from .distributed import Rank
+from .distributed import Rank, exit_rank
 from .progress import TIME_BUDGET, EpochRecord, TrainingResult
 from .round import run_training
 from .scores import dice, mean_dice
 from .validation import validate
 
 __all__ = ["TIME_BUDGET", "ClickStyle", "EpochRecord", "LabelledVolume", "Rank", "TrainConfig", "TrainingResult",
-           "dice", "mean_dice", "round_axis", "run_training", "simulate_clicks", "split_by_volume", "validate"]
+           "dice", "exit_rank", "mean_dice", "round_axis", "run_training", "simulate_clicks", "split_by_volume", "validate"]
