@@ -63,6 +63,33 @@ def test_without_cross_slice_check_the_off_target_click_would_survive():
     assert consensus.decisions[0].status == "kept"
 
 
+def test_three_drifting_clicks_on_target_are_kept():
+    """Each of three clicks has only two others to draw a line: too few to tell a bad click from a bad line.
+    (Extrapolated from two clicks 3 px off the centre either way, the line put the end clicks 12 px off.)"""
+    clicks = [SliceClick(s, target_centre(s)[0] + dr, TARGET_COL + dc, True, n)
+              for n, (s, dr, dc) in enumerate([(8, 0.0, 3.0), (11, 0.0, -3.0), (14, 0.0, 3.0)])]
+    consensus = ContextualPromptDistiller((1.0, 1.0)).distill(clicks, scene(), 0)
+    assert [d.status for d in consensus.decisions] == ["kept"] * 3, [d.reason for d in consensus.decisions]
+
+
+def test_the_line_tolerates_what_the_clicks_own_scatter_shows():
+    """Clicks that scatter widely about their line (inside a wide structure) are kept, where a fixed 7 mm
+    tolerance moves some of them; one click on the neighbour among them is still moved."""
+    maps = np.zeros((N, H, W), dtype=np.float32)
+    maps[:, 10:54, 4:36] = 1.0  # a wide structure, and its neighbour at NEIGHBOUR_COL + 6
+    maps[:, 10:54, 42:50] = 1.0
+    scatter = np.random.default_rng(14).normal(0.0, 3.5, (8, 2))  # a draw where the fixed tolerance moves 4 of 8
+    clicks = [SliceClick(s, 30.0 + dr, TARGET_COL + dc, True, n)
+              for n, (s, (dr, dc)) in enumerate(zip(range(2, 26, 3), scatter))]
+    fixed = ContextualPromptDistiller((1.0, 1.0), CPDConfig(spread_factor=0.0)).distill(clicks, maps, 0)
+    assert any(d.status != "kept" for d in fixed.decisions)
+    consensus = ContextualPromptDistiller((1.0, 1.0)).distill(clicks, maps, 0)
+    assert all(d.status == "kept" for d in consensus.decisions), [d.reason for d in consensus.decisions]
+    clicks[4] = SliceClick(clicks[4].slice, 30.0, NEIGHBOUR_COL + 6, True, 4)
+    consensus = ContextualPromptDistiller((1.0, 1.0)).distill(clicks, maps, 0)
+    assert [d.status for d in consensus.decisions if d.source == 4] == ["moved"]
+
+
 def test_drifted_click_off_saliency_is_snapped_back():
     clicks = clicks_every(3)
     r, c = target_centre(8)
