@@ -4,8 +4,8 @@ Every foreground click is checked twice (dual validation): against the saliency 
 slice, and against the centre line that the clicks on nearby slices draw (a robust Theil-Sen
 line per in-plane coordinate). A click is kept unless the evidence clearly contradicts it: the line
 judges a click only where at least three other clicked slices draw it, and only beyond a distance
-that grows with the spread of those clicks about their own line and with how far the click lies
-from them (a line extrapolated from two drifting clicks says little). Beyond the outermost other
+that grows with how far the click lies from them (a line extrapolated from two drifting clicks says
+little). Beyond the outermost other
 clicks the line is extrapolated along a structure that may curve, so there a salient click is kept
 whatever the line says. A click off the line is moved to the salient pixel nearest to where the
 line points, rejected when neither it nor anything near the line is salient, and kept when it is
@@ -34,7 +34,6 @@ class CPDConfig:
     snap_radius_mm: float = 4.0
     neighbours: int = 6
     min_line_clicks: int = 3  # other clicked slices needed before the line may judge a click
-    spread_factor: float = 3.0  # a click is off the line beyond this many times the others' median distance from it
 
 
 @dataclass
@@ -208,9 +207,8 @@ class ContextualPromptDistiller:
         lies between those clicks (else the line is extrapolated); None when fewer than ``min_line_clicks`` other
         slices are clicked (too few to tell a bad click from a bad line).
 
-        The tolerance is the larger of ``centreline_tolerance_mm`` and ``spread_factor`` times the others'
-        median distance from their line, widened by the click's leverage (as a least-squares prediction's
-        error grows away from the points that draw the line).
+        The tolerance is ``centreline_tolerance_mm`` widened by the click's leverage (as a least-squares
+        prediction's error grows away from the points that draw the line).
         """
         cfg = self.config
         others = [c for c in positives if c.slice != click.slice]
@@ -218,12 +216,10 @@ class ContextualPromptDistiller:
             return None
         others = sorted(others, key=lambda c: abs(c.slice - click.slice))[: cfg.neighbours]
         s = np.array([c.slice for c in others], dtype=float)
-        points = np.array([(c.row, c.col) for c in others])
-        expected = tuple(theil_sen_predict(s, points[:, m], click.slice) for m in (0, 1))
-        fitted = np.array([[theil_sen_predict(s, points[:, m], at) for m in (0, 1)] for at in s])
-        spread = float(np.median(np.hypot(*((points - fitted) * self.pixel_mm).T)))
+        expected = (theil_sen_predict(s, np.array([c.row for c in others]), click.slice),
+                    theil_sen_predict(s, np.array([c.col for c in others]), click.slice))
         leverage = 1 / len(s) + (click.slice - s.mean()) ** 2 / max(float(((s - s.mean()) ** 2).sum()), 1e-9)
-        tolerance = max(cfg.centreline_tolerance_mm, cfg.spread_factor * spread) * float(np.sqrt(1 + leverage))
+        tolerance = cfg.centreline_tolerance_mm * float(np.sqrt(1 + leverage))
         return expected, tolerance, bool(s.min() < click.slice < s.max())
 
     # -- consensus prompts -----------------------------------------------------------------
