@@ -2,16 +2,16 @@
 
 Every foreground click is checked twice (dual validation): against the saliency map of its own
 slice, and against the centre line that the clicks on nearby slices draw (a robust Theil-Sen
-line per in-plane coordinate). A click is kept unless the evidence clearly contradicts it: the line
-judges a click only where at least three other clicked slices draw it, and only beyond a distance
-that grows with how far the click lies from them (a line extrapolated from two drifting clicks says
-little). Beyond the outermost other
-clicks the line is extrapolated along a structure that may curve, so there a salient click is kept
-whatever the line says. A click off the line is moved to the salient pixel nearest to where the
-line points, rejected when neither it nor anything near the line is salient, and kept when it is
-salient and nothing near the line is. Slices between
-validated clicks get prompts interpolated from their neighbours. Box extents measured on the validated slices (see ``box_probing``) are carried
-to the slices between them and smoothed across adjacent slices.
+line per in-plane coordinate). A click is kept unless the evidence clearly contradicts it: the
+line judges a click only where at least three other clicked slices draw it, and only beyond a
+distance that grows with how far the click lies from them (a line extrapolated from two drifting
+clicks says little). Beyond the outermost other clicks the line is extrapolated along a structure
+that may curve, so there a salient click is kept whatever the line says. A click off the line is
+moved to the salient pixel nearest to where the line points, rejected when neither it nor anything
+near the line is salient, and kept when it is salient and nothing near the line is. Slices between
+validated clicks get prompts interpolated from their neighbours. Box extents measured on the
+validated slices (see ``box_probing``) are carried to the slices between them and smoothed across
+adjacent slices.
 """
 
 from __future__ import annotations
