@@ -3,7 +3,7 @@
 Every foreground click is checked twice (dual validation): against the saliency map of its own
 slice, and against the centre line that the clicks on nearby slices draw (a robust Theil-Sen
 line per in-plane coordinate). A click is kept unless the evidence clearly contradicts it: the
-line judges a click only where at least three other clicked slices draw it, and only beyond a
+line judges a click only where at least four other clicked slices draw it, and only beyond a
 distance that grows with how far the click lies from them (a line extrapolated from two drifting
 clicks says little). Beyond the outermost other clicks the line is extrapolated along a structure
 that may curve, so there a salient click is kept whatever the line says. A click off the line is
@@ -33,7 +33,7 @@ class CPDConfig:
     centreline_tolerance_mm: float = 7.0
     snap_radius_mm: float = 4.0
     neighbours: int = 6
-    min_line_clicks: int = 3  # other clicked slices needed before the line may judge a click
+    min_line_clicks: int = 4  # other clicked slices needed before the line may judge a click
 
 
 @dataclass

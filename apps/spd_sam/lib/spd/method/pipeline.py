@@ -98,14 +98,14 @@ class Plan:
 
 
 def slice_margin(click_slices: Sequence[int]) -> int:
-    """Slices to segment beyond the outermost clicks: half the typical gap between clicks (2 for one clicked slice).
+    """Slices to segment beyond the outermost clicks: the typical gap between clicks (at least 2).
 
-    An annotator who clicks every few slices starts and stops somewhere within one gap of a structure's ends, on
-    average half a gap inside them; ``trim_unanchored_ends`` then drops the slices where it has ended. A whole
-    gap segmented slices past the ends of small structures that the trim, on untrained saliency, kept.
+    Annotators click every few slices along a structure, so it ends within about one gap of the
+    outermost clicks; ``trim_unanchored_ends`` then drops the slices where it has ended.
     """
     unique = np.unique(click_slices)
-    return int(np.median(np.diff(unique))) // 2 if unique.size > 1 else 2
+    gap = int(np.median(np.diff(unique))) if unique.size > 1 else 2
+    return max(2, gap)
 
 
 class SPDPipeline:
