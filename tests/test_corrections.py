@@ -75,6 +75,20 @@ def test_a_positive_click_past_the_end_extends_the_mask_by_the_reach_and_a_click
     assert (local & ~truth).sum() == 0
 
 
+def test_a_positive_click_where_the_structure_narrows_past_the_end_is_bridged_back_to_the_mask():
+    image, _, truth = leaking_tube(leak=(0, 0))
+    rows, cols = np.mgrid[:48, :48]
+    for s in range(12, 24):  # past slice 11 the tube narrows to a point, as a caudate's tail does
+        radius = 6 - 0.75 * (s - 11)
+        truth[s] = (rows - 24) ** 2 + (cols - 20) ** 2 <= max(radius, 0) ** 2
+        image[s] = np.where(truth[s], 0.8, 0.2)
+    mask = truth.copy()
+    mask[12:] = False
+    added = missed_around(mask, image, (16, 24, 20), threshold_in_box(image), (1.0, 1.0), reach=6, dense=False)
+    assert added[12:17].any(axis=(1, 2)).all(), "every slice between the mask's end and the click is filled"
+    assert (added & ~truth).sum() == 0
+
+
 def test_a_positive_click_the_decoder_leaves_out_is_still_answered():
     image, mask, _ = leaking_tube(leak=(0, 0))  # the decoder finds only the tube, already in the mask
     added = missed_around(mask, image, (5, 40, 40), threshold_in_box(image), (1.0, 1.0), reach=6, dense=False)

@@ -63,6 +63,27 @@ def test_without_cross_slice_check_the_off_target_click_would_survive():
     assert consensus.decisions[0].status == "kept"
 
 
+def test_three_drifting_clicks_on_target_are_kept():
+    """Each of three clicks has only two others to draw a line: too few to tell a bad click from a bad line.
+    (Extrapolated from two clicks 3 px off the centre either way, the line put the end clicks 12 px off.)"""
+    clicks = [SliceClick(s, target_centre(s)[0] + dr, TARGET_COL + dc, True, n)
+              for n, (s, dr, dc) in enumerate([(8, 0.0, 3.0), (11, 0.0, -3.0), (14, 0.0, 3.0)])]
+    consensus = ContextualPromptDistiller((1.0, 1.0)).distill(clicks, scene(), 0)
+    assert [d.status for d in consensus.decisions] == ["kept"] * 3, [d.reason for d in consensus.decisions]
+
+
+def test_a_click_far_beyond_the_others_gets_a_wider_tolerance():
+    """The line's error grows away from the clicks that draw it: a click 8 px off where the line points is moved
+    between the others but kept two gaps past the last of them."""
+    clicks = clicks_every(3)[:6]  # slices 2 .. 17
+    r, c = target_centre(11)
+    between = ContextualPromptDistiller((1.0, 1.0)).distill(clicks[:3] + [SliceClick(11, r, c - 8.0, True, 9)] + clicks[4:], scene(), 0)
+    assert [d.status for d in between.decisions if d.source == 9] == ["moved"]
+    r, c = target_centre(23)
+    beyond = ContextualPromptDistiller((1.0, 1.0)).distill(clicks + [SliceClick(23, r, c - 8.0, True, 9)], scene(), 0)
+    assert [d.status for d in beyond.decisions if d.source == 9] == ["kept"], [d.reason for d in beyond.decisions]
+
+
 def test_drifted_click_off_saliency_is_snapped_back():
     clicks = clicks_every(3)
     r, c = target_centre(8)

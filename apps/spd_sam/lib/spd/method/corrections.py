@@ -12,11 +12,11 @@ axes in order; points are (slice, row, col).
   around the click (box probing), the part holding the click is added (bounded by the size and
   intensity of the structure nearby and, where the mask covers the slice, by the click's distance
   from it: the miss is a local one), and the added region is tracked onto adjacent slices with a
-  box around it while it stays coherent (as 3D assembly trims the ends): a gap's worth of slices
-  toward slices the mask covers, the whole reach past its end, so a click past the structure's
-  end extends it. The click itself is always added. Where the backbone takes a
-  dense prompt, the current mask is fed back with the box and the click (PG-SAM's iterative
-  refinement); box-only backbones get the box.
+  box around it while it stays coherent (as 3D assembly trims the ends). Toward slices the mask
+  covers it goes up to the mask and a share of the reach into it; past the mask's end, the whole
+  reach. So a click past the structure's end extends it and fills the slices between. The click
+  itself is always added. Where the backbone takes a dense prompt, the current mask is fed back
+  with the box and the click (PG-SAM's iterative refinement); box-only backbones get the box.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class CorrectionConfig:
     """How far and how freely corrections act (lengths in mm, reach in gaps between the annotator's clicks)."""
 
     reach_gaps: float = 2.0
-    within_share: float = 0.5  # toward slices the mask already covers, a positive click's part goes this share of it
+    within_share: float = 0.5  # into slices the mask already covers, a positive click's part goes this share of it
     miss_widths: float = 2.0  # on a slice the mask covers, what a positive click adds lies within this many times
     # its distance from the mask
     click_mm: float = 3.0  # radius around a positive click that is added when the decoder's part leaves it out
@@ -148,11 +148,12 @@ def missed_around(mask: np.ndarray, image: np.ndarray, click: Point, decode: Sli
     found = _part_holding(segment(s, box), point)
     part = found
     nearby = mask[max(s - reach, 0):s + reach + 1]
-    if nearby.any():  # what the decoder found must look like, and be no larger than, the structure nearby
+    size = int(nearby.sum(axis=(1, 2)).max())
+    if size:  # what the decoder found must look like, and be no larger than, the structure nearby
         values = image[max(s - reach, 0):s + reach + 1][nearby]
         like = np.abs(image[s] - values.mean()) <= max(config.max_shift * float(values.std()), config.min_shift)
         part = _part_holding(part & like, point)
-        limit = config.max_growth * nearby.sum(axis=(1, 2)).max()
+        limit = config.max_growth * size
         if part.sum() > limit:
             part &= _disc(shape, point, np.sqrt(limit / np.pi))
     r, c = (int(round(v)) for v in point)
@@ -164,23 +165,27 @@ def missed_around(mask: np.ndarray, image: np.ndarray, click: Point, decode: Sli
     if not part[r, c]:  # the click is always answered: at least the decoder's part close around it
         part = (found & _disc(shape, point, config.click_mm / min(pixel_mm))) | _disc(shape, point, 1.0)
     out[s] = part & ~mask[s]
-    # A click past the mask's end extends it by the whole reach; toward slices the mask covers, the miss is local.
+    # A click past the mask's end extends it by the whole reach and bridges back to the mask; toward slices the
+    # mask covers, the miss is local.
     within = max(int(round(config.within_share * reach)), 1)
-    reaches = (within if mask[max(s - reach, 0):s].any() else reach,
-               within if mask[s + 1:s + reach + 1].any() else reach)
-    follow(out, part, s, mask, image, segment, pixel_mm, reaches, blocked, probes, config, bound)
+    covered = np.flatnonzero(mask.any(axis=(1, 2)))
+    gaps = (s - covered[covered < s].max() if (covered < s).any() else np.inf,
+            covered[covered > s].min() - s if (covered > s).any() else np.inf)
+    reaches = tuple(min(gap - 1 + within, reach) if gap <= reach else reach for gap in gaps)
+    follow(out, part, s, mask, image, segment, pixel_mm, reaches, blocked, probes, config, bound, size)
     return out
 
 
 def follow(out: np.ndarray, part: np.ndarray, s: int, mask: np.ndarray, image: np.ndarray,
            segment: Callable[[int, tuple], np.ndarray], pixel_mm: Sequence[float], reach: int | tuple[int, int],
            blocked: np.ndarray | None = None, probes: ProbeConfig = ProbeConfig(),
-           config: CorrectionConfig = CorrectionConfig(), bound: np.ndarray | None = None) -> None:
+           config: CorrectionConfig = CorrectionConfig(), bound: np.ndarray | None = None, size: int = 0) -> None:
     """Track ``part`` (slice ``s``) onto the adjacent slices in both directions, writing into ``out`` what each adds
     to ``mask``: each slice is decoded in the box around the part on the slice before (padded), and the walk stops
     where the part vanishes, stops overlapping the previous one, grows too fast, changes intensity, or is already
     in the mask, or ``reach`` slices on (one number, or (down, up)). ``bound`` (H, W): where the part may lie on
-    every slice."""
+    every slice. ``size``: the structure's largest slice area nearby; a part smaller than that may grow toward
+    it (a click often starts the walk from a small part of a slice) without ending the walk."""
     shape = mask.shape[1:]
     pad = np.ceil(probes.pad_mm / np.asarray(pixel_mm, dtype=float))
     values = image[s][part]
@@ -199,7 +204,8 @@ def follow(out: np.ndarray, part: np.ndarray, s: int, mask: np.ndarray, image: n
                 found &= bound
             area = int(found.sum())
             if (area == 0 or (found & previous).sum() < config.min_overlap * area
-                    or area > config.max_growth * previous.sum() or abs(image[t][found].mean() - mean) > tolerance):
+                    or area > config.max_growth * max(int(previous.sum()), size)
+                    or abs(image[t][found].mean() - mean) > tolerance):
                 break
             new = found & ~mask[t] & (True if blocked is None else ~blocked[t])
             if new.sum() < config.min_new * area:

@@ -2,10 +2,16 @@
 
 Every foreground click is checked twice (dual validation): against the saliency map of its own
 slice, and against the centre line that the clicks on nearby slices draw (a robust Theil-Sen
-line per in-plane coordinate). Clicks that fail are moved to the nearest salient pixel near where
-they should be, or rejected. Slices between validated clicks get prompts interpolated from their
-neighbours. Box extents measured on the validated slices (see ``box_probing``) are carried
-to the slices between them and smoothed across adjacent slices.
+line per in-plane coordinate). A click is kept unless the evidence clearly contradicts it: the
+line judges a click only where at least four other clicked slices draw it, and only beyond a
+distance that grows with how far the click lies from them (a line extrapolated from two drifting
+clicks says little). Beyond the outermost other clicks the line is extrapolated along a structure
+that may curve, so there a salient click is kept whatever the line says. A click off the line is
+moved to the salient pixel nearest to where the line points, rejected when neither it nor anything
+near the line is salient, and kept when it is salient and nothing near the line is. Slices between
+validated clicks get prompts interpolated from their neighbours. Box extents measured on the
+validated slices (see ``box_probing``) are carried to the slices between them and smoothed across
+adjacent slices.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ class CPDConfig:
     centreline_tolerance_mm: float = 7.0
     snap_radius_mm: float = 4.0
     neighbours: int = 6
+    min_line_clicks: int = 4  # other clicked slices needed before the line may judge a click
 
 
 @dataclass
@@ -151,28 +158,36 @@ class ContextualPromptDistiller:
     def _validate(self, click: SliceClick, positives: Sequence[SliceClick], saliency: np.ndarray) -> ClickDecision:
         cfg = self.config
         salient = self._salient_at(saliency, click.row, click.col)
-        expected = self._expected_position(click, positives)
+        line = self._expected_position(click, positives)
         decision = ClickDecision(click.source, click.slice, click.row, click.col, "kept", "")
-        if expected is None:
+        if line is None:
             agrees = None
         else:
+            expected, tolerance, between = line
             deviation = self._distance_mm((click.row, click.col), expected)
-            agrees = deviation <= cfg.centreline_tolerance_mm
+            agrees = deviation <= tolerance or (salient and not between)
         if agrees is False:
+            off_line = (f"{deviation:.1f} mm off the line of the clicks on nearby slices (tolerance "
+                        f"{tolerance:.1f} mm for this click)")
             target = self._nearest_salient(saliency, expected, cfg.centreline_tolerance_mm)
-            if target is None:
+            if target is not None:
+                decision.status, (decision.new_row, decision.new_col) = "moved", target
+                decision.reason = (f"moved: {off_line}; moved within its slice to the salient pixel nearest to "
+                                   f"where the line points")
+            elif not salient:
                 decision.status = "rejected"
-                decision.reason = (f"rejected: {deviation:.1f} mm off the line of the clicks on nearby slices "
-                                   f"(tolerance {cfg.centreline_tolerance_mm:.0f} mm), and nothing salient within "
+                decision.reason = (f"rejected: {off_line}, not salient, and nothing salient within "
                                    f"{cfg.centreline_tolerance_mm:.0f} mm of where the line points")
             else:
-                decision.status, (decision.new_row, decision.new_col) = "moved", target
-                decision.reason = (f"moved: {deviation:.1f} mm off the line of the clicks on nearby slices "
-                                   f"(tolerance {cfg.centreline_tolerance_mm:.0f} mm); moved within its slice to the "
-                                   f"salient pixel nearest to where the line points")
+                decision.reason = (f"kept: {off_line}, but salient, and nothing salient within "
+                                   f"{cfg.centreline_tolerance_mm:.0f} mm of where the line points")
+        elif salient and agrees is None:
+            decision.reason = "kept: salient (too few clicks on other slices to draw a line)"
+        elif salient and deviation <= tolerance:
+            decision.reason = "kept: salient, and on the line of the clicks on nearby slices"
         elif salient:
-            decision.reason = ("kept: salient, and on the line of the clicks on nearby slices" if agrees
-                               else "kept: salient (too few clicks on other slices to draw a line)")
+            decision.reason = (f"kept: salient; {deviation:.1f} mm off the line of the clicks on nearby slices, but "
+                               f"beyond the outermost of them, where the line is extrapolated")
         else:
             target = self._nearest_salient(saliency, (click.row, click.col), cfg.snap_radius_mm)
             if target is None:
@@ -188,14 +203,24 @@ class ContextualPromptDistiller:
         return decision
 
     def _expected_position(self, click: SliceClick, positives: Sequence[SliceClick]):
+        """Where the line of the nearby clicks puts this click, how far from there it may lie, and whether the click
+        lies between those clicks (else the line is extrapolated); None when fewer than ``min_line_clicks`` other
+        slices are clicked (too few to tell a bad click from a bad line).
+
+        The tolerance is ``centreline_tolerance_mm`` widened by the click's leverage (as a least-squares
+        prediction's error grows away from the points that draw the line).
+        """
+        cfg = self.config
         others = [c for c in positives if c.slice != click.slice]
-        if len({c.slice for c in others}) < 2:
+        if len({c.slice for c in others}) < cfg.min_line_clicks:
             return None
-        others = sorted(others, key=lambda c: abs(c.slice - click.slice))[: self.config.neighbours]
+        others = sorted(others, key=lambda c: abs(c.slice - click.slice))[: cfg.neighbours]
         s = np.array([c.slice for c in others], dtype=float)
-        rows = np.array([c.row for c in others])
-        cols = np.array([c.col for c in others])
-        return theil_sen_predict(s, rows, click.slice), theil_sen_predict(s, cols, click.slice)
+        expected = (theil_sen_predict(s, np.array([c.row for c in others]), click.slice),
+                    theil_sen_predict(s, np.array([c.col for c in others]), click.slice))
+        leverage = 1 / len(s) + (click.slice - s.mean()) ** 2 / max(float(((s - s.mean()) ** 2).sum()), 1e-9)
+        tolerance = cfg.centreline_tolerance_mm * float(np.sqrt(1 + leverage))
+        return expected, tolerance, bool(s.min() < click.slice < s.max())
 
     # -- consensus prompts -----------------------------------------------------------------
     def _prompts_per_slice(self, validated, clicks, saliency, first_slice) -> dict[int, SlicePrompt]:
