@@ -21,7 +21,7 @@ from .assembly import keep_prompted_components
 from .box_prompt import segment_box
 from .corrections import ClickEffect, CorrectionConfig, leak_around, missed_around
 from .intensity import IntensityWindow
-from .pipeline import Segmentation, SPDPipeline, VolumeView, slice_margin
+from .pipeline import Segmentation, SPDPipeline, VolumeView, click_gap
 from .prompts import Click, medial_point
 
 
@@ -130,7 +130,7 @@ class Interactions:
             if clicks:
                 return self._correct_and_record(key, session, volume, spacing, volume_id, list(clicks), window)
         session = Session(tuple(clicks), seg.axis, roi, model_version, seg, np.zeros(volume.shape, dtype=bool),
-                          _defenders(seg), slice_margin([c.ijk[seg.axis] for c in clicks if c.positive]))
+                          _defenders(seg), click_gap([c.ijk[seg.axis] for c in clicks if c.positive]))
         self.store.put(key, session)
         return Outcome(seg, self._record(session, "new", []))
 

@@ -97,15 +97,20 @@ class Plan:
     probe_source: str = "default sizes"  # which probe sizes measured the anchored slices' boxes
 
 
-def slice_margin(click_slices: Sequence[int]) -> int:
-    """Slices to segment beyond the outermost clicks: the typical gap between clicks (at least 2).
-
-    Annotators click every few slices along a structure, so it ends within about one gap of the
-    outermost clicks; ``trim_unanchored_ends`` then drops the slices where it has ended.
-    """
+def click_gap(click_slices: Sequence[int]) -> int:
+    """The typical number of slices between the annotator's clicked slices (at least 2; 2 for one clicked slice)."""
     unique = np.unique(click_slices)
-    gap = int(np.median(np.diff(unique))) if unique.size > 1 else 2
-    return max(2, gap)
+    return max(2, int(np.median(np.diff(unique)))) if unique.size > 1 else 2
+
+
+def slice_margin(click_slices: Sequence[int]) -> int:
+    """Slices to segment beyond the outermost clicks: half the typical gap between clicks (2 for one clicked slice).
+
+    An annotator who clicks every few slices starts and stops somewhere within one gap of a structure's ends, on
+    average half a gap inside them; ``trim_unanchored_ends`` then drops the slices where it has ended. Segmenting a
+    whole gap past the ends added slices beyond small structures that the trim, on untrained saliency, kept.
+    """
+    return click_gap(click_slices) // 2 if np.unique(click_slices).size > 1 else 2
 
 
 class SPDPipeline:
