@@ -89,6 +89,16 @@ def test_a_positive_click_where_the_structure_narrows_past_the_end_is_bridged_ba
     assert (added & ~truth).sum() == 0
 
 
+def test_the_slices_the_walk_cannot_cross_between_the_mask_and_a_click_past_its_end_are_bridged():
+    image, _, truth = leaking_tube(leak=(0, 0))
+    image[12:15][:, truth[0]] = 0.6  # dimmer on the slices between: the walk stops at the intensity change
+    mask = truth.copy()
+    mask[12:] = False
+    added = missed_around(mask, image, (15, 24, 20), threshold_in_box(image), (1.0, 1.0), reach=6, dense=False)
+    assert added[12:15].any(axis=(1, 2)).all(), "the slices between are filled"
+    assert (added & ~truth).sum() == 0 and not (added & mask).any()
+
+
 def test_a_positive_click_the_decoder_leaves_out_is_still_answered():
     image, mask, _ = leaking_tube(leak=(0, 0))  # the decoder finds only the tube, already in the mask
     added = missed_around(mask, image, (5, 40, 40), threshold_in_box(image), (1.0, 1.0), reach=6, dense=False)

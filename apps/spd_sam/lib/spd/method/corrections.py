@@ -14,8 +14,9 @@ axes in order; points are (slice, row, col).
   from it: the miss is a local one), and the added region is tracked onto adjacent slices with a
   box around it while it stays coherent (as 3D assembly trims the ends). Toward slices the mask
   covers it goes up to the mask and a share of the reach into it; past the mask's end, the whole
-  reach. So a click past the structure's end extends it and fills the slices between. The click
-  itself is always added. Where the backbone takes a dense prompt, the current mask is fed back
+  reach. So a click past the structure's end extends it and fills the slices between; those the
+  walk leaves empty are decoded in boxes interpolated between the click's part and the mask's
+  end (as SPD fills the slices between clicks). The click itself is always added. Where the backbone takes a dense prompt, the current mask is fed back
   with the box and the click (PG-SAM's iterative refinement); box-only backbones get the box.
 """
 
@@ -173,7 +174,32 @@ def missed_around(mask: np.ndarray, image: np.ndarray, click: Point, decode: Sli
             covered[covered > s].min() - s if (covered > s).any() else np.inf)
     reaches = tuple(min(gap - 1 + within, reach) if gap <= reach else reach for gap in gaps)
     follow(out, part, s, mask, image, segment, pixel_mm, reaches, blocked, probes, config, bound, size)
+    for gap, step in zip(gaps, (-1, 1)):
+        if 1 < gap <= reach:
+            bridge(out, part, s, s + step * int(gap), mask, segment, pixel_mm, blocked, probes)
     return out
+
+
+def bridge(out: np.ndarray, part: np.ndarray, s: int, end: int, mask: np.ndarray,
+           segment: Callable[[int, tuple], np.ndarray], pixel_mm: Sequence[float], blocked: np.ndarray | None = None,
+           probes: ProbeConfig = ProbeConfig()) -> None:
+    """Fill the slices between ``part`` (slice ``s``) and the mask's nearest slice ``end`` that are still empty in
+    ``mask`` and ``out``: each is decoded in a box interpolated between the part's and the mask's boxes (padded), as
+    SPD fills the slices between clicks, and what the decoder finds in that box is added."""
+    shape = mask.shape[1:]
+    pad = probes.pad_mm / np.asarray(pixel_mm, dtype=float)
+    near, far = _bbox(part), _bbox(mask[end])
+    step = 1 if end > s else -1
+    for t in range(s + step, end, step):
+        if out[t].any() or mask[t].any():
+            continue
+        w = (t - s) / (end - s)
+        r0, c0, r1, c1 = (1 - w) * near + w * far
+        box = (max(r0 - pad[0], 0.0), max(c0 - pad[1], 0.0), min(r1 + pad[0], shape[0] - 1.0),
+               min(c1 + pad[1], shape[1] - 1.0))
+        inside = np.zeros(shape, dtype=bool)
+        inside[int(box[0]):int(np.ceil(box[2])) + 1, int(box[1]):int(np.ceil(box[3])) + 1] = True
+        out[t] = segment(t, box) & inside & (True if blocked is None else ~blocked[t])
 
 
 def follow(out: np.ndarray, part: np.ndarray, s: int, mask: np.ndarray, image: np.ndarray,
@@ -226,6 +252,11 @@ def _part_holding(mask: np.ndarray, point: np.ndarray) -> np.ndarray:
         _, (ri, ci) = ndimage.distance_transform_edt(labels == 0, return_indices=True)
         r, c = ri[r, c], ci[r, c]
     return labels == labels[r, c]
+
+
+def _bbox(mask: np.ndarray) -> np.ndarray:
+    rows, cols = np.nonzero(mask)
+    return np.array([rows.min(), cols.min(), rows.max(), cols.max()], dtype=float)
 
 
 def _disc(shape, centre: np.ndarray, radius: float) -> np.ndarray:
