@@ -16,8 +16,9 @@ axes in order; points are (slice, row, col).
   covers it goes up to the mask and a share of the reach into it; past the mask's end, the whole
   reach. So a click past the structure's end extends it and fills the slices between; those the
   walk leaves empty are decoded in boxes interpolated between the click's part and the mask's
-  end (as SPD fills the slices between clicks). The click itself is always added. Where the backbone takes a dense prompt, the current mask is fed back
-  with the box and the click (PG-SAM's iterative refinement); box-only backbones get the box.
+  end (as SPD fills the slices between clicks). The click itself is always added. Where the
+  backbone takes a dense prompt, the current mask is fed back with the box and the click (PG-SAM's
+  iterative refinement); box-only backbones get the box.
 """
 
 from __future__ import annotations
