@@ -1,4 +1,5 @@
-"""The mask memo decodes only slices whose prompts changed, and returns what the decoder returned."""
+"""The mask memo decodes only slices whose prompts changed, and returns what the decoder returned (masks and
+predicted IoUs)."""
 
 import numpy as np
 
@@ -12,20 +13,21 @@ def fake_decoder(calls):
         logits = np.full((len(rows), 8, 9), -1.0, dtype=np.float32)
         for n, (r0, c0, r1, c1) in enumerate(prompts.boxes.astype(int)):
             logits[n, r0:r1 + 1, c0:c1 + 1] = 1.0
-        return logits
+        return logits, prompts.boxes[:, 2] / 10  # a score that differs between slices
     return decode
 
 
 def test_repeat_decodes_only_changed_slices():
     memo, calls = MaskMemo(), []
     boxes = np.array([[0, 0, 3, 3], [1, 1, 4, 4], [2, 2, 5, 5]], dtype=np.float32)
-    first = memo.masks("v", [10, 11, 12], PromptBatch(boxes=boxes), (8, 9), fake_decoder(calls))
+    first, first_iou = memo.masks("v", [10, 11, 12], PromptBatch(boxes=boxes), (8, 9), fake_decoder(calls))
     boxes2 = boxes.copy()
     boxes2[1] = [0, 0, 7, 8]
-    second = memo.masks("v", [10, 11, 12], PromptBatch(boxes=boxes2), (8, 9), fake_decoder(calls))
+    second, second_iou = memo.masks("v", [10, 11, 12], PromptBatch(boxes=boxes2), (8, 9), fake_decoder(calls))
     assert calls == [[0, 1, 2], [1]]
     assert (second[[0, 2]] == first[[0, 2]]).all() and second[1].all()
     assert first[0, :4, :4].all() and not first[0, 5:].any()
+    assert np.allclose(first_iou, [0.3, 0.4, 0.5]) and np.allclose(second_iou, [0.3, 0.7, 0.5])
 
 
 def test_other_volume_or_slice_is_not_confused():

@@ -107,6 +107,7 @@ class SPDInfer(InferTask):
             "box_probes": seg.box_probes,
             "slice_range": list(seg.slice_range),
             "focus": focus_bounds(seg),
+            "predicted_iou": seg.predicted_iou,
             "voxels": int(seg.mask.sum()),
             "interaction": outcome.record,  # new session, correction (what it changed) or unchanged
             "backbone": {"name": self.pipeline.backbone.name, "runtime": self.pipeline.backbone.runtime,

@@ -41,6 +41,7 @@ class Segmentation:
     box_probes: str = "default sizes"  # or "learned sizes (axis N)"
     focus: Region | None = None  # the in-plane region (rows, cols) decoded in; None: whole slices
     prompts: Consensus | None = None  # the consensus prompts (with boxes) the masks were decoded from
+    predicted_iou: dict = field(default_factory=dict)  # mean IoU the decoder predicted, per place decoded in
 
 
 @dataclass
@@ -238,31 +239,40 @@ class SPDPipeline:
             label: structure name, selects a trained saliency head.
             slice_axis: axis to segment along (None: chosen from the clicks).
             roi: optional ((i0, i1), (j0, j1), (k0, k1)) bounds; nothing is segmented outside.
-            focus: decode the consensus boxes on a region around them, embedded on its own at the encoder's
-                full input size (see ``focus.py``), when the pipeline has a focus config; False: whole slices.
+            focus: also decode the consensus boxes on a region around them, embedded on its own at the encoder's
+                full input size (see ``focus.py``), when the pipeline has a focus config; the masks of whichever
+                place the decoder predicts the higher mean IoU for are kept. False: whole slices.
         """
         plan = self.plan(volume, spacing, volume_id, clicks, window, label, slice_axis, roi)
         timings, view, saliency, first = plan.timings, plan.view, plan.saliency, plan.first
         indices = list(range(first, first + len(plan.embeddings)))
-        key, embeddings, boxes = plan.key, plan.embeddings, np.array([plan.consensus.prompts[s].box for s in indices])
+        tic = time.perf_counter()
+        masks, predicted = self._decode(plan.key, plan.embeddings, plan.consensus, saliency, first, view)
+        timings["decode"] = round(time.perf_counter() - tic, 4)
+        scores = {"whole slices": round(float(predicted.mean()), 4)}
         region = None
         if focus and self.focus is not None:
+            boxes = np.array([plan.consensus.prompts[s].box for s in indices])
             pixel_mm = [float(spacing[a]) for a in view.in_plane]
             region = self._focus_region((volume_id, view.axis, label), boxes.reshape(-1, 2), pixel_mm, view.slice_shape)
         if region is not None:
             tic = time.perf_counter()
-            view = view.focused(region)
-            key, embeddings = self.cache_key(volume_id, view), self._embeddings_on_device(volume_id, view, indices)
-            saliency = saliency[(slice(None), *region)]
-            timings["embed_focus"] = round(time.perf_counter() - tic, 4)
-        tic = time.perf_counter()
-        masks = self._decode(key, embeddings, plan.consensus, saliency, first, view)
-        timings["decode"] = round(time.perf_counter() - tic, 4)
+            focused = view.focused(region)
+            embeddings = self._embeddings_on_device(volume_id, focused, indices)
+            focus_saliency = saliency[(slice(None), *region)]
+            focus_masks, focus_predicted = self._decode(self.cache_key(volume_id, focused), embeddings, plan.consensus,
+                                                        focus_saliency, first, focused)
+            timings["focus"] = round(time.perf_counter() - tic, 4)
+            scores["focus square"] = round(float(focus_predicted.mean()), 4)
+            if scores["focus square"] >= scores["whole slices"]:
+                view, masks, saliency = focused, focus_masks, focus_saliency
+            else:  # the decoder trusts its whole-slice masks more (large or high-contrast structures)
+                region = None
         tic = time.perf_counter()
         mask = self._assemble(masks, saliency, plan.consensus, view, first, roi)
         timings["assemble"] = round(time.perf_counter() - tic, 4)
         return Segmentation(mask, view.axis, (first, indices[-1]), plan.consensus.record(view.in_plane, view.axis),
-                            timings, plan.saliency_source, plan.probe_source, region, plan.consensus)
+                            timings, plan.saliency_source, plan.probe_source, region, plan.consensus, scores)
 
     def plan(
         self,
@@ -320,7 +330,7 @@ class SPDPipeline:
         key = self.cache_key(volume_id, view)
 
         def probe(at: list[int], boxes: np.ndarray) -> np.ndarray:
-            return self._masks(key, at, embeddings[[s - first for s in at]], PromptBatch(boxes=boxes), view.slice_shape)
+            return self._masks(key, at, embeddings[[s - first for s in at]], PromptBatch(boxes=boxes), view.slice_shape)[0]
 
         anchors = {s: np.mean(p.positives, axis=0) for s, p in consensus.prompts.items() if p.anchored}
         probes = self.probe_config(label, axis)
@@ -373,7 +383,7 @@ class SPDPipeline:
         local = PromptBatch(None if boxes is None else boxes.astype(np.float32),
                             None if points is None else points.astype(np.float32), labels, dense)
         embeddings = self._embeddings_on_device(volume_id, view, slices)
-        masks = self._masks(self.cache_key(volume_id, view), slices, embeddings, local, view.slice_shape)
+        masks, _ = self._masks(self.cache_key(volume_id, view), slices, embeddings, local, view.slice_shape)
         whole = np.zeros((len(slices), *view.focused(None).slice_shape), dtype=bool)
         whole[:, r0:r0 + h, c0:c0 + w] = masks
         return whole
@@ -383,9 +393,10 @@ class SPDPipeline:
         (serving switches whole states with :meth:`serve` instead)."""
         self.memo = MaskMemo()
 
-    def _decode(self, key: str, embeddings, consensus: Consensus, saliency, first: int, view: VolumeView) -> np.ndarray:
+    def _decode(self, key: str, embeddings, consensus: Consensus, saliency, first: int, view: VolumeView
+                ) -> tuple[np.ndarray, np.ndarray]:
         """Masks of every slice of the view (and its region) from its consensus prompts (points only for
-        point-trained backbones)."""
+        point-trained backbones), and the IoU the decoder predicts for each."""
         prompts = [consensus.prompts[first + n] for n in range(embeddings.shape[0])]
         shift = np.array(view.origin, dtype=np.float32)
         boxes = np.array([p.box for p in prompts], dtype=np.float32) - np.tile(shift, 2)
@@ -398,14 +409,13 @@ class SPDPipeline:
         slices = [p.slice for p in prompts]
         return self._masks(key, slices, embeddings, PromptBatch(boxes, points, labels, dense), view.slice_shape)
 
-    def _masks(self, key: str, slices: list[int], embeddings: torch.Tensor, prompts: PromptBatch, slice_shape) -> np.ndarray:
-        """Bool masks, decoding in chunks only what the memo does not hold."""
-        def decode(rows: list[int], subset: PromptBatch) -> np.ndarray:
-            out = []
-            for start in range(0, len(rows), self.decode_chunk):
-                part = slice(start, start + self.decode_chunk)
-                out.append(self.backbone.decode(embeddings[rows[part]], subset.rows(part), slice_shape, binary=True))
-            return np.concatenate(out)
+    def _masks(self, key: str, slices: list[int], embeddings: torch.Tensor, prompts: PromptBatch, slice_shape
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Bool masks and their predicted IoUs, decoding in chunks only what the memo does not hold."""
+        def decode(rows: list[int], subset: PromptBatch) -> tuple[np.ndarray, np.ndarray]:
+            parts = [self.backbone.decode_scored(embeddings[rows[part]], subset.rows(part), slice_shape, binary=True)
+                     for part in (slice(start, start + self.decode_chunk) for start in range(0, len(rows), self.decode_chunk))]
+            return np.concatenate([m for m, _ in parts]), np.concatenate([q for _, q in parts])
 
         return self.memo.masks(key, slices, prompts, slice_shape, decode)
 

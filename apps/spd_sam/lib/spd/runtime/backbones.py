@@ -206,26 +206,33 @@ class Backbone:
         Returns:
             (N, H, W) float32 mask logits at slice resolution (threshold 0), or bool masks when ``binary``.
         """
+        return self.decode_scored(embeddings, prompts, slice_shape, binary)[0]
+
+    def decode_scored(self, embeddings: torch.Tensor, prompts: PromptBatch, slice_shape: tuple[int, int],
+                      binary: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`decode`, with the IoU that the decoder's own head predicts for each mask ((N,) float32)."""
         n = len(embeddings)
         _check_prompts(prompts, n, slice_shape)
         geometry = Geometry(tuple(int(v) for v in slice_shape), self.image_size)
         with torch.inference_mode():
             if self.batch_decoding:
-                return _to_numpy(self.decode_logits(embeddings.to(self.device), prompts, geometry), binary)
+                logits, predicted_iou = self.decode_logits(embeddings.to(self.device), prompts, geometry)
+                return _to_numpy(logits, binary), predicted_iou.float().cpu().numpy()
             out = np.empty((n, *geometry.slice_shape), dtype=bool if binary else np.float32)
+            scores = np.empty(n, dtype=np.float32)
             for i in range(n):
                 one = prompts.rows(slice(i, i + 1))
                 window = self.window(one, geometry, embeddings.shape[-1]) if self.crop_decoding else None
-                out[i] = _to_numpy(self.decode_logits(embeddings[i:i + 1].to(self.device), one, geometry, window),
-                                   binary)[0]
-        return out
+                logits, predicted_iou = self.decode_logits(embeddings[i:i + 1].to(self.device), one, geometry, window)
+                out[i], scores[i] = _to_numpy(logits, binary)[0], float(predicted_iou[0])
+        return out, scores
 
     def decode_logits(self, embeddings: torch.Tensor, prompts: PromptBatch, geometry: Geometry,
-                      window: tuple[slice, slice] | None = None) -> torch.Tensor:
+                      window: tuple[slice, slice] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The one decoding of serving and training: (N, C, g, g) embeddings on the device and their prompts ->
-        (N, H, W) float logits at slice resolution, the decoder run on the embedding ``window`` (rows, cols of
-        the grid; None: all of it). The prompt encoder is frozen; outside inference mode, gradients flow into
-        the mask decoder."""
+        (N, H, W) float logits at slice resolution and (N,) predicted IoUs, the decoder run on the embedding
+        ``window`` (rows, cols of the grid; None: all of it). The prompt encoder is frozen; outside inference
+        mode, gradients flow into the mask decoder."""
         boxes, points = self.model_prompts(prompts, slice(None), geometry)
         masks = None
         if prompts.mask_logits is not None and self.uses_mask_prompt:
@@ -234,9 +241,9 @@ class Backbone:
             sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=masks)
         grid = embeddings.shape[-1]
         rows, cols = window or (slice(0, grid), slice(0, grid))
-        low_res = decode_prompted(self.model.mask_decoder, embeddings[..., rows, cols], self._dense_pe[..., rows, cols],
-                                  sparse, dense[..., rows, cols])
-        return paste_and_resize(low_res, rows, cols, grid, self.image_size, geometry)
+        low_res, predicted_iou = decode_prompted(self.model.mask_decoder, embeddings[..., rows, cols],
+                                                 self._dense_pe[..., rows, cols], sparse, dense[..., rows, cols])
+        return paste_and_resize(low_res, rows, cols, grid, self.image_size, geometry), predicted_iou
 
     def model_prompts(self, prompts: PromptBatch, rows: slice, geometry: Geometry
                       ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:

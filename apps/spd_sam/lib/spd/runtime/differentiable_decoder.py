@@ -47,5 +47,5 @@ class DifferentiableDecoder(nn.Module):
             prompts = PromptBatch(boxes=np.asarray(boxes, dtype=np.float32))
             window = self.backbone.window(prompts, geometry, embeddings.shape[-1])
             logits.append(self.backbone.decode_logits(embeddings.to(self.backbone.device, torch.float32), prompts,
-                                                      geometry, window))
+                                                      geometry, window)[0])
         return logits

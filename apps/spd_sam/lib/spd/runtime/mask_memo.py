@@ -37,7 +37,8 @@ def _pattern(shape: tuple[int, int]) -> torch.Tensor:
 
 
 class MaskMemo:
-    """LRU of bit-packed slice masks keyed by (volume view, slice, prompts).
+    """LRU of bit-packed slice masks, with the decoder's predicted IoU of each, keyed by (volume view, slice,
+    prompts).
 
     Args:
         max_items: masks kept (a 256x256 mask takes 8 KiB packed).
@@ -45,37 +46,42 @@ class MaskMemo:
 
     def __init__(self, max_items: int = 8192):
         self.max_items = max_items
-        self._items: OrderedDict[Hashable, np.ndarray] = OrderedDict()
+        self._items: OrderedDict[Hashable, tuple[np.ndarray, float]] = OrderedDict()
         self._lock = threading.Lock()
 
     def masks(self, view_key: str, slices: Sequence[int], prompts: PromptBatch, shape: tuple[int, int],
-              decode: Callable[[list[int], PromptBatch], np.ndarray]) -> np.ndarray:
-        """(N, H, W) bool masks; ``decode(positions, prompts_subset)`` runs for the slices not remembered.
+              decode: Callable[[list[int], PromptBatch], tuple[np.ndarray, np.ndarray]]
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """(N, H, W) bool masks and their (N,) predicted IoUs; ``decode(positions, prompts_subset)`` runs for the
+        slices not remembered.
 
         Args:
             view_key: names the volume, axis, backbone and window.
             slices: slice index of each prompt row.
             prompts: one row per entry of ``slices``.
             shape: slice shape.
-            decode: returns logits for the given row positions.
+            decode: returns logits and predicted IoUs for the given row positions.
         """
         digests = dense_digests(prompts.mask_logits) if prompts.mask_logits is not None else [None] * len(slices)
         keys = [(view_key, s, prompt_key(prompts, i, digests[i])) for i, s in enumerate(slices)]
         out = np.zeros((len(slices), *shape), dtype=bool)
+        scores = np.zeros(len(slices), dtype=np.float32)
         todo = []
         with self._lock:
             for i, key in enumerate(keys):
-                packed = self._items.get(key)
-                if packed is None:
+                item = self._items.get(key)
+                if item is None:
                     todo.append(i)
                 else:
                     self._items.move_to_end(key)
-                    out[i] = np.unpackbits(packed, count=shape[0] * shape[1]).reshape(shape).astype(bool)
+                    out[i] = np.unpackbits(item[0], count=shape[0] * shape[1]).reshape(shape).astype(bool)
+                    scores[i] = item[1]
         if todo:
-            out[todo] = decode(todo, prompts.rows(todo)) > 0
+            logits, scores[todo] = decode(todo, prompts.rows(todo))
+            out[todo] = logits > 0
             with self._lock:
                 for i in todo:
-                    self._items[keys[i]] = np.packbits(out[i])
+                    self._items[keys[i]] = (np.packbits(out[i]), float(scores[i]))
                 while len(self._items) > self.max_items:
                     self._items.popitem(last=False)
-        return out
+        return out, scores
