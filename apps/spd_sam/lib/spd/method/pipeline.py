@@ -41,7 +41,7 @@ class Segmentation:
     box_probes: str = "default sizes"  # or "learned sizes (axis N)"
     focus: Region | None = None  # the in-plane region (rows, cols) decoded in; None: whole slices
     prompts: Consensus | None = None  # the consensus prompts (with boxes) the masks were decoded from
-    predicted_iou: dict = field(default_factory=dict)  # mean IoU the decoder predicted, per place decoded in
+    predicted_iou: dict = field(default_factory=dict)  # mean IoU the decoder predicted: per place compared, and served
 
 
 @dataclass
@@ -239,18 +239,15 @@ class SPDPipeline:
             label: structure name, selects a trained saliency head.
             slice_axis: axis to segment along (None: chosen from the clicks).
             roi: optional ((i0, i1), (j0, j1), (k0, k1)) bounds; nothing is segmented outside.
-            focus: also decode the consensus boxes on a region around them, embedded on its own at the encoder's
-                full input size (see ``focus.py``), when the pipeline has a focus config; the masks of whichever
-                place the decoder predicts the higher mean IoU for are kept. False: whole slices.
+            focus: also consider decoding on a region around the consensus boxes, embedded on its own at the
+                encoder's full input size (see ``focus.py``), when the pipeline has a focus config: the place
+                whose masks on the anchored slices the decoder predicts the higher mean IoU for is decoded. False:
+                whole slices.
         """
         plan = self.plan(volume, spacing, volume_id, clicks, window, label, slice_axis, roi)
         timings, view, saliency, first = plan.timings, plan.view, plan.saliency, plan.first
         indices = list(range(first, first + len(plan.embeddings)))
-        tic = time.perf_counter()
-        masks, predicted = self._decode(plan.key, plan.embeddings, plan.consensus, saliency, first, view)
-        timings["decode"] = round(time.perf_counter() - tic, 4)
-        scores = {"whole slices": round(float(predicted.mean()), 4)}
-        region = None
+        region, embeddings, scores = None, plan.embeddings, {}
         if focus and self.focus is not None:
             boxes = np.array([plan.consensus.prompts[s].box for s in indices])
             pixel_mm = [float(spacing[a]) for a in view.in_plane]
@@ -258,16 +255,25 @@ class SPDPipeline:
         if region is not None:
             tic = time.perf_counter()
             focused = view.focused(region)
-            embeddings = self._embeddings_on_device(volume_id, focused, indices)
-            focus_saliency = saliency[(slice(None), *region)]
-            focus_masks, focus_predicted = self._decode(self.cache_key(volume_id, focused), embeddings, plan.consensus,
-                                                        focus_saliency, first, focused)
-            timings["focus"] = round(time.perf_counter() - tic, 4)
-            scores["focus square"] = round(float(focus_predicted.mean()), 4)
+            anchored = [s for s in indices if plan.consensus.prompts[s].anchored]
+            rows = [s - first for s in anchored]
+            _, predicted = self._decode(plan.key, plan.embeddings[rows], plan.consensus, saliency[rows], anchored, view)
+            scores["whole slices"] = round(float(predicted.mean()), 4)
+            _, predicted = self._decode(self.cache_key(volume_id, focused),
+                                        self.embed(volume_id, focused, anchored).to(self.backbone.device),
+                                        plan.consensus, saliency[rows][(slice(None), *region)], anchored, focused)
+            scores["focus square"] = round(float(predicted.mean()), 4)
             if scores["focus square"] >= scores["whole slices"]:
-                view, masks, saliency = focused, focus_masks, focus_saliency
+                view, saliency = focused, saliency[(slice(None), *region)]
+                embeddings = self._embeddings_on_device(volume_id, view, indices)
             else:  # the decoder trusts its whole-slice masks more (large or high-contrast structures)
                 region = None
+            timings["place"] = round(time.perf_counter() - tic, 4)
+        tic = time.perf_counter()
+        masks, predicted = self._decode(self.cache_key(volume_id, view), embeddings, plan.consensus, saliency, indices,
+                                        view)  # the anchored slices of the place chosen are remembered
+        scores["served"] = round(float(predicted.mean()), 4)
+        timings["decode"] = round(time.perf_counter() - tic, 4)
         tic = time.perf_counter()
         mask = self._assemble(masks, saliency, plan.consensus, view, first, roi)
         timings["assemble"] = round(time.perf_counter() - tic, 4)
@@ -393,11 +399,12 @@ class SPDPipeline:
         (serving switches whole states with :meth:`serve` instead)."""
         self.memo = MaskMemo()
 
-    def _decode(self, key: str, embeddings, consensus: Consensus, saliency, first: int, view: VolumeView
+    def _decode(self, key: str, embeddings, consensus: Consensus, saliency, slices: list[int], view: VolumeView
                 ) -> tuple[np.ndarray, np.ndarray]:
-        """Masks of every slice of the view (and its region) from its consensus prompts (points only for
-        point-trained backbones), and the IoU the decoder predicts for each."""
-        prompts = [consensus.prompts[first + n] for n in range(embeddings.shape[0])]
+        """Masks of ``slices`` of the view (and its region) from their consensus prompts (points only for
+        point-trained backbones), and the IoU the decoder predicts for each; ``embeddings`` and ``saliency`` hold
+        the same slices."""
+        prompts = [consensus.prompts[s] for s in slices]
         shift = np.array(view.origin, dtype=np.float32)
         boxes = np.array([p.box for p in prompts], dtype=np.float32) - np.tile(shift, 2)
         points = labels = dense = None
@@ -406,8 +413,7 @@ class SPDPipeline:
             points = points - shift
         if self.backbone.uses_mask_prompt:
             dense = torch.logit(torch.as_tensor(saliency, device=self.backbone.device), eps=1e-4)
-        slices = [p.slice for p in prompts]
-        return self._masks(key, slices, embeddings, PromptBatch(boxes, points, labels, dense), view.slice_shape)
+        return self._masks(key, list(slices), embeddings, PromptBatch(boxes, points, labels, dense), view.slice_shape)
 
     def _masks(self, key: str, slices: list[int], embeddings: torch.Tensor, prompts: PromptBatch, slice_shape
                ) -> tuple[np.ndarray, np.ndarray]:
