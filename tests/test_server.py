@@ -80,10 +80,14 @@ def test_rough_clicks_segment_the_right_caudate(client, atlas, caudate_clicks):
     assert consensus["added"], "slices between clicks get prompts"
     first, last = result["slice_range"]
     assert first <= min(c[2] for c in caudate_clicks) and last >= max(c[2] for c in caudate_clicks)
-    bounds = result["focus"]  # the caudate is small on its slices: decoded in a region around it
-    assert bounds[2] == [first, last]
-    assert all(lo <= v <= hi for (lo, hi), v in zip(bounds, np.argwhere(mask).min(axis=0)))
-    assert all(lo <= v <= hi for (lo, hi), v in zip(bounds, np.argwhere(mask).max(axis=0)))
+    scores = result["predicted_iou"]  # the caudate is small on its slices: a square around it is tried
+    assert {"whole slices", "focus square", "served"} <= set(scores)
+    bounds = result["focus"]  # the square's block, or None where the decoder trusts whole slices more
+    assert (bounds is None) == (scores["whole slices"] > scores["focus square"])
+    if bounds is not None:
+        assert bounds[2] == [first, last]
+        assert all(lo <= v <= hi for (lo, hi), v in zip(bounds, np.argwhere(mask).min(axis=0)))
+        assert all(lo <= v <= hi for (lo, hi), v in zip(bounds, np.argwhere(mask).max(axis=0)))
     assert result["backbone"]["name"] == "lite_medsam"
     assert {"embed", "decode", "total"} <= set(result["timing"])
 
@@ -143,7 +147,7 @@ def test_a_negative_click_on_a_leak_removes_it_there_and_on_its_neighbours_only(
     params = {"label": "right_caudate", "foreground": caudate_clicks, "background": []}
     before, first = _mask(client, IMAGE, params)
     assert first["interaction"]["mode"] == "new"
-    leak = _largest_part(before & ~truth)
+    leak = _largest_part(ndimage.binary_opening(before & ~truth))  # a leak, not the boundary's one-voxel rim
     click = _deepest(leak)
     after, result = _mask(client, IMAGE, dict(params, background=[click]))
     removed = before & ~after
@@ -153,7 +157,7 @@ def test_a_negative_click_on_a_leak_removes_it_there_and_on_its_neighbours_only(
           f"{result['timing']['total']:.2f} s")
     assert record["mode"] == "correction" and record["step"] == 1 and record["clicks"] == len(caudate_clicks) + 1
     assert not after[tuple(click)] and not (after & ~before).any()
-    assert (removed & leak).sum() >= 0.6 * removed.sum(), "what goes is the leak"
+    assert (removed & ~truth).sum() >= 0.6 * removed.sum(), "what goes is not the structure"
     assert (removed & leak).sum() >= 0.3 * leak.sum(), "a good part of the leak goes"
     k = click[2]
     leak_slices = set(np.flatnonzero(leak.any((0, 1))))
