@@ -266,7 +266,7 @@ class SPDPipeline:
             if scores["focus square"] >= scores["whole slices"]:
                 view, saliency = focused, saliency[(slice(None), *region)]
                 embeddings = self._embeddings_on_device(volume_id, view, indices)
-            else:  # the decoder trusts its whole-slice masks more (large or high-contrast structures)
+            else:  # the decoder trusts its whole-slice masks more (as on the CT tube phantom)
                 region = None
             timings["place"] = round(time.perf_counter() - tic, 4)
         tic = time.perf_counter()
