@@ -254,17 +254,9 @@ class SPDPipeline:
             region = self._focus_region((volume_id, view.axis, label), boxes.reshape(-1, 2), pixel_mm, view.slice_shape)
         if region is not None:
             tic = time.perf_counter()
-            focused = view.focused(region)
-            anchored = [s for s in indices if plan.consensus.prompts[s].anchored]
-            rows = [s - first for s in anchored]
-            _, predicted = self._decode(plan.key, plan.embeddings[rows], plan.consensus, saliency[rows], anchored, view)
-            scores["whole slices"] = round(float(predicted.mean()), 4)
-            _, predicted = self._decode(self.cache_key(volume_id, focused),
-                                        self.embed(volume_id, focused, anchored).to(self.backbone.device),
-                                        plan.consensus, saliency[rows][(slice(None), *region)], anchored, focused)
-            scores["focus square"] = round(float(predicted.mean()), 4)
+            scores = self._rate_places(volume_id, plan, view.focused(region))
             if scores["focus square"] >= scores["whole slices"]:
-                view, saliency = focused, saliency[(slice(None), *region)]
+                view, saliency = view.focused(region), saliency[(slice(None), *region)]
                 embeddings = self._embeddings_on_device(volume_id, view, indices)
             else:  # the decoder trusts its whole-slice masks more (as on the CT tube phantom)
                 region = None
@@ -279,6 +271,18 @@ class SPDPipeline:
         timings["assemble"] = round(time.perf_counter() - tic, 4)
         return Segmentation(mask, view.axis, (first, indices[-1]), plan.consensus.record(view.in_plane, view.axis),
                             timings, plan.saliency_source, plan.probe_source, region, plan.consensus, scores)
+
+    def _rate_places(self, volume_id: str, plan: Plan, focused: VolumeView) -> dict[str, float]:
+        """Mean IoU that the decoder predicts for its masks of the clicked slices on whole slices and on the
+        focus square ``focused`` (whose clicked slices alone are embedded here); both decodings are remembered."""
+        anchored = sorted(s for s, p in plan.consensus.prompts.items() if p.anchored)
+        rows = [s - plan.first for s in anchored]
+        saliency = plan.saliency[rows]
+        _, whole = self._decode(plan.key, plan.embeddings[rows], plan.consensus, saliency, anchored, plan.view)
+        embeddings = self.embed(volume_id, focused, anchored).to(self.backbone.device)
+        _, square = self._decode(self.cache_key(volume_id, focused), embeddings, plan.consensus,
+                                 saliency[(slice(None), *focused.region)], anchored, focused)
+        return {"whole slices": round(float(whole.mean()), 4), "focus square": round(float(square.mean()), 4)}
 
     def plan(
         self,
@@ -419,8 +423,11 @@ class SPDPipeline:
                ) -> tuple[np.ndarray, np.ndarray]:
         """Bool masks and their predicted IoUs, decoding in chunks only what the memo does not hold."""
         def decode(rows: list[int], subset: PromptBatch) -> tuple[np.ndarray, np.ndarray]:
-            parts = [self.backbone.decode_scored(embeddings[rows[part]], subset.rows(part), slice_shape, binary=True)
-                     for part in (slice(start, start + self.decode_chunk) for start in range(0, len(rows), self.decode_chunk))]
+            parts = []
+            for start in range(0, len(rows), self.decode_chunk):
+                part = slice(start, start + self.decode_chunk)
+                parts.append(self.backbone.decode_scored(embeddings[rows[part]], subset.rows(part), slice_shape,
+                                                         binary=True))
             return np.concatenate([m for m, _ in parts]), np.concatenate([q for _, q in parts])
 
         return self.memo.masks(key, slices, prompts, slice_shape, decode)
