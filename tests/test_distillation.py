@@ -120,6 +120,20 @@ def test_boxes_carry_anchor_extents_to_every_slice():
         assert c1 < NEIGHBOUR_COL - 3, f"slice {s}: box {consensus.prompts[s].box} swallows the neighbour"
 
 
+def test_the_line_of_drifting_clicks_runs_nearer_the_middle_than_the_clicks():
+    """Clicks that drift 4 px (RMS) off the centre: the line of the others puts each clicked slice's point nearer
+    to it, on average; with three clicks there are too few others to draw the line."""
+    rng = np.random.default_rng(3)
+    clicks = [SliceClick(c.slice, c.row + dr, c.col + dc, True, n)
+              for n, (c, (dr, dc)) in enumerate(zip(clicks_every(2), rng.normal(0.0, 4.0 / np.sqrt(2), (N, 2))))]
+    points = ContextualPromptDistiller((1.0, 1.0)).line_points(clicks, (H, W))
+    assert [s for s, _, _ in points] == [c.slice for c in clicks]
+    off_click = np.mean([np.hypot(c.row - target_centre(c.slice)[0], c.col - TARGET_COL) for c in clicks])
+    off_line = np.mean([np.hypot(r - target_centre(s)[0], c - TARGET_COL) for s, r, c in points])
+    assert off_line < 0.6 * off_click, (off_line, off_click)
+    assert ContextualPromptDistiller((1.0, 1.0)).line_points(clicks[:3], (H, W)) == []
+
+
 def test_a_clicks_drift_inside_the_structure_does_not_move_the_boxes():
     """Boxes go where the decoder measured the structure: clicks drifting by +-3 px inside it, alternately
     on each side, leave every slice's box centred on the structure."""

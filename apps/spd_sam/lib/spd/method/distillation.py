@@ -154,6 +154,19 @@ class ContextualPromptDistiller:
         prompts = self._prompts_per_slice(validated, clicks, saliency, first_slice)
         return Consensus(prompts, decisions)
 
+    def line_points(self, clicks: Sequence[SliceClick], shape: tuple[int, int]) -> list[tuple[int, float, float]]:
+        """(slice, row, col) where the line of the other clicks puts the click of each clicked slice (kept inside
+        slices of ``shape``), for slices with enough other clicked slices to draw it: clicks that drift scatter
+        around a structure, and the line through them runs near its middle."""
+        positives = [c for c in clicks if c.positive]
+        out = []
+        for s in sorted({c.slice for c in positives}):
+            line = self._expected_position(next(c for c in positives if c.slice == s), positives)
+            if line is not None:
+                (row, col), _, _ = line
+                out.append((s, min(max(row, 0.0), shape[0] - 1.0), min(max(col, 0.0), shape[1] - 1.0)))
+        return out
+
     # -- dual validation -------------------------------------------------------------------
     def _validate(self, click: SliceClick, positives: Sequence[SliceClick], saliency: np.ndarray) -> ClickDecision:
         cfg = self.config

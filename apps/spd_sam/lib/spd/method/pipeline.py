@@ -327,14 +327,16 @@ class SPDPipeline:
         lap("embed")
 
         images = view.slices(indices)
-        positives = [(c.slice - first, c.row, c.col) for c in sclicks if c.positive]
+        pixel_mm = tuple(float(spacing[a]) for a in view.in_plane)
+        distiller = ContextualPromptDistiller(pixel_mm, self.cpd)
+        samples = [(c.slice - first, c.row, c.col) for c in sclicks if c.positive]  # where the structure looks
+        samples += [(s - first, r, c) for s, r, c in distiller.line_points(sclicks, view.slice_shape)]  # as it is
         head = self.state.saliency_heads.get(label)
         trained = head is not None and head.head.serves(axis)  # a head knows nothing of other axes' slices
-        saliency = (head if trained else self.fallback_saliency)(images, embeddings, positives)
+        saliency = (head if trained else self.fallback_saliency)(images, embeddings, samples)
         lap("saliency")
 
-        pixel_mm = tuple(float(spacing[a]) for a in view.in_plane)
-        consensus = ContextualPromptDistiller(pixel_mm, self.cpd).distill(sclicks, saliency, first)
+        consensus = distiller.distill(sclicks, saliency, first)
         lap("distill")
 
         key = self.cache_key(volume_id, view)

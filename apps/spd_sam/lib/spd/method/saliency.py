@@ -2,8 +2,11 @@
 
 Before any label has been trained, :class:`AppearanceSaliency` builds the map from image
 appearance alone: the intensity of the clicked voxels and the similarity of the SAM embedding to
-the embedding under the clicks. Medians over all clicks keep a minority of off-target clicks from
-steering it. Trained per-label heads plug in through the same :class:`SaliencyModel` interface.
+the embedding under the clicks. The pipeline adds the points where the line of the other clicks
+puts each click (clicks that drift scatter around a structure; their line runs near its middle),
+and the intensity is modelled on the densest half of all these samples, so clicks that drifted off
+the structure, even nearly half of them, do not steer it. Trained per-label heads plug in through
+the same :class:`SaliencyModel` interface.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ class SaliencyModel(Protocol):
     def __call__(
         self, images: np.ndarray, embeddings: torch.Tensor, clicks: Sequence[tuple[int, float, float]]
     ) -> np.ndarray:
-        """Args: images (N, H, W) in [0, 1]; embeddings (N, C, g, g); clicks (batch index, row, col)."""
+        """Args: images (N, H, W) in [0, 1]; embeddings (N, C, g, g); clicks (batch index, row, col): the clicks
+        and the points their cross-slice line puts on the clicked slices."""
 
 
 def embedding_grid_to_slice(grid: torch.Tensor, slice_shape: tuple[int, int]) -> torch.Tensor:
@@ -41,6 +45,21 @@ def embedding_grid_to_slice(grid: torch.Tensor, slice_shape: tuple[int, int]) ->
 def _grid_index(row: float, col: float, slice_shape: tuple[int, int], g: int) -> tuple[int, int]:
     scale = g / max(slice_shape)
     return min(int(row * scale), g - 1), min(int(col * scale), g - 1)
+
+
+def densest_half(values: np.ndarray) -> tuple[float, float]:
+    """Centre and spread of the shortest interval that holds half of ``values`` (the shorth).
+
+    Clicks that drift off a structure land on whatever surrounds it: their intensities scatter or
+    form a second cluster (fat around a bowel loop). The median of all clicks then lies between
+    the clusters, and their MAD spans both; the densest half stays inside the larger cluster.
+    The spread is the interval's length over 1.349, the length a normal distribution's half takes.
+    """
+    ordered = np.sort(values)
+    half = ordered.size // 2 + 1
+    lengths = ordered[half - 1:] - ordered[: ordered.size - half + 1]
+    start = int(np.argmin(lengths))
+    return float(np.median(ordered[start:start + half])), float(lengths[start]) / 1.349
 
 
 class AppearanceSaliency:
@@ -70,9 +89,8 @@ class AppearanceSaliency:
         for n, row, col in clicks:
             r, c = int(round(row)), int(round(col))
             values.append(float(np.median(images[n, max(r - p, 0) : r + p + 1, max(c - p, 0) : c + p + 1])))
-        values = np.asarray(values)
-        centre = float(np.median(values))
-        sigma = max(1.4826 * float(np.median(np.abs(values - centre))), self.min_sigma)
+        centre, sigma = densest_half(np.asarray(values))
+        sigma = max(sigma, self.min_sigma)
         z = (torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(device) - centre) / sigma
         return torch.exp(-0.125 * z * z)  # exp(-z^2 / 2 / 4): 2-sigma wide, tolerant to partial volume
 
