@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from lib.spd.method.box_probing import ProbeConfig, cover_salient, measure_anchor_boxes, probe_centre
+from lib.spd.method.box_probing import ProbeConfig, cover_salient, measure_anchor_boxes, padded_box, probe_centre
 
 SHAPE = (64, 64)
 
@@ -84,3 +84,10 @@ def test_a_box_grows_to_the_salient_region_under_its_point_and_no_further():
     large = (5.0, 5.0, 50.0, 50.0)
     assert cover_salient(large, saliency, (30, 20), (1.0, 1.0), 2.0, 0.5) == large, "never shrinks"
     assert cover_salient(small, saliency, (30, 35), (1.0, 1.0), 2.0, 0.5) == small, "a point off the salient region"
+
+
+def test_padded_box_grows_the_masks_extent_and_stays_on_the_slice():
+    mask = np.zeros((20, 30), dtype=bool)
+    mask[1:6, 10:25] = True
+    assert padded_box(mask, (2.0, 3.0)) == (0.0, 7.0, 7.0, 27.0)
+    assert padded_box(mask, (0.5, 1.0, 1.5, 9.0)) == (0.5, 9.0, 6.5, 29.0)

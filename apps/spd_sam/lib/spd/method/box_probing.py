@@ -99,10 +99,18 @@ def measure_anchor_boxes(
         if not mask.any():
             out[s] = probes[s][0]
             continue
-        rows, cols = np.nonzero(mask)
-        out[s] = (max(rows.min() - pad[0], 0.0), max(cols.min() - pad[1], 0.0),
-                  min(rows.max() + pad[0], shape[0] - 1.0), min(cols.max() + pad[1], shape[1] - 1.0))
+        out[s] = padded_box(mask, pad)
     return out
+
+
+def padded_box(mask: np.ndarray, pad) -> Box:
+    """The bounding box of a non-empty slice mask grown by ``pad`` pixels, clipped to the slice; ``pad`` is
+    (rows, cols) or (top, left, bottom, right)."""
+    rows, cols = np.nonzero(mask)
+    pad = np.resize(np.asarray(pad, dtype=float), 4)
+    h, w = mask.shape
+    return (max(rows.min() - pad[0], 0.0), max(cols.min() - pad[1], 0.0),
+            min(rows.max() + pad[2], h - 1.0), min(cols.max() + pad[3], w - 1.0))
 
 
 def cover_salient(box: Box, saliency: np.ndarray, point, pixel_mm, pad_mm: float, threshold: float) -> Box:
@@ -115,11 +123,8 @@ def cover_salient(box: Box, saliency: np.ndarray, point, pixel_mm, pad_mm: float
     if not (0 <= r < saliency.shape[0] and 0 <= c < saliency.shape[1]) or saliency[r, c] < threshold:
         return box
     labels, _ = ndimage.label(saliency >= threshold)
-    rows, cols = np.nonzero(labels == labels[r, c])
-    pad = pad_mm / np.asarray(pixel_mm, dtype=float)
-    h, w = saliency.shape
-    return (min(box[0], max(rows.min() - pad[0], 0.0)), min(box[1], max(cols.min() - pad[1], 0.0)),
-            max(box[2], min(rows.max() + pad[0], h - 1.0)), max(box[3], min(cols.max() + pad[1], w - 1.0)))
+    region = padded_box(labels == labels[r, c], pad_mm / np.asarray(pixel_mm, dtype=float))
+    return (min(box[0], region[0]), min(box[1], region[1]), max(box[2], region[2]), max(box[3], region[3]))
 
 
 def probe_centre(saliency: np.ndarray, point, pixel_mm, radius_mm: float, threshold: float) -> np.ndarray:

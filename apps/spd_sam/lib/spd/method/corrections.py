@@ -31,7 +31,7 @@ from scipy import ndimage
 from skimage.graph import MCP_Geometric
 
 from ..runtime.backbones import PromptBatch
-from .box_probing import ProbeConfig, measure_anchor_boxes
+from .box_probing import ProbeConfig, measure_anchor_boxes, padded_box
 
 Point = tuple[int, int, int]  # (slice, row, col)
 CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
@@ -213,7 +213,6 @@ def follow(out: np.ndarray, part: np.ndarray, s: int, mask: np.ndarray, image: n
     in the mask, or ``reach`` slices on (one number, or (down, up)). ``bound`` (H, W): where the part may lie on
     every slice. ``size``: the structure's largest slice area nearby; a part smaller than that may grow toward
     it (a click often starts the walk from a small part of a slice) without ending the walk."""
-    shape = mask.shape[1:]
     pad = np.ceil(probes.pad_mm / np.asarray(pixel_mm, dtype=float))
     values = image[s][part]
     mean, tolerance = float(values.mean()), max(config.max_shift * float(values.std()), config.min_shift)
@@ -222,10 +221,7 @@ def follow(out: np.ndarray, part: np.ndarray, s: int, mask: np.ndarray, image: n
         for t in range(s + step, s + step * (int(far) + 1), step):
             if not 0 <= t < mask.shape[0]:
                 break
-            rows, cols = np.nonzero(previous)
-            around = (max(rows.min() - pad[0], 0), max(cols.min() - pad[1], 0),
-                      min(rows.max() + pad[0], shape[0] - 1), min(cols.max() + pad[1], shape[1] - 1))
-            labels, _ = ndimage.label(segment(t, around))
+            labels, _ = ndimage.label(segment(t, padded_box(previous, pad)))
             found = np.isin(labels, np.unique(labels[previous & (labels > 0)]))
             if bound is not None:
                 found &= bound

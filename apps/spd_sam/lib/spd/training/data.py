@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ..method.box_probing import Box, ProbeConfig, probe_boxes
+from ..method.box_probing import Box, ProbeConfig, padded_box, probe_boxes
 from ..method.intensity import IntensityWindow
 from ..method.pipeline import SPDPipeline, VolumeView
 from ..method.prompts import Click, training_axis
@@ -133,6 +133,5 @@ def ideal_anchor_boxes(target: np.ndarray, axis: int, anchors: Mapping[int, Sequ
             boxes[s] = probe_boxes(point, pixel_mm, plane.shape, probes)[0]
             continue
         pad = (probes.pad_mm + rng.normal(0.0, jitter_mm, 4)) / np.tile(pixel_mm, 2)
-        boxes[s] = (max(rows.min() - pad[0], 0.0), max(cols.min() - pad[1], 0.0),
-                    min(rows.max() + pad[2], plane.shape[0] - 1.0), min(cols.max() + pad[3], plane.shape[1] - 1.0))
+        boxes[s] = padded_box(plane, pad)
     return boxes
