@@ -329,8 +329,9 @@ class SPDPipeline:
         images = view.slices(indices)
         pixel_mm = tuple(float(spacing[a]) for a in view.in_plane)
         distiller = ContextualPromptDistiller(pixel_mm, self.cpd)
-        samples = [(c.slice - first, c.row, c.col) for c in sclicks if c.positive]  # where the structure looks
-        samples += [(s - first, r, c) for s, r, c in distiller.line_points(sclicks, view.slice_shape)]  # as it is
+        # appearance is sampled under the clicks and under the points their cross-slice line puts on clicked slices
+        samples = [(c.slice - first, c.row, c.col) for c in sclicks if c.positive]
+        samples += [(s - first, r, c) for s, r, c in distiller.line_points(sclicks, view.slice_shape)]
         head = self.state.saliency_heads.get(label)
         trained = head is not None and head.head.serves(axis)  # a head knows nothing of other axes' slices
         saliency = (head if trained else self.fallback_saliency)(images, embeddings, samples)
