@@ -51,7 +51,8 @@ def main(argv=None) -> None:
     labels = {n: LABELS[n] for n in names}
     subjects = make_cohort(args.volumes, args.seed, names, crop_margin_mm=(35, 35, 8), slice_mm=2.5)
     runtime = str(ROOT / "apps" / "spd_sam" / "model" / "runtime")
-    cache = EmbeddingCache(4 << 30, Path(tempfile.mkdtemp(prefix="spd_bench_loop_")))
+    cache_dir = tempfile.TemporaryDirectory(prefix="spd_bench_loop_")  # removed when the run ends
+    cache = EmbeddingCache(4 << 30, Path(cache_dir.name))
     fixed = SPDPipeline(load_backbone(cache_dir=runtime), cache)
     retrained = SPDPipeline(load_backbone(cache_dir=runtime), cache)
     style = ClickStyle(3, 3.0, 0.15)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -109,12 +110,22 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=21, help="cohort seed (not one the other benchmarks use)")
     parser.add_argument("--params", default="{}", help="train request params as JSON (default: the trainer's)")
     parser.add_argument("--json", default="", help="write the rows here")
-    parser.add_argument("--work", default="", help="a folder of an earlier run with the same cohort arguments: "
-                                                   "its files, embeddings and published models are reused")
+    parser.add_argument("--work", default="", help="a folder kept for later runs with the same cohort arguments, "
+                                                   "which reuse its files, embeddings and published models "
+                                                   "(default: a temp folder, removed at the end)")
     args = parser.parse_args(argv)
+    work = Path(args.work or tempfile.mkdtemp(prefix="spd_bench_auto_"))
+    try:
+        run(args, work)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, work: Path) -> None:
+    """Train on 2, 4, 8 ... labelled volumes of the cohort in ``work`` and print the held-out table."""
     counts = sorted(int(n) for n in args.labelled.split(","))
     names = [n for n in args.labels.split(",") if n]
-    work = Path(args.work or tempfile.mkdtemp(prefix="spd_bench_auto_"))
     subjects = make_cohort(counts[-1] + args.held_out, args.seed, names,
                            [float(v) for v in args.crop_margin_mm.split(",")], args.slice_mm, prefix=f"auto{args.seed}")
     if not (work / "images").is_dir():  # written once: a rewritten file is a new volume id (embedded again)

