@@ -60,6 +60,28 @@ def test_object_larger_than_every_probe_uses_the_largest():
     assert r1 - r0 >= 16
 
 
+def test_where_the_probes_never_agree_the_mask_of_the_structures_settled_size_is_taken():
+    """On slices 0-2 the probes settle on a disc (radius 8: about 200 px). On slice 3 the click lies where the
+    structure touches a neighbour that runs on past every probe, so each larger box takes in more of it."""
+    rr, cc = np.mgrid[: SHAPE[0], : SHAPE[1]]
+    disc = (rr - 30) ** 2 + (cc - 30) ** 2 <= 64
+    band = (rr >= 24) & (rr <= 35)  # touching neighbours: 12 rows high, across the whole slice
+
+    def decode(slices, boxes):
+        out = []
+        for s, (r0, c0, r1, c1) in zip(slices, boxes):
+            inside = (rr >= r0) & (rr <= r1) & (cc >= c0) & (cc <= c1)
+            out.append((band if s == 3 else disc) & inside)
+        return np.array(out)
+
+    boxes = measure_anchor_boxes(decode, {s: (30.0, 30.0) for s in range(4)}, (1.0, 1.0), SHAPE)
+    widths = {s: boxes[s][3] - boxes[s][1] for s in boxes}
+    assert all(abs(widths[s] - 20) <= 1 for s in range(3)), widths
+    assert widths[3] <= 21, "the probe whose mask has about the settled area (17 px wide), not a wider one"
+    alone = measure_anchor_boxes(decode, {3: (30.0, 30.0)}, (1.0, 1.0), SHAPE)
+    assert alone[3][3] - alone[3][1] > 21, "with no settled slice to compare, the most stable pair decides"
+
+
 def test_probes_are_centred_on_the_deepest_salient_pixel_near_the_point():
     rr, cc = np.mgrid[: SHAPE[0], : SHAPE[1]]
     saliency = ((rr - 30) ** 2 + (cc - 30) ** 2 <= 49).astype(np.float32)  # a disc of radius 7 px

@@ -5,9 +5,12 @@ boxes of growing size are tried around the consensus point. A box smaller than t
 mask cut by the box (or a fragment of the object); once the box holds the whole object, growing it
 further leaves the mask unchanged. The first probe whose mask holds the point and agrees with the
 next larger probe's mask (IoU) is taken, and that mask's bounding box (padded) becomes the slice's
-box. Where no two successive probes agree, the most stable pair is used. A click that drifted to the
-edge of its structure would centre the probes half outside it, so they are centred on the deepest
-salient pixel near the point instead.
+box. Where no two successive probes agree, the mask is chosen by the structure's size on the other
+anchored slices: a click that drifted between touching neighbours gives masks that take in more of
+them with each larger probe, while the slices where the probes settled show the structure's own
+area; when those areas agree, the mask nearest to them is taken (else the most stable successive
+pair). A click that drifted to the edge of its structure would centre the probes half outside it,
+so they are centred on the deepest salient pixel near the point instead.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class ProbeConfig:
 
     half_sizes_mm: tuple[float, ...] = (5.0, 8.0, 12.0, 18.0)
     stable_iou: float = 0.85
+    steady_area: float = 1.5  # settled areas "agree" when their upper quartile is at most this times the lower
     pad_mm: float = 2.0
     aspect: tuple[float, float] = (1.0, 1.0)
     centre_mm: float = 3.0
@@ -91,9 +95,9 @@ def measure_anchor_boxes(
         open_slices = still_open
         if not open_slices:
             break
-    for s in open_slices:  # no agreement: the most stable successive pair
-        pairs = [iou(a, b) for a, b in zip(masks[s], masks[s][1:])]
-        chosen[s] = masks[s][int(np.argmax(pairs)) + 1] if pairs else masks[s][0]
+    settled = [int(m.sum()) for m in chosen.values()]
+    for s in open_slices:  # no agreement
+        chosen[s] = _unsettled_choice(masks[s], settled, config.steady_area)
     out = {}
     for s, mask in chosen.items():
         if not mask.any():
@@ -101,6 +105,17 @@ def measure_anchor_boxes(
             continue
         out[s] = padded_box(mask, pad)
     return out
+
+
+def _unsettled_choice(masks: list[np.ndarray], settled: list[int], steady_area: float) -> np.ndarray:
+    """The probe mask for a slice where no two successive probes agreed: the one whose area is nearest (by
+    ratio) to the median area of the slices where they settled, when at least three settled with areas that
+    agree (a structure of steady size); else the larger mask of the most stable successive pair."""
+    if len(settled) >= 3 and np.percentile(settled, 75) <= steady_area * np.percentile(settled, 25):
+        typical = float(np.median(settled))
+        return min(masks, key=lambda m: abs(np.log(max(int(m.sum()), 1) / typical)))
+    pairs = [iou(a, b) for a, b in zip(masks, masks[1:])]
+    return masks[int(np.argmax(pairs)) + 1] if pairs else masks[0]
 
 
 def padded_box(mask: np.ndarray, pad) -> Box:
