@@ -96,7 +96,7 @@ def server_timings(atlas, labels, spacing, axis) -> dict:
         server = local_server.start(work, studies)
         startup = time.perf_counter() - started
         try:
-            client = MONAILabelClient(server.url)
+            client = MONAILabelClient(server.url, tmpdir=str(work / "client"))  # removed with the work folder
             target = atlas == labels["right_caudate"]
             clicks, _ = simulate_clicks(target, spacing, axis, ClickStyle(3, 3.0, 0.15), np.random.default_rng(5),
                                         atlas == labels["right_putamen"])

@@ -60,11 +60,18 @@ def series(pacs, sample_studies, tmp_path_factory) -> dict[str, DicomSeries]:
 
 
 @pytest.fixture(scope="module")
-def dicomweb_server(pacs, series, tmp_path_factory) -> local_server.LocalServer:
+def server_temp(tmp_path_factory) -> Path:
+    """The temp folder of the server and its train and scoring subprocesses (``TMPDIR``)."""
+    return tmp_path_factory.mktemp("server_temp")
+
+
+@pytest.fixture(scope="module")
+def dicomweb_server(pacs, series, server_temp, tmp_path_factory) -> local_server.LocalServer:
     """One MONAI Label server for the module on Orthanc's DICOMweb root."""
     env_bin = Path(sys.executable).parent.resolve()
     path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p and Path(p).resolve() != env_bin)
-    running = local_server.start(tmp_path_factory.mktemp("dicomweb_server"), pacs.dicomweb_url, env={"PATH": path})
+    running = local_server.start(tmp_path_factory.mktemp("dicomweb_server"), pacs.dicomweb_url,
+                                 env={"PATH": path, "TMPDIR": str(server_temp)})
     yield running
     running.stop()
     print(f"\nserver log: {running.log}")
@@ -242,3 +249,14 @@ def test_slicer_order_continued_train_then_infer_again(client, series, atlas_cau
     score = dice(np.asarray(nib.load(result_file).dataobj) > 0, atlas_caudate)
     print(f"right caudate Dice after training on it: {score:.3f}")
     assert score >= 0.5
+
+
+def test_converted_series_and_labels_leave_nothing_in_the_temp_folder(client, series, caudate_clicks, server_temp):
+    """Every series (and DICOM-SEG label) converted to NIfTI in this module is kept in the datastore's cache
+    only: MONAI Label leaves each conversion in the temp folder, which fills a long-running server's disk."""
+    params = {"label": "right_caudate", "foreground": caudate_clicks, "background": []}
+    for _ in range(2):  # the first request converts the series unless an earlier test did, the second reads the copy
+        result_file, _ = client.infer("spd_sam", series[MR].series_uid, params)
+        assert (np.asarray(nib.load(result_file).dataobj) > 0).sum() > 0
+    left = sorted(p.name for p in server_temp.iterdir() if p.name.endswith((".nii.gz", ".nii")))
+    assert left == [], f"conversions left in the server's temp folder: {left}"

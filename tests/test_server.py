@@ -123,8 +123,11 @@ def test_a_client_saving_results_in_the_system_temp_folder_keeps_them(server, ca
 # Corrective clicks, sent as the Slicer panel sends them: every point of the segment with each run.
 
 def _annotator(server, name: str) -> MONAILabelClient:
-    """A client of its own (the client id keys the server's interaction sessions, as each Slicer has its own)."""
-    return MONAILabelClient(server.url, tmpdir=tempfile.mkdtemp(), client_id=name)
+    """A client of its own (the client id keys the server's interaction sessions, as each Slicer has its own),
+    saving its results beside the server's log (pytest's folder, not the system temp folder)."""
+    folder = server.log.parent / "clients" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    return MONAILabelClient(server.url, tmpdir=str(folder), client_id=name)
 
 
 def _mask(client, image, params) -> tuple[np.ndarray, dict]:

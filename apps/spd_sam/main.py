@@ -26,6 +26,7 @@ from monailabel.tasks.activelearning.random import Random
 
 from lib.auth.token_algorithms import name_token_algorithms
 from lib.configs.spd_sam import SPDSamConfig
+from lib.datastore.dicomweb_conversions import TempConversionsRemoved
 from lib.datastore.label_uploads import check_image_id, with_checked_label_saves
 from lib.infers import request_guard
 from lib.spd.atomic_files import remove_stale_temps
@@ -90,8 +91,12 @@ class SPDSamApp(MONAILabelApp):
                     self.spd.pipeline.cache.usage())
 
     def init_datastore(self) -> Datastore:
-        """MONAI Label's datastore, with label uploads checked (shape, readability, tag) and saved all-or-nothing."""
-        return with_checked_label_saves(super().init_datastore())
+        """MONAI Label's datastore, with label uploads checked (shape, readability, tag) and saved all-or-nothing;
+        a DICOMweb one converts series to NIfTI without leaving copies in the temp folder."""
+        store = super().init_datastore()
+        if type(store) is DICOMWebDatastore:
+            store.__class__ = TempConversionsRemoved  # a subclass without state of its own
+        return with_checked_label_saves(store)
 
     def init_infers(self) -> Dict[str, InferTask]:
         return {"spd_sam": self.spd.infer(), "spd_sam_auto": self.spd.auto_infer()}
