@@ -68,7 +68,7 @@ def measure_anchor_boxes(
     shape: tuple[int, int],
     config: ProbeConfig = ProbeConfig(),
 ) -> dict[int, Box]:
-    """Box per anchored slice from the decoder's own masks.
+    """Box per anchored slice from the decoder's own masks (:func:`probe_anchor_masks`, then :func:`mask_boxes`).
 
     Args:
         decode: ``decode(slice_indices, boxes)`` -> (N, H, W) bool masks, one box per listed slice.
@@ -76,8 +76,20 @@ def measure_anchor_boxes(
         pixel_mm: in-plane spacing (row, col).
         shape: slice shape (H, W).
     """
+    masks, _ = probe_anchor_masks(decode, anchors, pixel_mm, shape, config)
+    return mask_boxes(masks, anchors, pixel_mm, shape, config)
+
+
+def probe_anchor_masks(
+    decode: Callable[[list[int], np.ndarray], np.ndarray],
+    anchors: dict[int, Sequence[float]],
+    pixel_mm: Sequence[float],
+    shape: tuple[int, int],
+    config: ProbeConfig = ProbeConfig(),
+) -> tuple[dict[int, np.ndarray], list[int]]:
+    """The probe mask taken on each anchored slice, and the areas of the masks where successive probes settled.
+    Arguments as in :func:`measure_anchor_boxes`."""
     pixel_mm = np.asarray(pixel_mm, dtype=float)
-    pad = config.pad_mm / pixel_mm
     probes = {s: probe_boxes(anchors[s], pixel_mm, shape, config) for s in anchors}
     masks: dict[int, list[np.ndarray]] = {s: [] for s in anchors}
     chosen: dict[int, np.ndarray] = {}
@@ -98,24 +110,34 @@ def measure_anchor_boxes(
     settled = [int(m.sum()) for m in chosen.values()]
     for s in open_slices:  # no agreement
         chosen[s] = _unsettled_choice(masks[s], settled, config.steady_area)
-    out = {}
-    for s, mask in chosen.items():
-        if not mask.any():
-            out[s] = probes[s][0]
-            continue
-        out[s] = padded_box(mask, pad)
-    return out
+    return chosen, settled
+
+
+def mask_boxes(masks: dict[int, np.ndarray], anchors: dict[int, Sequence[float]], pixel_mm: Sequence[float],
+               shape: tuple[int, int], config: ProbeConfig = ProbeConfig()) -> dict[int, Box]:
+    """Each anchored slice's mask's bounding box, padded by ``config.pad_mm``; the smallest probe where it is empty."""
+    pixel_mm = np.asarray(pixel_mm, dtype=float)
+    return {s: padded_box(mask, config.pad_mm / pixel_mm) if mask.any()
+            else probe_boxes(anchors[s], pixel_mm, shape, config)[0] for s, mask in masks.items()}
 
 
 def _unsettled_choice(masks: list[np.ndarray], settled: list[int], steady_area: float) -> np.ndarray:
     """The probe mask for a slice where no two successive probes agreed: the one whose area is nearest (by
-    ratio) to the median area of the slices where they settled, when at least three settled with areas that
-    agree (a structure of steady size); else the larger mask of the most stable successive pair."""
-    if len(settled) >= 3 and np.percentile(settled, 75) <= steady_area * np.percentile(settled, 25):
-        typical = float(np.median(settled))
+    ratio) to the structure's :func:`steady_size`, when it has one; else the larger mask of the most stable
+    successive pair."""
+    typical = steady_size(settled, steady_area)
+    if typical is not None:
         return min(masks, key=lambda m: abs(np.log(max(int(m.sum()), 1) / typical)))
     pairs = [iou(a, b) for a, b in zip(masks, masks[1:])]
     return masks[int(np.argmax(pairs)) + 1] if pairs else masks[0]
+
+
+def steady_size(areas: Sequence[int], steady_area: float) -> float | None:
+    """The median of the areas of masks where the probes settled, when at least three settled and their areas
+    agree (upper quartile at most ``steady_area`` times the lower: a structure of steady size); else None."""
+    if len(areas) >= 3 and np.percentile(areas, 75) <= steady_area * np.percentile(areas, 25):
+        return float(np.median(areas))
+    return None
 
 
 def padded_box(mask: np.ndarray, pad) -> Box:

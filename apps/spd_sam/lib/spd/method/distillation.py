@@ -81,6 +81,13 @@ class Consensus:
         anchored = [s for s, p in self.prompts.items() if p.anchored]
         return min(anchored), max(anchored)
 
+    def move_anchor(self, s: int, point, reason: str) -> None:
+        """Put anchored slice ``s``'s prompt at ``point``; its validated clicks are recorded as moved there."""
+        self.prompts[s].positives = [(float(point[0]), float(point[1]))]
+        for d in self.decisions:
+            if d.slice == s and d.status != "rejected":
+                d.status, d.new_row, d.new_col, d.reason = "moved", float(point[0]), float(point[1]), reason
+
     def assign_boxes(self, anchor_boxes: dict[int, tuple[float, float, float, float]], smoothing: int = 3):
         """Give every slice a box.
 

@@ -12,8 +12,10 @@ import torch
 
 from ..runtime.backbones import Backbone, PromptBatch
 from ..runtime.mask_memo import MaskMemo
+from .anchor_chain import AnchorChain
 from .assembly import bounding_box, keep_prompted_components, trim_unanchored_ends
-from .box_probing import ProbeConfig, cover_salient, measure_anchor_boxes, probe_centre
+from .box_probing import (ProbeConfig, cover_salient, mask_boxes, probe_anchor_masks, probe_boxes, probe_centre,
+                          steady_size)
 from .distillation import Consensus, ContextualPromptDistiller, CPDConfig
 from .focus import FocusConfig, Region, focus_region
 from .intensity import IntensityWindow
@@ -350,7 +352,21 @@ class SPDPipeline:
         anchors = {s: probe_centre(saliency[s - first], a, pixel_mm, probes.centre_mm, self.cpd.saliency_threshold)
                    for s, a in anchors.items()}
         if anchor_boxes is None:
-            measured = measure_anchor_boxes(probe, anchors, pixel_mm, view.slice_shape, probes)
+            masks, settled = probe_anchor_masks(probe, anchors, pixel_mm, view.slice_shape, probes)
+
+            def reprobe(s: int, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                centre = probe_centre(saliency[s - first], centre, pixel_mm, probes.centre_mm,
+                                      self.cpd.saliency_threshold)
+                boxes = np.array(probe_boxes(centre, np.asarray(pixel_mm), view.slice_shape, probes), dtype=np.float32)
+                return probe([s] * len(boxes), boxes), centre
+
+            chain = AnchorChain(steady_size(settled, probes.steady_area))
+            for s, (centre, trusted) in chain.follow(masks, reprobe).items():
+                anchors[s] = centre
+                consensus.move_anchor(s, centre, f"moved: its mask did not overlap, at the structure's size, the mask of "
+                                                 f"the adjacent anchored slice {trusted} on the longest run of "
+                                                 f"overlapping anchors; probed again around the centre of that mask")
+            measured = mask_boxes(masks, anchors, pixel_mm, view.slice_shape, probes)
             if trained:  # what the head learned of the structure's extent, where the probes stopped short of it
                 measured = {s: cover_salient(box, saliency[s - first], anchors[s], pixel_mm, probes.pad_mm,
                                              self.cpd.saliency_threshold) for s, box in measured.items()}
