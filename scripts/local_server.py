@@ -68,21 +68,22 @@ def free_port() -> int:
 def start(workdir: Path, studies: Path | str, conf: dict[str, str] | None = None, timeout_s: float = 300,
           env: dict[str, str] | None = None, probe: str = "/info/", own_group: bool = False,
           log_name: str = "server.log") -> LocalServer:
-    """Start the app on ``studies`` with every MONAI Label path (and trained checkpoints) inside ``workdir``;
-    wait for ``probe`` to answer (``/auth/`` when authentication is on: ``/info/`` then needs a token).
+    """Start the app on ``studies`` with every MONAI Label path, its temp folder and trained checkpoints inside
+    ``workdir``; wait for ``probe`` to answer (``/auth/`` when authentication is on: ``/info/`` then needs a token).
     ``own_group``: start it in a session of its own (see :meth:`LocalServer.kill`); ``log_name``: the log
     file in ``workdir`` (another name per restart keeps the earlier logs).
 
     Raises:
         RuntimeError: the server exited or did not answer in time (with the log's tail).
     """
-    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "tmp").mkdir(parents=True, exist_ok=True)
     port = free_port()
     full_env = dict(os.environ)
     full_env.update({
         "MONAI_LABEL_SESSION_PATH": str(workdir / "sessions"),
         "MONAI_LABEL_DATASTORE_CACHE_PATH": str(workdir / "cache"),
         "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(workdir / "cache"),
+        "TMPDIR": str(workdir / "tmp"),  # the server's temp files (results, logging configs) go with its workdir
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}",
         **(env or {}),
     })

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import threading
 import time
 
@@ -106,12 +105,13 @@ def test_ohif_style_request_gets_uncompressed_nrrd(client, caudate_clicks, serve
 
 
 def test_a_client_saving_results_in_the_system_temp_folder_keeps_them(server, caudate_clicks):
-    """MONAILabelClient's default saves a result under its own name in the system temp folder; the server,
-    which deletes its copy right after sending it, must not be deleting the client's."""
-    client = MONAILabelClient(server.url, tmpdir=tempfile.gettempdir())
+    """MONAILabelClient's default saves a result under its own name in the system temp folder, the server's own
+    on one machine; the server, which deletes its copy right after sending it, must not be deleting the client's."""
+    server_temp = str(server.log.parent / "tmp")  # the server's TMPDIR (local_server.start)
+    client = MONAILabelClient(server.url, tmpdir=server_temp)
     result_file, _ = client.infer("spd_sam", IMAGE, {"foreground": caudate_clicks, "background": []})
     try:
-        assert os.path.dirname(result_file) == tempfile.gettempdir()
+        assert os.path.dirname(result_file) == server_temp
         time.sleep(1.0)  # time for the server's clean-up after the response
         assert os.path.exists(result_file), "the server deleted the client's copy of the result"
         assert (np.asarray(nib.load(result_file).dataobj) > 0).any()
