@@ -64,16 +64,14 @@ def test_the_chain_grows_from_the_longest_run_in_both_directions():
 def test_without_a_run_of_three_linked_anchors_nothing_is_trusted():
     masks = {0: disc(tube(0)), 3: disc(tube(3)), 6: disc(NEIGHBOUR), 9: disc((50, 50))}
     calls = []
-    assert AnchorChain(typical=None).follow(masks, structure_probes(calls)) == {} and calls == []
+    assert AnchorChain(typical=AREA).follow(masks, structure_probes(calls)) == {} and calls == []
 
 
-def test_a_structure_without_a_steady_size_links_by_overlap_alone():
-    """A structure that widens along the slices (no steady size): masks of growing area still link."""
+def test_overlapping_masks_far_from_the_steady_size_do_not_link():
+    """Masks that overlap but widen along the slices: only those near the structure's size link."""
     masks = {s: disc((30, 30), 4 + s) for s in range(6)}
-    chain = AnchorChain(typical=None)
-    assert chain.longest_run(masks) == list(range(6))
     sized = AnchorChain(typical=float(disc((32, 32), 6).sum()), config=ChainConfig(size_ratio=1.5))
-    assert len(sized.longest_run(masks)) < 6, "at a steady size, masks far from it do not link"
+    assert sized.longest_run(masks) == [1, 2, 3]
 
 
 def test_where_no_probe_mask_links_the_chain_ends_there():

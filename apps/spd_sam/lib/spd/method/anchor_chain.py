@@ -3,8 +3,8 @@
 Each anchored slice's mask is probed on its own, around its consensus point. Where rough clicks
 drift between touching neighbours (bowel loops), a run of anchors can take a neighbour, or fat, or
 the structure merged with a neighbour, although the anchors before them had the structure alone.
-Adjacent anchors *link* when their masks overlap (IoU) and, for a structure of steady size, both
-masks have that size. The longest run of linked anchors is trusted. Going outward from it, an
+For a structure of steady size (tubes), adjacent anchors *link* when their masks overlap (IoU) and
+both masks have that size. The longest run of linked anchors is trusted. Going outward from it, an
 anchor that does not link to the last trusted anchor is probed again around the centre of that
 anchor's mask, and the probe mask that links best is taken; the anchor is then trusted. Where no
 probe mask links, the chain ends: that anchor and those beyond it keep their own masks.
@@ -22,8 +22,8 @@ from .box_probing import iou
 
 @dataclass(frozen=True)
 class ChainConfig:
-    """When adjacent anchors' masks link: IoU at least ``min_iou`` and, when the structure has a steady size,
-    each area within ``size_ratio`` of it; a run of fewer than ``min_run`` linked anchors is no evidence."""
+    """When adjacent anchors' masks link: IoU at least ``min_iou`` and each area within ``size_ratio`` of the
+    structure's steady size; a run of fewer than ``min_run`` linked anchors is no evidence."""
 
     min_iou: float = 0.5
     size_ratio: float = 1.5
@@ -31,14 +31,12 @@ class ChainConfig:
 
 
 class AnchorChain:
-    """Links between anchor masks, for a structure of ``typical`` area in pixels (None: any size)."""
+    """Links between anchor masks, for a structure of steady ``typical`` area in pixels."""
 
-    def __init__(self, typical: float | None, config: ChainConfig = ChainConfig()):
+    def __init__(self, typical: float, config: ChainConfig = ChainConfig()):
         self.typical, self.config = typical, config
 
     def sized(self, mask: np.ndarray) -> bool:
-        if self.typical is None:
-            return True
         return abs(np.log(max(int(mask.sum()), 1) / self.typical)) <= np.log(self.config.size_ratio)
 
     def links(self, a: np.ndarray, b: np.ndarray) -> bool:

@@ -360,8 +360,11 @@ class SPDPipeline:
                 boxes = np.array(probe_boxes(centre, np.asarray(pixel_mm), view.slice_shape, probes), dtype=np.float32)
                 return probe([s] * len(boxes), boxes), centre
 
-            chain = AnchorChain(steady_size(settled, probes.steady_area))
-            for s, (centre, trusted) in chain.follow(masks, reprobe).items():
+            typical = steady_size(settled, probes.steady_area)
+            # only a structure of steady size is judged by its neighbours: where the size changes along the
+            # slices, overlap alone does not tell a drifted anchor from a good one
+            moved = AnchorChain(typical).follow(masks, reprobe) if typical is not None else {}
+            for s, (centre, trusted) in moved.items():
                 anchors[s] = centre
                 consensus.move_anchor(s, centre, f"moved: its mask did not overlap, at the structure's size, the mask of "
                                                  f"the adjacent anchored slice {trusted} on the longest run of "
