@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .box_probing import iou
+from .box_probing import iou, size_gap
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class AnchorChain:
         self.typical, self.config = typical, config
 
     def sized(self, mask: np.ndarray) -> bool:
-        return abs(np.log(max(int(mask.sum()), 1) / self.typical)) <= np.log(self.config.size_ratio)
+        return size_gap(mask, self.typical) <= np.log(self.config.size_ratio)
 
     def links(self, a: np.ndarray, b: np.ndarray) -> bool:
         return iou(a, b) >= self.config.min_iou and self.sized(a) and self.sized(b)

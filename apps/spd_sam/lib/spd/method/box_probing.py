@@ -61,6 +61,11 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 0.0
 
 
+def size_gap(mask: np.ndarray, typical: float) -> float:
+    """How far a mask's area is from ``typical`` pixels, by ratio (|log|: 0 when equal)."""
+    return abs(float(np.log(max(int(mask.sum()), 1) / typical)))
+
+
 def measure_anchor_boxes(
     decode: Callable[[list[int], np.ndarray], np.ndarray],
     anchors: dict[int, Sequence[float]],
@@ -86,9 +91,9 @@ def probe_anchor_masks(
     pixel_mm: Sequence[float],
     shape: tuple[int, int],
     config: ProbeConfig = ProbeConfig(),
-) -> tuple[dict[int, np.ndarray], list[int]]:
-    """The probe mask taken on each anchored slice, and the areas of the masks where successive probes settled.
-    Arguments as in :func:`measure_anchor_boxes`."""
+) -> tuple[dict[int, np.ndarray], float | None]:
+    """The probe mask taken on each anchored slice, and the structure's :func:`steady_size` from the masks where
+    successive probes settled (None: no steady size). Arguments as in :func:`measure_anchor_boxes`."""
     pixel_mm = np.asarray(pixel_mm, dtype=float)
     probes = {s: probe_boxes(anchors[s], pixel_mm, shape, config) for s in anchors}
     masks: dict[int, list[np.ndarray]] = {s: [] for s in anchors}
@@ -107,10 +112,10 @@ def probe_anchor_masks(
         open_slices = still_open
         if not open_slices:
             break
-    settled = [int(m.sum()) for m in chosen.values()]
+    typical = steady_size([int(m.sum()) for m in chosen.values()], config.steady_area)
     for s in open_slices:  # no agreement
-        chosen[s] = _unsettled_choice(masks[s], settled, config.steady_area)
-    return chosen, settled
+        chosen[s] = _unsettled_choice(masks[s], typical)
+    return chosen, typical
 
 
 def mask_boxes(masks: dict[int, np.ndarray], anchors: dict[int, Sequence[float]], pixel_mm: Sequence[float],
@@ -121,13 +126,12 @@ def mask_boxes(masks: dict[int, np.ndarray], anchors: dict[int, Sequence[float]]
             else probe_boxes(anchors[s], pixel_mm, shape, config)[0] for s, mask in masks.items()}
 
 
-def _unsettled_choice(masks: list[np.ndarray], settled: list[int], steady_area: float) -> np.ndarray:
+def _unsettled_choice(masks: list[np.ndarray], typical: float | None) -> np.ndarray:
     """The probe mask for a slice where no two successive probes agreed: the one whose area is nearest (by
-    ratio) to the structure's :func:`steady_size`, when it has one; else the larger mask of the most stable
+    ratio) to the structure's steady size ``typical``, when it has one; else the larger mask of the most stable
     successive pair."""
-    typical = steady_size(settled, steady_area)
     if typical is not None:
-        return min(masks, key=lambda m: abs(np.log(max(int(m.sum()), 1) / typical)))
+        return min(masks, key=lambda m: size_gap(m, typical))
     pairs = [iou(a, b) for a, b in zip(masks, masks[1:])]
     return masks[int(np.argmax(pairs)) + 1] if pairs else masks[0]
 

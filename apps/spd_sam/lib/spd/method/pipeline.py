@@ -14,8 +14,7 @@ from ..runtime.backbones import Backbone, PromptBatch
 from ..runtime.mask_memo import MaskMemo
 from .anchor_chain import AnchorChain
 from .assembly import bounding_box, keep_prompted_components, trim_unanchored_ends
-from .box_probing import (ProbeConfig, cover_salient, mask_boxes, probe_anchor_masks, probe_boxes, probe_centre,
-                          steady_size)
+from .box_probing import ProbeConfig, cover_salient, mask_boxes, probe_anchor_masks, probe_boxes, probe_centre
 from .distillation import Consensus, ContextualPromptDistiller, CPDConfig
 from .focus import FocusConfig, Region, focus_region
 from .intensity import IntensityWindow
@@ -352,7 +351,7 @@ class SPDPipeline:
         anchors = {s: probe_centre(saliency[s - first], a, pixel_mm, probes.centre_mm, self.cpd.saliency_threshold)
                    for s, a in anchors.items()}
         if anchor_boxes is None:
-            masks, settled = probe_anchor_masks(probe, anchors, pixel_mm, view.slice_shape, probes)
+            masks, typical = probe_anchor_masks(probe, anchors, pixel_mm, view.slice_shape, probes)
 
             def reprobe(s: int, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
                 centre = probe_centre(saliency[s - first], centre, pixel_mm, probes.centre_mm,
@@ -360,7 +359,6 @@ class SPDPipeline:
                 boxes = np.array(probe_boxes(centre, np.asarray(pixel_mm), view.slice_shape, probes), dtype=np.float32)
                 return probe([s] * len(boxes), boxes), centre
 
-            typical = steady_size(settled, probes.steady_area)
             # only a structure of steady size is judged by its neighbours: where the size changes along the
             # slices, overlap alone does not tell a drifted anchor from a good one
             moved = AnchorChain(typical).follow(masks, reprobe) if typical is not None else {}
