@@ -43,6 +43,24 @@ def test_a_process_removes_its_result_folder_when_it_exits(tmp_path):
     assert os.listdir(tmp_path) == []  # ... and the folder went with the process
 
 
+def test_result_folders_of_processes_that_are_gone_are_removed_by_the_next_one(tmp_path):
+    """A served process ends by a signal that skips exit handlers; the next server removes what it left."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    orphan = tmp_path / f"spd_sam_results_{gone.pid}_abc123"
+    (orphan / "nested").mkdir(parents=True)
+    (orphan / "nested" / "label.nii.gz").write_bytes(b"x")
+    alive = tmp_path / f"spd_sam_results_{os.getpid()}_def456"  # a running process's folder stays
+    alive.mkdir()
+    other = tmp_path / "spd_sam_results_notapid"  # not a name this module makes: left alone
+    other.mkdir()
+    program = ("import sys; sys.path.insert(0, 'apps/spd_sam'); from lib.volume_io import results_dir; "
+               "print(results_dir())")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", program], cwd=root, env=dict(os.environ, TMPDIR=str(tmp_path)), check=True)
+    assert sorted(os.listdir(tmp_path)) == sorted([alive.name, other.name])
+
+
 def test_a_replaced_file_gets_a_new_volume_id(tmp_path):
     path = tmp_path / "vol.nii.gz"
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 5, 6), np.int16)), str(path))

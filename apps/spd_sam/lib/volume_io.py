@@ -6,6 +6,7 @@ import atexit
 import functools
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -91,11 +92,36 @@ def results_dir() -> str:
     MONAI Label deletes a result file once it is sent, and MONAILabelClient saves what it receives
     under the same file name in the system temp folder by default: on one machine, a result written
     straight into that folder could be deleted from under the client. (Made again if a temp cleaner
-    removed it while the server ran.) Removed when the process exits.
+    removed it while the server ran.) Removed when the process exits; a served process ends by a
+    signal that skips exit handlers (uvicorn re-raises SIGTERM, kill -9), so the folders of processes
+    that are gone are removed when the next one makes its own.
     """
-    path = tempfile.mkdtemp(prefix="spd_sam_results_")
+    parent = tempfile.gettempdir()
+    _remove_orphaned_results(parent)
+    path = tempfile.mkdtemp(prefix=f"{_RESULTS_PREFIX}{os.getpid()}_", dir=parent)
     atexit.register(shutil.rmtree, path, True)
     return path
+
+
+_RESULTS_PREFIX = "spd_sam_results_"
+
+
+def _remove_orphaned_results(parent: str) -> None:
+    """Remove result folders in ``parent`` whose process no longer runs (the pid is in the name)."""
+    for entry in os.scandir(parent):
+        found = re.fullmatch(rf"{_RESULTS_PREFIX}(\d+)_\w+", entry.name)
+        if found and entry.is_dir(follow_symlinks=False) and not _running(int(found[1])):
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def write_label(mask: np.ndarray, reference: sitk.Image, extension: str, dtype: str, compress: bool) -> str:
