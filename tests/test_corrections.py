@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from lib.spd.method import Click
-from lib.spd.method.corrections import leak_around, missed_around
+from lib.spd.method.corrections import leak_around, missed_around, uncontradicted
 from lib.spd.method.interaction import Session, SessionStore
 
 
@@ -103,6 +103,31 @@ def test_a_positive_click_the_decoder_leaves_out_is_still_answered():
     image, mask, _ = leaking_tube(leak=(0, 0))  # the decoder finds only the tube, already in the mask
     added = missed_around(mask, image, (5, 40, 40), threshold_in_box(image), (1.0, 1.0), reach=6, dense=False)
     assert added[5, 40, 40] and not (added & mask).any()
+
+
+def test_a_trained_head_vetoes_what_it_rules_out_or_is_sure_of_but_not_the_click_itself():
+    region = np.zeros((6, 20, 20), dtype=bool)
+    region[1:5, 4:16, 4:16] = True  # what a click would add, or remove
+    belief = np.zeros(region.shape, dtype=np.float32)
+    belief[:, :, :10] = 0.9  # the head is sure of the left half and rules out the right half
+    asked = []
+
+    def head(slices):
+        asked.append(slices)
+        return belief[slices]
+
+    click = (2, 10, 13)  # on the right half
+    added = uncontradicted(region, click, True, head, (1.0, 1.0))
+    assert asked == [[1, 2, 3, 4]], "only the slices the region touches are asked for"
+    assert added[:, :, :10].sum() == region[:, :, :10].sum(), "what the head allows is added"
+    rows, cols = np.mgrid[:20, :20]
+    near_click = (rows - 10) ** 2 + (cols - 13) ** 2 <= 9  # click_mm (3) around it
+    assert added[click] and np.array_equal(added[2, :, 10:], (near_click & region[2])[:, 10:]), "the click's own surroundings ..."
+    assert not added[[0, 1, 3, 4, 5], :, 10:].any(), "... only"
+    removed = uncontradicted(region, (2, 10, 6), False, head, (1.0, 1.0))
+    assert removed[:, :, 10:].sum() == region[:, :, 10:].sum(), "what the head does not hold is removed"
+    assert removed[:, :, :10].sum() == removed[2, :, :10].sum() > 0, "of the sure half, only around the click"
+    assert uncontradicted(region, click, True, lambda slices: None, (1.0, 1.0)) is region, "no head: all of it"
 
 
 def session(clicks) -> Session:

@@ -76,7 +76,8 @@ class SPDAutoInfer(SPDInfer):
             with self.background.foreground():
                 result = self.compute(volume, wanted, version)
         for name, seg in result.segmentations.items():  # the client's next spd_sam clicks correct these
-            self.interactions.start_from(self.session_key(volume, name, request), seg, version, self.prompts.every)
+            self.interactions.start_from(self.session_key(volume, name, request), seg, version, self.prompts.every,
+                                         name)
         path = write_label(result.labels, volume.image, extension, dtype, compress)
         release_free_memory()
         total = round(time.perf_counter() - started, 4)

@@ -18,7 +18,9 @@ axes in order; points are (slice, row, col).
   walk leaves empty are decoded in boxes interpolated between the click's part and the mask's
   end (as SPD fills the slices between clicks). The click itself is always added. Where the
   backbone takes a dense prompt, the current mask is fed back with the box and the click (PG-SAM's
-  iterative refinement); box-only backbones get the box.
+  iterative refinement); box-only backbones get the box. Where a trained saliency head knows the
+  structure, a click does not add what the head rules out, nor remove what the head is sure of
+  (except right around the click).
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ class CorrectionConfig:
     min_new: float = 0.05  # a tracked slice that adds less than this share of its part ends the walk
     max_shift: float = 2.0  # ... as does one whose mean intensity leaves the clicked part's by this many of its SDs
     min_shift: float = 0.05  # (the tolerance is at least this, in windowed intensity)
+    ruled_out: float = 0.05  # a positive click adds nothing where a trained head gives the structure less chance
+    sure: float = 0.5  # ... and a negative one removes nothing where it gives this or more (beyond click_mm of both)
 
 
 @dataclass
@@ -179,6 +183,26 @@ def missed_around(mask: np.ndarray, image: np.ndarray, click: Point, decode: Sli
         if 1 < gap <= reach:
             bridge(out, part, s, s + step * int(gap), mask, segment, pixel_mm, blocked, probes)
     return out
+
+
+def uncontradicted(region: np.ndarray, click: Point, positive: bool, saliency: Callable[[list[int]], np.ndarray | None],
+                   pixel_mm: Sequence[float], config: CorrectionConfig = CorrectionConfig()) -> np.ndarray:
+    """The part of ``region`` (what a ``click`` adds, or removes when it is negative) that a trained saliency head
+    does not contradict: nothing is added where the head gives the structure less than ``config.ruled_out``
+    chance, nothing removed where it gives ``config.sure`` or more; within ``click_mm`` of the click the
+    annotator's word stands. All of ``region`` where no head serves.
+
+    Args:
+        saliency: ``saliency(slices)`` -> (N, H, W) the head's maps of those slices, or None (no head).
+    """
+    touched = [int(t) for t in np.flatnonzero(region.any(axis=(1, 2)))]
+    maps = saliency(touched) if touched else None
+    if maps is None:
+        return region
+    keep = np.zeros(region.shape, dtype=bool)
+    keep[touched] = maps >= config.ruled_out if positive else maps < config.sure
+    keep[click[0]] |= _disc(region.shape[1:], np.array(click[1:], dtype=float), config.click_mm / min(pixel_mm))
+    return region & keep
 
 
 def bridge(out: np.ndarray, part: np.ndarray, s: int, end: int, mask: np.ndarray,

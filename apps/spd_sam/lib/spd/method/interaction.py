@@ -19,7 +19,7 @@ import numpy as np
 
 from .assembly import keep_prompted_components
 from .box_prompt import segment_box
-from .corrections import ClickEffect, CorrectionConfig, leak_around, missed_around
+from .corrections import ClickEffect, CorrectionConfig, leak_around, missed_around, uncontradicted
 from .intensity import IntensityWindow
 from .pipeline import Segmentation, SPDPipeline, VolumeView, click_gap
 from .prompts import Click, medial_point
@@ -39,6 +39,7 @@ class Session:
     gap: int  # typical slices between the annotator's clicks
     steps: int = 0
     effects: list[ClickEffect] = field(default_factory=list)
+    label: str | None = None  # the structure's name (selects a trained saliency head)
 
     def new_clicks(self, clicks: Sequence[Click]) -> list[Click] | None:
         """The clicks ``clicks`` adds to this session's, in request order; None when it does not hold them all."""
@@ -126,11 +127,11 @@ class Interactions:
         else:  # the roi alone is the prompt; negative clicks with it correct the result
             seg = segment_box(self.pipeline, volume, spacing, volume_id, window, roi, slice_axis, self.config)
             session = Session((), seg.axis, roi, model_version, seg, np.zeros(volume.shape, dtype=bool),
-                              _defenders(seg), 3)
+                              _defenders(seg), 3, label=label)
             if clicks:
                 return self._correct_and_record(key, session, volume, spacing, volume_id, list(clicks), window)
         session = Session(tuple(clicks), seg.axis, roi, model_version, seg, np.zeros(volume.shape, dtype=bool),
-                          _defenders(seg), click_gap([c.ijk[seg.axis] for c in clicks if c.positive]))
+                          _defenders(seg), click_gap([c.ijk[seg.axis] for c in clicks if c.positive]), label=label)
         self.store.put(key, session)
         return Outcome(seg, self._record(session, "new", []))
 
@@ -146,11 +147,12 @@ class Interactions:
                 and (slice_axis is None or slice_axis == session.axis))
         return session, (session.new_clicks(clicks) if same else None)
 
-    def start_from(self, key: Hashable, seg: Segmentation, model_version: int | None, gap: int) -> None:
-        """Make ``seg`` (a result reached without clicks, e.g. an auto segmentation, prompted every ``gap`` slices)
-        the session of ``key``: the next clicks for it correct that result."""
+    def start_from(self, key: Hashable, seg: Segmentation, model_version: int | None, gap: int,
+                   label: str | None = None) -> None:
+        """Make ``seg`` (a result reached without clicks, e.g. an auto segmentation of ``label``, prompted every
+        ``gap`` slices) the session of ``key``: the next clicks for it correct that result."""
         self.store.put(key, Session((), seg.axis, None, model_version, seg, np.zeros(seg.mask.shape, dtype=bool),
-                                    _defenders(seg), gap))
+                                    _defenders(seg), gap, label=label))
 
     def _correct_and_record(self, key, session: Session, volume, spacing, volume_id, new: list[Click], window
                             ) -> Outcome:
@@ -173,6 +175,10 @@ class Interactions:
         reach = max(int(round(self.config.reach_gaps * session.gap)), 1)
         defenders = session.defenders
         effects = []
+
+        def head(slices: list[int]) -> np.ndarray | None:
+            return self.pipeline.trained_saliency(volume_id, whole, session.label, slices)
+
         for click in new:
             point = (click.ijk[axis], *(click.ijk[a] for a in whole.in_plane))
             before = stack(mask).copy()
@@ -187,12 +193,14 @@ class Interactions:
                     lambda t, prompts: self.pipeline.decode_slices(volume_id, target, [t], prompts)[0],
                     sp[1:], reach, self.pipeline.backbone.uses_mask_prompt, stack(removed),
                     self.pipeline.probe_config(None, axis), self.config)
+                region = uncontradicted(region, point, True, head, sp[1:], self.config)
                 stack(mask)[region] = True
                 stack(removed)[region] = False
                 defenders = np.vstack([defenders, [point]])
             else:
                 region = leak_around(stack(mask), image, point, self._guarded(defenders, session, point, sp), sp,
                                      reach, self.config)
+                region = uncontradicted(region, point, False, head, sp[1:], self.config)
                 stack(mask)[region] = False
                 stack(removed)[region] = True
             effects.append(_effect(click, before, stack(mask)))

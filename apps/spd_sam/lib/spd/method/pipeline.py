@@ -186,12 +186,17 @@ class SPDPipeline:
     def saliency_volume(self, volume_id: str, view: VolumeView, label: str, chunk: int = 32) -> np.ndarray:
         """(depth, H, W) saliency of ``label``'s trained head on every slice of ``view``, embedded chunk by chunk
         through the cache."""
-        head = self.state.saliency_heads[label]
-        maps = []
-        for start in range(0, view.depth, chunk):
-            indices = list(range(start, min(start + chunk, view.depth)))
-            maps.append(head(view.slices(indices), self.embed(volume_id, view, indices), []))
-        return np.concatenate(maps)
+        return np.concatenate([self.trained_saliency(volume_id, view, label, range(start, min(start + chunk, view.depth)))
+                               for start in range(0, view.depth, chunk)])
+
+    def trained_saliency(self, volume_id: str, view: VolumeView, label: str | None, indices: Sequence[int]
+                         ) -> np.ndarray | None:
+        """(len(indices), H, W) saliency of ``label``'s trained head on slices ``indices`` of ``view`` (whole
+        slices: the head learned them); None when no head of that label serves the view's axis."""
+        head = self.state.saliency_heads.get(label)
+        if head is None or not head.head.serves(view.axis):
+            return None
+        return head(view.slices(indices), self.embed(volume_id, view, list(indices)), [])
 
     def segment_learned(self, volume: np.ndarray, spacing: Sequence[float], volume_id: str, window: IntensityWindow,
                         label: str, config: SelfPromptConfig = SelfPromptConfig()
