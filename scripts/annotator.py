@@ -92,10 +92,12 @@ def _off_target(plane_labels: np.ndarray, value: int, centre: np.ndarray, pixel_
     return np.array([rows[pick], cols[pick]], dtype=float)
 
 
-def corrective_click(mask: np.ndarray, truth: np.ndarray, spacing) -> tuple[list[int], bool] | None:
+def corrective_click(mask: np.ndarray, truth: np.ndarray, spacing, rng: np.random.Generator | None = None
+                     ) -> tuple[list[int], bool] | None:
     """The next click of the interactive-segmentation protocol: at the deepest point (in mm) of the largest 3D
     error region, positive where the mask missed the structure and negative where it leaked; None when the mask is
-    exact."""
+    exact. With ``rng``, a less careful annotator: a random point of the region's inner half (at least half the
+    deepest point's depth)."""
     best = None
     for positive, error in ((True, truth & ~mask), (False, mask & ~truth)):
         labels, count = ndimage.label(error)
@@ -109,5 +111,9 @@ def corrective_click(mask: np.ndarray, truth: np.ndarray, spacing) -> tuple[list
     _, positive, region = best
     box = tuple(slice(max(int(a.min()) - 1, 0), int(a.max()) + 2) for a in np.nonzero(region))
     depth = ndimage.distance_transform_edt(region[box], sampling=spacing)
-    offset = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    if rng is None:
+        offset = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    else:
+        inner = np.argwhere(depth >= depth.max() / 2)
+        offset = inner[rng.integers(len(inner))]
     return [int(o + b.start) for o, b in zip(offset, box)], positive

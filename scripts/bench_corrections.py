@@ -3,7 +3,7 @@
 Protocol of interactive-segmentation papers: after the first result from rough clicks (``annotator.py``: every 3rd
 slice, 3 mm drift, 15 % off target, axial), each next click goes to the deepest point of the largest 3D error
 region, positive where the mask missed and negative where it leaked (``annotator.corrective_click``), up to
-``--clicks`` clicks. Each method places its clicks on its own errors:
+``--clicks`` clicks; ``--clicker inner``: to a random point of that region's inner half instead. Each method places its clicks on its own errors:
 - **corrections**: one interaction session (``lib.spd.method.interaction``), all clicks resent each time as the
   viewers do; only the new click acts on the kept result.
 - **from scratch**: the SPD pipeline on the whole click list each time.
@@ -52,13 +52,14 @@ def ceiling(case, value: int, pipeline: SPDPipeline) -> float:
 
 
 def run_case(case, name: str, value: int, pipeline: SPDPipeline, interactions: Interactions, clicks: int, seed,
-             exact: float) -> dict:
+             exact: float, clicker: str = "deepest") -> dict:
     truth, window = case.labels == value, choose_window(case.image)
     rough, _ = clicks_for(case.labels, value, case.spacing, CENTRE, np.random.default_rng(seed))
     first = [Click(tuple(c), True) for c in rough]
     row = {"case": case.name, "structure": name, "ceiling": exact}
     for method in METHODS:
         given, curve, seconds = list(first), [], []
+        rng = np.random.default_rng(seed) if clicker == "inner" else None  # each method from the same seed
         for n in range(clicks + 1):
             tic = time.perf_counter()
             if method == "corrections":
@@ -70,7 +71,7 @@ def run_case(case, name: str, value: int, pipeline: SPDPipeline, interactions: I
             if n:
                 seconds.append(time.perf_counter() - tic)
             curve.append(dice(mask, truth))
-            nxt = corrective_click(mask, truth, case.spacing)
+            nxt = corrective_click(mask, truth, case.spacing, rng)
             if nxt is None or n == clicks:
                 curve += [curve[-1]] * (clicks - n)
                 break
@@ -110,6 +111,9 @@ def main(argv=None) -> None:
     parser.add_argument("--data", default="mri,tubes", help="comma-separated: mri, tubes")
     parser.add_argument("--subjects", type=int, default=1, help="MRI subjects (6 structures each, sides alternate)")
     parser.add_argument("--clicks", type=int, default=10, help="corrective clicks after the first result")
+    parser.add_argument("--clicker", choices=["deepest", "inner"], default="deepest",
+                        help="where a corrective click goes in the largest error: its deepest point, or a random "
+                             "point of its inner half")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "spd_bench_cache",
                         help="embedding cache kept between runs")
     parser.add_argument("--json", type=Path, default=None, help="write every row here")
@@ -133,12 +137,13 @@ def main(argv=None) -> None:
     for case in cases:
         for name, value in case.structures.items():
             row = run_case(case, name, value, pipeline, interactions, args.clicks, [value, len(rows)],
-                           exact[case.name, value])
+                           exact[case.name, value], args.clicker)
             rows.append(dict(row, data="tubes" if case.name.startswith("tubes") else "mri"))
             print(f"{case.name} {name}: corrections " + " ".join(f"{d:.2f}" for d in row["corrections"]["dice"])
                   + " | from scratch " + " ".join(f"{d:.2f}" for d in row["from scratch"]["dice"])
                   + f" | ceiling {row['ceiling']:.2f}", flush=True)
-    print(f"\n# bench_corrections {args.set}, started {started}, backbone {backbone.name} ({backbone.runtime}), "
+    print(f"\n# bench_corrections {args.set}, clicker {args.clicker}, started {started}, "
+          f"backbone {backbone.name} ({backbone.runtime}), "
           f"{f'trained model v{version} of {args.trained}' if version else 'untrained'}, all data synthetic, "
           "simulated annotator")
     for data in ("mri", "tubes"):

@@ -1,7 +1,7 @@
 """The benchmark's simulated annotators and its CT tube phantom do what the benchmark says they do."""
 
 import numpy as np
-from annotator import Annotator, clicks_for
+from annotator import Annotator, clicks_for, corrective_click
 from scipy import ndimage
 from tube_phantom import make_tube_phantom
 
@@ -52,3 +52,20 @@ def test_tube_phantom_is_a_ct_whose_loops_touch():
     target_hu = np.median(phantom.image[phantom.labels == 1])
     neighbour_hu = np.median(phantom.image[phantom.labels == min(touching)])
     assert abs(target_hu - neighbour_hu) < 10, "same density: only the clicks' line tells them apart"
+
+
+def test_corrective_clicks_go_to_the_largest_error_deep_or_anywhere_in_its_inner_half():
+    truth = np.zeros((20, 20, 20), dtype=bool)
+    truth[4:16, 4:16, 4:16] = True
+    mask = truth.copy()
+    mask[4:16, 4:16, 10:16] = False  # a large miss ...
+    mask[0:2, 0:2, 0:2] = True  # ... and a small leak
+    miss = truth & ~mask
+    depth = ndimage.distance_transform_edt(np.pad(miss, 1))[1:-1, 1:-1, 1:-1]
+    point, positive = corrective_click(mask, truth, (1.0, 1.0, 1.0))
+    assert positive and miss[tuple(point)] and depth[tuple(point)] == depth.max()
+    rng = np.random.default_rng(0)
+    loose = [corrective_click(mask, truth, (1.0, 1.0, 1.0), rng) for _ in range(20)]
+    assert all(p and miss[tuple(q)] and depth[tuple(q)] >= depth.max() / 2 for q, p in loose)
+    assert len({tuple(q) for q, _ in loose}) > 5, "not always the same point"
+    assert corrective_click(truth, truth, (1.0, 1.0, 1.0)) is None
