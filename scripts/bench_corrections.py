@@ -52,12 +52,12 @@ def ceiling(case, value: int, pipeline: SPDPipeline) -> float:
 
 
 def run_case(case, name: str, value: int, pipeline: SPDPipeline, interactions: Interactions, clicks: int, seed,
-             exact: float, clicker: str = "deepest") -> dict:
+             exact: float, clicker: str = "deepest", methods=METHODS) -> dict:
     truth, window = case.labels == value, choose_window(case.image)
     rough, _ = clicks_for(case.labels, value, case.spacing, CENTRE, np.random.default_rng(seed))
     first = [Click(tuple(c), True) for c in rough]
     row = {"case": case.name, "structure": name, "ceiling": exact}
-    for method in METHODS:
+    for method in methods:
         given, curve, seconds = list(first), [], []
         rng = np.random.default_rng(seed) if clicker == "inner" else None  # each method from the same seed
         for n in range(clicks + 1):
@@ -81,11 +81,11 @@ def run_case(case, name: str, value: int, pipeline: SPDPipeline, interactions: I
     return row
 
 
-def summary(rows: list[dict], clicks: int) -> str:
+def summary(rows: list[dict], clicks: int, methods=METHODS) -> str:
     lines = ["| method | " + " | ".join(f"{n}" for n in range(clicks + 1)) + " | NoC@80 | NoC@85 | reached 85 | "
              "clicks lowering Dice > 0.01 | mean change per click | s per click |",
              "|---|" + "---|" * (clicks + 1) + "---|---|---|---|---|---|"]
-    for method in METHODS:
+    for method in methods:
         curves = np.array([r[method]["dice"] for r in rows])
         steps = np.diff(curves, axis=1)
         secs = [s for r in rows for s in r[method]["seconds"]]
@@ -96,12 +96,12 @@ def summary(rows: list[dict], clicks: int) -> str:
                      f" | {(steps < -0.01).mean():.1%} | {steps.mean():+.3f} | {np.median(secs) if secs else 0:.2f} |")
     lines.append(f"\nexact-box ceiling (untrained backbone, true box on every slice): "
                  f"{np.mean([r['ceiling'] for r in rows]):.3f}")
-    lines += ["", "| structure | ceiling | corrections: 0 -> 5 -> 10 clicks | from scratch: 0 -> 5 -> 10 clicks |",
-              "|---|---|---|---|"]
+    lines += ["", "| structure | ceiling | " + " | ".join(f"{m}: 0 -> 5 -> 10 clicks" for m in methods) + " |",
+              "|---|---|" + "---|" * len(methods)]
     for r in rows:
-        a, b = r["corrections"]["dice"], r["from scratch"]["dice"]
-        lines.append(f"| {r['case']} {r['structure']} | {r['ceiling']:.3f} | {a[0]:.3f} -> {a[min(5, clicks)]:.3f} -> "
-                     f"{a[-1]:.3f} | {b[0]:.3f} -> {b[min(5, clicks)]:.3f} -> {b[-1]:.3f} |")
+        curves = [r[m]["dice"] for m in methods]
+        lines.append(f"| {r['case']} {r['structure']} | {r['ceiling']:.3f} | " + " | ".join(
+            f"{d[0]:.3f} -> {d[min(5, clicks)]:.3f} -> {d[-1]:.3f}" for d in curves) + " |")
     return "\n".join(lines)
 
 
@@ -111,6 +111,7 @@ def main(argv=None) -> None:
     parser.add_argument("--data", default="mri,tubes", help="comma-separated: mri, tubes")
     parser.add_argument("--subjects", type=int, default=1, help="MRI subjects (6 structures each, sides alternate)")
     parser.add_argument("--clicks", type=int, default=10, help="corrective clicks after the first result")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated: " + ", ".join(METHODS))
     parser.add_argument("--clicker", choices=["deepest", "inner"], default="deepest",
                         help="where a corrective click goes in the largest error: its deepest point, or a random "
                              "point of its inner half")
@@ -120,6 +121,9 @@ def main(argv=None) -> None:
     parser.add_argument("--trained", type=Path, default=None,
                         help="a trained-models folder (the server's trained_dir): serve its newest published model")
     args = parser.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",")]
+    if not methods or set(methods) - set(METHODS):
+        parser.error(f"--methods: choose from {', '.join(METHODS)}")
     started = time.strftime("%Y-%m-%d %H:%M")
     backbone = load_backbone(cache_dir=str(args.cache / "runtime"))
     pipeline = SPDPipeline(backbone, EmbeddingCache(3 << 30, args.cache / "embeddings"))
@@ -137,11 +141,10 @@ def main(argv=None) -> None:
     for case in cases:
         for name, value in case.structures.items():
             row = run_case(case, name, value, pipeline, interactions, args.clicks, [value, len(rows)],
-                           exact[case.name, value], args.clicker)
+                           exact[case.name, value], args.clicker, methods)
             rows.append(dict(row, data="tubes" if case.name.startswith("tubes") else "mri"))
-            print(f"{case.name} {name}: corrections " + " ".join(f"{d:.2f}" for d in row["corrections"]["dice"])
-                  + " | from scratch " + " ".join(f"{d:.2f}" for d in row["from scratch"]["dice"])
-                  + f" | ceiling {row['ceiling']:.2f}", flush=True)
+            print(f"{case.name} {name}: " + " | ".join(f"{m} " + " ".join(f"{d:.2f}" for d in row[m]["dice"])
+                                                        for m in methods) + f" | ceiling {row['ceiling']:.2f}", flush=True)
     print(f"\n# bench_corrections {args.set}, clicker {args.clicker}, started {started}, "
           f"backbone {backbone.name} ({backbone.runtime}), "
           f"{f'trained model v{version} of {args.trained}' if version else 'untrained'}, all data synthetic, "
@@ -150,7 +153,7 @@ def main(argv=None) -> None:
         part = [r for r in rows if r["data"] == data]
         if part:
             print(f"\n## {'synthetic MRI (Colin27 + AAL, warped)' if data == 'mri' else 'synthetic CT tube phantom'}"
-                  f" ({len(part)} structures)\n\n{summary(part, args.clicks)}")
+                  f" ({len(part)} structures)\n\n{summary(part, args.clicks, methods)}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 
