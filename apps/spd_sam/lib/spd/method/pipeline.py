@@ -186,8 +186,12 @@ class SPDPipeline:
     def saliency_volume(self, volume_id: str, view: VolumeView, label: str, chunk: int = 32) -> np.ndarray:
         """(depth, H, W) saliency of ``label``'s trained head on every slice of ``view``, embedded chunk by chunk
         through the cache."""
-        return np.concatenate([self.trained_saliency(volume_id, view, label, range(start, min(start + chunk, view.depth)))
-                               for start in range(0, view.depth, chunk)])
+        head = self.state.saliency_heads[label]
+        maps = []
+        for start in range(0, view.depth, chunk):
+            indices = list(range(start, min(start + chunk, view.depth)))
+            maps.append(head(view.slices(indices), self.embed(volume_id, view, indices), []))
+        return np.concatenate(maps)
 
     def trained_saliency(self, volume_id: str, view: VolumeView, label: str | None, indices: Sequence[int]
                          ) -> np.ndarray | None:
