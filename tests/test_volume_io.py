@@ -11,7 +11,7 @@ import tempfile
 import numpy as np
 import SimpleITK as sitk
 
-from lib.volume_io import VolumeReader, results_dir, volume_id, write_label
+from lib.volume_io import VolumeReader, results_dir, results_prefix, volume_id, write_label
 
 
 def test_results_go_to_a_private_folder_that_is_made_again_if_removed():
@@ -47,18 +47,20 @@ def test_result_folders_of_processes_that_are_gone_are_removed_by_the_next_one(t
     """A served process ends by a signal that skips exit handlers; the next server removes what it left."""
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    orphan = tmp_path / f"spd_sam_results_{gone.pid}_abc123"
+    orphan = tmp_path / f"{results_prefix()}{gone.pid}_abc123"
     (orphan / "nested").mkdir(parents=True)
     (orphan / "nested" / "label.nii.gz").write_bytes(b"x")
-    alive = tmp_path / f"spd_sam_results_{os.getpid()}_def456"  # a running process's folder stays
+    alive = tmp_path / f"{results_prefix()}{os.getpid()}_def456"  # a running process's folder stays
     alive.mkdir()
+    elsewhere = tmp_path / f"spd_sam_results_otherhost_{gone.pid}_ghi789"  # another container's: left alone
+    elsewhere.mkdir()
     other = tmp_path / "spd_sam_results_notapid"  # not a name this module makes: left alone
     other.mkdir()
     program = ("import sys; sys.path.insert(0, 'apps/spd_sam'); from lib.volume_io import results_dir; "
                "print(results_dir())")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, "-c", program], cwd=root, env=dict(os.environ, TMPDIR=str(tmp_path)), check=True)
-    assert sorted(os.listdir(tmp_path)) == sorted([alive.name, other.name])
+    assert sorted(os.listdir(tmp_path)) == sorted([alive.name, elsewhere.name, other.name])
 
 
 def test_a_replaced_file_gets_a_new_volume_id(tmp_path):

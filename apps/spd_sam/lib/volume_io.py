@@ -8,6 +8,7 @@ import hashlib
 import os
 import re
 import shutil
+import socket
 import tempfile
 import threading
 from collections import OrderedDict
@@ -94,22 +95,25 @@ def results_dir() -> str:
     straight into that folder could be deleted from under the client. (Made again if a temp cleaner
     removed it while the server ran.) Removed when the process exits; a served process ends by a
     signal that skips exit handlers (uvicorn re-raises SIGTERM, kill -9), so the folders of processes
-    that are gone are removed when the next one makes its own.
+    that are gone are removed when the next one on the same host makes its own.
     """
     parent = tempfile.gettempdir()
     _remove_orphaned_results(parent)
-    path = tempfile.mkdtemp(prefix=f"{_RESULTS_PREFIX}{os.getpid()}_", dir=parent)
+    path = tempfile.mkdtemp(prefix=f"{results_prefix()}{os.getpid()}_", dir=parent)
     atexit.register(shutil.rmtree, path, True)
     return path
 
 
-_RESULTS_PREFIX = "spd_sam_results_"
+def results_prefix() -> str:
+    """How result folders of processes on this host begin (the pid follows): a temp folder shared between
+    containers holds folders whose pids this host cannot see."""
+    return f"spd_sam_results_{re.sub(r'[^A-Za-z0-9]', '', socket.gethostname())}_"
 
 
 def _remove_orphaned_results(parent: str) -> None:
-    """Remove result folders in ``parent`` whose process no longer runs (the pid is in the name)."""
+    """Remove this host's result folders in ``parent`` whose process no longer runs."""
     for entry in os.scandir(parent):
-        found = re.fullmatch(rf"{_RESULTS_PREFIX}(\d+)_\w+", entry.name)
+        found = re.fullmatch(rf"{re.escape(results_prefix())}(\d+)_\w+", entry.name)
         if found and entry.is_dir(follow_symlinks=False) and not _running(int(found[1])):
             shutil.rmtree(entry.path, ignore_errors=True)
 
