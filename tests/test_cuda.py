@@ -1,5 +1,5 @@
 """The CUDA paths on a real GPU (skipped where none is visible; CI has none): bf16 SDPA attention at
-ViT-B size, batched decoding, the memory budget of chunked embedding and the out-of-memory fallback."""
+ViT-B size (on flash kernels), batched decoding, the memory budget of chunked embedding and the out-of-memory fallback."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from fast_paths_models import tiny_sam
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lib.spd.runtime import EncoderRunner, EncoderSettings, PromptBatch, assemble_backbone
 from lib.spd.runtime.sam_attention import use_sdpa_attention
@@ -36,6 +37,9 @@ def test_sdpa_bf16_matches_stock_float32_at_vit_b_size():
     print(f"bf16 SDPA vs float32 stock: max {error.max():.4f}, mean {error.mean():.5f}, "
           f"mean |output| {expected.abs().mean():.4f}")
     assert error.mean() < 0.02 * expected.abs().mean()
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        flash = fast(x).float()  # raises where a block still needs a mask (flash kernels take none)
+    assert (flash - got).abs().mean() < 0.01 * got.abs().mean()
 
 
 def test_batched_decoding_on_cuda_equals_slice_by_slice():

@@ -37,6 +37,24 @@ def test_sdpa_attention_equals_stock_attention():
     assert error.mean() < 0.02 * expected.abs().mean() and error.max() < 0.1, "bf16 outside tolerance"
 
 
+def test_the_bias_folded_into_queries_and_keys_equals_the_bias_as_a_mask():
+    """The GPU's mask-free form (flash kernels) gives the masked form's output, on global and windowed blocks
+    alike, exactly in float32 and within bf16's precision in bf16."""
+    encoder = tiny_sam().image_encoder
+    use_sdpa_attention(encoder)
+    for block in encoder.blocks:
+        attn = block.attn
+        with torch.no_grad():  # a trained model's embeddings are not zero
+            attn.rel_pos_h.normal_(0, 0.5)
+            attn.rel_pos_w.normal_(0, 0.5)
+        size = attn.rel_pos_h.shape[0] // 2 + 1  # the block's grid (global) or window
+        q, k, v = torch.randn(3, 2, attn.num_heads, size * size, attn.rel_pos_h.shape[1])
+        masked = attn.masked_attention(q, k, v, size, size)
+        assert torch.allclose(attn.folded_attention(q, k, v, size, size), masked, atol=1e-5)
+        low = attn.folded_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), size, size).float()
+        assert (low - masked).abs().mean() < 0.02 * masked.abs().mean()
+
+
 def test_sdpa_attention_depends_on_relative_positions():
     encoder = tiny_sam().image_encoder
     use_sdpa_attention(encoder)
