@@ -2,12 +2,15 @@
 
 Prints, in one run:
 1. Image encoder ms/slice, eager PyTorch vs the accelerated runtime, and their agreement.
-2. Through a real server and monailabel.client: first-request, repeat-click and corrective-click times (right
+2. A first click on a cold volume, in-process: the full pipeline vs a draft from the clicked slices (``draft.py``),
+   then the full result once the rest of the structure's slices are embedded (as the server's background does);
+   seconds and Dice of each, per structure of the Colin27 sample study and click spacing (rough axial clicks).
+3. Through a real server and monailabel.client: first-request, repeat-click and corrective-click times (right
    caudate of the Colin27 sample study, simulated rough clicks every 3rd axial slice; corrective clicks at the
    centre of the largest error, as ``bench_corrections.py`` places them).
-3. Peak resident memory of this process.
+4. Peak resident memory of this process.
 
-    .venv/bin/python scripts/bench_latency.py [--no-server]
+    .venv/bin/python scripts/bench_latency.py [--parts encoder,first-click,server] [--structures a,b] [--every 3,5]
 """
 
 from __future__ import annotations
@@ -44,6 +47,46 @@ def encoder_speed(backbone_eager, backbone_fast, images: np.ndarray) -> dict:
     rel = float((out["eager_embeddings"] - out["accelerated_embeddings"]).norm() / out["eager_embeddings"].norm())
     return {"eager_ms": out["eager"], "accelerated_ms": out["accelerated"], "relative_error": rel,
             "runtime": backbone_fast.runtime}
+
+
+def first_click(backbone, volume, spacing, atlas, labels, structures, every: int) -> list[dict]:
+    """Per structure: the full pipeline and a draft, each on an empty embedding cache, then the full result after
+    the slices the draft left out are embedded."""
+    from lib.spd.method import Click, SPDPipeline, segment_range
+    from lib.spd.serving import EmbeddingCache
+
+    window, rows = choose_window(volume), []
+    for name in structures:
+        target = atlas == labels[name]
+        clicks, _ = simulate_clicks(target, spacing, 2, ClickStyle(every, 3.0, 0.15), np.random.default_rng(5))
+        prompts = [Click(tuple(c), True) for c in clicks]
+        row = {"structure": name}
+        for mode in ("full", "draft"):
+            pipeline = SPDPipeline(backbone, EmbeddingCache(4 << 30))
+            tic = time.perf_counter()
+            seg = pipeline.segment(volume, spacing, IMAGE, prompts, window, slice_axis=2, draft=mode == "draft")
+            row[mode] = (time.perf_counter() - tic, dice(seg.mask, target))
+        first, last = segment_range(prompts, 2, volume.shape[2], None)
+        whole = VolumeView(volume, 2, window)
+        tic = time.perf_counter()
+        pipeline.embed(IMAGE, whole, range(first, last + 1))
+        if seg.focus is not None:
+            pipeline.embed(IMAGE, whole.focused(seg.focus), range(first, last + 1))
+        row["background_s"] = time.perf_counter() - tic
+        tic = time.perf_counter()
+        refined = pipeline.segment(volume, spacing, IMAGE, prompts, window, slice_axis=2, draft=True)
+        row["refined"] = (time.perf_counter() - tic, dice(refined.mask, target))
+        row["draft_info"], row["refined_is_full"] = seg.draft, refined.draft is None
+        rows.append(row)
+        print(f"   {name}, every {every}: full {row['full'][0]:.1f} s (Dice {row['full'][1]:.3f}); draft {row['draft'][0]:.1f} s "
+              f"(Dice {row['draft'][1]:.3f}, {seg.draft}); rest embedded in {row['background_s']:.1f} s; then the "
+              f"same request {row['refined'][0]:.2f} s (Dice {row['refined'][1]:.3f}, full: {row['refined_is_full']})",
+              flush=True)
+    return rows
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * float(np.logical_and(a, b).sum()) / max(float(a.sum() + b.sum()), 1.0)
 
 
 def repeat_clicks(client, params, clicks, count: int = 3) -> list[float]:
@@ -130,8 +173,13 @@ def server_timings(atlas, labels, spacing, axis) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--no-server", action="store_true", help="skip the client/server timings")
+    parser.add_argument("--parts", default="encoder,first-click,server",
+                        help="comma-separated: encoder, first-click, server")
+    parser.add_argument("--structures", default="right_caudate,left_putamen,right_thalamus,left_hippocampus",
+                        help="structures of the first-click part")
+    parser.add_argument("--every", default="3,5", help="click spacings (slices) of the first-click part")
     args = parser.parse_args(argv)
+    parts = set(args.parts.split(","))
     labels = json.loads((ROOT / "apps" / "spd_sam" / "labels.json").read_text())
     image = nib.load(STUDIES / f"{IMAGE}.nii.gz")
     volume = np.asarray(image.dataobj)
@@ -143,13 +191,23 @@ def main(argv=None) -> None:
     eager = load_backbone(runtime="torch")
     eager.runner.settings.chunk = 1  # batching does not help eager TinyViT on the CPU; one slice at a time is its best
 
-    slices = VolumeView(volume, 2, window).slices(range(80, 88))
-    enc = encoder_speed(eager, fast, slices)
-    print(f"\n== image encoder (LiteMedSAM, 8 real 181x217 slices): eager {enc['eager_ms']:.0f} ms/slice, "
-          f"{enc['runtime']} {enc['accelerated_ms']:.0f} ms/slice ({enc['eager_ms'] / enc['accelerated_ms']:.2f}x), "
-          f"relative difference of embeddings {enc['relative_error']:.1e}")
+    if "encoder" in parts:
+        slices = VolumeView(volume, 2, window).slices(range(80, 88))
+        enc = encoder_speed(eager, fast, slices)
+        print(f"\n== image encoder (LiteMedSAM, 8 real 181x217 slices): eager {enc['eager_ms']:.0f} ms/slice, "
+              f"{enc['runtime']} {enc['accelerated_ms']:.0f} ms/slice ({enc['eager_ms'] / enc['accelerated_ms']:.2f}x), "
+              f"relative difference of embeddings {enc['relative_error']:.1e}")
 
-    if not args.no_server:
+    if "first-click" in parts:
+        print("\n== first click on a cold volume (in-process, rough axial clicks, 3 mm drift, 15 % off target)")
+        for every in (int(e) for e in args.every.split(",")):
+            rows = first_click(fast, volume, spacing, atlas, labels, args.structures.split(","), every)
+            full, drafted = (sum(r[m][0] for r in rows) for m in ("full", "draft"))
+            print(f"   clicks every {every}: full {full:.1f} s, draft {drafted:.1f} s ({full / drafted:.2f}x sooner); "
+                  f"mean Dice full {np.mean([r['full'][1] for r in rows]):.3f}, draft "
+                  f"{np.mean([r['draft'][1] for r in rows]):.3f}, refined {np.mean([r['refined'][1] for r in rows]):.3f}")
+
+    if "server" in parts:
         t = server_timings(atlas, labels, spacing, 2)
         print(f"\n== through monailabel.client (right caudate, {t['slices']} slices, cold cache): server start "
               f"{t['startup_s']:.1f} s, first request {t['first_s']:.1f} s")

@@ -132,3 +132,28 @@ def test_a_box_on_one_slice_segments_the_structure_it_holds_along_the_slices(bac
     outside = np.ones(volume.shape[:2], dtype=bool)
     outside[roi[0][0]:roi[0][1] + 1, roi[1][0]:roi[1][1] + 1] = False
     assert not seg.mask[:, :, 12][outside].any(), "nothing outside the box on its slice"
+
+
+def test_a_draft_embeds_only_the_clicked_slices_and_the_same_clicks_later_get_the_full_result(backbone):
+    volume, target = phantom(seed=5)
+    clicks = [[31, 37, 4], [32, 36, 7], [12, 60, 10], [33, 37, 13], [34, 36, 16], [35, 36, 19]]  # one on the decoy
+    window = choose_window(volume)
+    pipeline = SPDPipeline(backbone, EmbeddingCache(1 << 30))
+    prompts = [Click(tuple(c), True) for c in clicks]
+    draft = pipeline.segment(volume, (1.0, 1.0, 1.0), "draft", prompts, window, slice_axis=2, draft=True)
+    key = pipeline.cache_key("draft", VolumeView(volume, 2, window))
+    assert draft.draft == {"slices_segmented": 6, "slices_filled": 10, "slices_to_embed": 12}
+    assert pipeline.cache.missing(key, range(24)) == [s for s in range(24) if s not in (4, 7, 10, 13, 16, 19)]
+    assert draft.slice_range == (4, 19) and all(draft.mask[:, :, s].any() for s in range(4, 20))
+    assert dice(draft.mask[:, :, 4:20], target[:, :, 4:20]) > 0.8 and not draft.mask[12, 60].any()
+    decisions = {c["click"]: c for status in ("kept", "moved", "rejected") for c in draft.consensus[status]}
+    assert sorted(decisions) == list(range(6)) and decisions[2]["status"] != "kept"
+    assert [decisions[n]["ijk"][2] for n in range(6)] == [c[2] for c in clicks], "the volume's slices"
+
+    pipeline.embed("draft", VolumeView(volume, 2, window), range(3, 21))
+    full = pipeline.segment(volume, (1.0, 1.0, 1.0), "draft", prompts, window, slice_axis=2, draft=True)
+    assert full.draft is None and full.slice_range == (3, 20)
+    reference = SPDPipeline(backbone, pipeline.cache).segment(volume, (1.0, 1.0, 1.0), "draft", prompts, window,
+                                                              slice_axis=2)
+    assert np.array_equal(full.mask, reference.mask)
+    assert dice(full.mask, target) > 0.85

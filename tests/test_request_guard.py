@@ -1,10 +1,12 @@
-"""The guard of MONAI Label's infer route fits the installed MONAI Label (the server tests send the requests)."""
+"""The app's wrappers of MONAI Label routes (the infer guard, the download prefetch) fit the installed MONAI Label
+(the server tests send the requests)."""
 
 import pytest
 from fastapi import HTTPException
+from monailabel.endpoints import datastore as datastore_route
 from monailabel.endpoints import infer as infer_route
 
-from lib.infers import request_guard
+from lib.infers import download_prefetch, request_guard
 
 
 def test_the_route_is_shaped_as_the_guard_expects_and_is_wrapped_once():
@@ -14,6 +16,14 @@ def test_the_route_is_shaped_as_the_guard_expects_and_is_wrapped_once():
     request_guard.install()
     assert infer_route.run_inference is wrapped and wrapped.checks_requests
     assert wrapped.__wrapped__.__module__ == "monailabel.endpoints.infer"
+
+
+def test_the_download_route_is_shaped_as_the_prefetch_expects_and_is_wrapped_once():
+    download_prefetch.install(print)
+    wrapped = datastore_route.download_image
+    download_prefetch.install(print)
+    assert datastore_route.download_image is wrapped and wrapped.prefetches
+    assert wrapped.__wrapped__.__module__ == "monailabel.endpoints.datastore"
 
 
 @pytest.mark.parametrize("image, params, words", [("a", "{x", "JSON object"), ("a", "3", "got a JSON int"),

@@ -91,6 +91,33 @@ def test_rough_clicks_segment_the_right_caudate(client, atlas, caudate_clicks):
     assert {"embed", "decode", "total"} <= set(result["timing"])
 
 
+def test_a_draft_asked_for_comes_quickly_and_the_same_request_later_gets_the_full_result(server, atlas):
+    """Coronal clicks (an axis nothing has embedded yet) with ``draft``: the clicked slices alone are segmented,
+    the slices between filled; the rest embeds in the background, and the same request then runs in full."""
+    truth, client = atlas == LABELS["right_caudate"], _annotator(server, "draft")
+    clicks, _ = simulate_clicks(truth, (1, 1, 1), axis=1, style=ClickStyle(every=3, drift_mm=1.0, off_target=0.0),
+                                rng=np.random.default_rng(3))
+    clicks = sorted(clicks, key=lambda c: c[1])[len(clicks) // 2 - 2:][:5]
+    first, last = clicks[0][1], clicks[-1][1]
+    params = {"label": "right_caudate", "foreground": clicks, "background": [], "slice_axis": 1, "draft": True}
+    drafted, result = _mask(client, IMAGE, params)
+    print(f"draft: {result['draft']}, {result['timing']['total']:.1f} s")
+    assert result["draft"]["slices_segmented"] == 5 and result["draft"]["slices_filled"] == last - first + 1 - 5
+    assert result["draft"]["slices_to_embed"] >= 8 and result["slice_range"] == [first, last]
+    assert all(drafted[:, s].any() for s in range(first, last + 1)), "the slices between clicks are filled"
+    assert dice(drafted[:, first:last + 1], truth[:, first:last + 1]) > 0.5
+
+    started, full = time.monotonic(), result
+    while full["draft"] is not None and time.monotonic() - started < 300:
+        time.sleep(3)
+        refined, full = _mask(client, IMAGE, params)
+    print(f"full result {time.monotonic() - started:.0f} s later: slices {full['slice_range']}, "
+          f"Dice to the draft {dice(refined, drafted):.3f}")
+    assert full["draft"] is None and full["interaction"]["mode"] == "new"
+    assert full["slice_range"][0] < first and full["slice_range"][1] > last, "half a click gap each side"
+    assert dice(refined[:, first:last + 1], truth[:, first:last + 1]) > 0.5 and dice(refined, drafted) > 0.7
+
+
 def test_ohif_style_request_gets_uncompressed_nrrd(client, caudate_clicks, server):
     params = {"foreground": caudate_clicks, "background": [], "result_extension": ".nrrd",
               "result_dtype": "uint8", "result_compress": False}
@@ -286,6 +313,19 @@ def test_unknown_model_is_404_and_server_keeps_serving(server, client):
     with pytest.raises(MONAILabelClientException):
         client.infer("spd_sam", IMAGE, {"foreground": [[999, 0, 0]]})
     assert client.info()["models"]["spd_sam"]["type"] == "deepgrow"
+
+
+def test_opening_an_image_in_a_viewer_starts_embedding_it(server):
+    """Slicer downloads the image it opens; its slices are embedded before the first click comes."""
+    image = "invesalius_head_ct"  # not the image next_sample("first") proposes below
+    prefix = volume_id(str(server.studies / f"{image}.nii.gz"))
+    cache = server.log.parent / "cache" / "spd_embeddings"
+    response = requests.get(f"{server.url}/datastore/image", params={"image": image}, timeout=60)
+    assert response.status_code == 200 and response.content
+    deadline = time.monotonic() + 60
+    while not (cache.is_dir() and any(cache.glob(f"{prefix}-*/*.npy"))):
+        assert time.monotonic() < deadline, f"no embedding of {image} appeared in {cache} after its download"
+        time.sleep(0.5)
 
 
 def test_next_sample_starts_background_embedding(server, client):

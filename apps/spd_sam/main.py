@@ -28,7 +28,7 @@ from lib.auth.token_algorithms import name_token_algorithms
 from lib.configs.spd_sam import SPDSamConfig
 from lib.datastore.dicomweb_conversions import TempConversionsRemoved
 from lib.datastore.label_uploads import check_image_id, with_checked_label_saves
-from lib.infers import request_guard
+from lib.infers import download_prefetch, request_guard
 from lib.spd.atomic_files import remove_stale_temps
 from lib.volume_io import volume_id
 
@@ -61,6 +61,10 @@ class SPDSamApp(MONAILabelApp):
             version="0.1.0",
             labels=self.spd.labels,
         )
+        try:
+            download_prefetch.install(self._infers["spd_sam"].prefetch)
+        except request_guard.RouteMoved as error:
+            logger.error("opening an image will not start embedding it: %s", error)
         self._forget_embeddings_of_gone_volumes()
         self._remove_stale_temps()
 

@@ -35,6 +35,8 @@ DEFAULTS = {
     "compile": "false",  # torch.compile the image encoder on CUDA (the first request compiles)
     "focus": "true",  # decode small structures on a region around them (false: whole slices, no extra embedding)
     "modality": "auto",  # auto | CT | MR (intensity window)
+    "draft": "false",  # true: a first request on a cold volume gets a draft from the clicked slices alone (quick on
+    # a CPU); the same request again gets the full result once the rest is embedded. A request's `draft` overrides it
     "labels": str(APP_DIR / "labels.json"),
     "embedding_cache_mb": "2048",
     "embedding_cache_dir": "",  # "" = <datastore cache>/spd_embeddings
@@ -82,6 +84,7 @@ class SPDSamConfig(TaskConfig):
         self.pipeline = self.factory()
         backbone, cache_dir = self.pipeline.backbone, self.pipeline.cache.directory
         self.modality = options["modality"]
+        self.draft = strtobool(options["draft"])
         self.background = BackgroundEmbedder()
         self.interactions = Interactions(self.pipeline)  # spd_sam's sessions; spd_sam_auto's results start them
         self.store = CheckpointStore(options["trained_dir"] or os.path.join(model_dir, name))
@@ -93,7 +96,8 @@ class SPDSamConfig(TaskConfig):
                     self.pipeline.cache.usage()["disk_bytes"] >> 20)
 
     def infer(self) -> SPDInfer:
-        return SPDInfer(self.pipeline, self.labels, self.background, self.modality, self.served, self.interactions)
+        return SPDInfer(self.pipeline, self.labels, self.background, self.modality, self.served, self.interactions,
+                        self.draft)
 
     def auto_infer(self) -> SPDAutoInfer:
         """``spd_sam_auto``: the structures the published model has learned, without clicks."""

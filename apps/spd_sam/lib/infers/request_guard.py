@@ -24,7 +24,7 @@ WORKER_PARAMETERS = ("background_tasks", "model", "image", "session_id", "params
 
 
 class RouteMoved(RuntimeError):
-    """MONAI Label's infer route is not shaped as this guard expects; the message says what differs."""
+    """A MONAI Label route is not shaped as this app's wrapper of it expects; the message says what differs."""
 
 
 def check_infer_request(image, session_id, params, file) -> None:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Sequence
 
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.infers.memory_trim import release_free_memory
 from lib.request_flags import parse_flag
-from lib.spd.method import Interactions, SPDPipeline, VolumeView, choose_window
+from lib.spd.method import Interactions, SPDPipeline, VolumeView, choose_window, segment_range
 from lib.spd.method.prompts import (PromptError, choose_slice_axis, parse_clicks, parse_roi, require_foreground, slice_axes,
                                     training_axis)
 from lib.spd.serving import BackgroundEmbedder, ModelReloader
@@ -43,16 +43,18 @@ class SPDInfer(InferTask):
         modality: "auto", "CT" or "MR" (intensity window).
         served: the published trained model, checked for a newer version at every request.
         interactions: the interaction sessions (shared with ``spd_sam_auto``, whose results later clicks correct).
+        draft: answer a first request on a cold volume with a draft (``draft.py``) unless the request says otherwise.
     """
 
     def __init__(self, pipeline: SPDPipeline, labels: dict[str, int], background: BackgroundEmbedder,
-                 modality: str = "auto", served: ModelReloader | None = None, interactions: Interactions | None = None):
+                 modality: str = "auto", served: ModelReloader | None = None, interactions: Interactions | None = None,
+                 draft: bool = False):
         super().__init__(
             type=InferType.DEEPGROW,
             labels=labels,
             dimension=3,
             description="SPD-SAM: 3D segmentation from a few rough clicks (saliency-guided prompt distillation)",
-            config={"backbone": pipeline.backbone.name},
+            config={"backbone": pipeline.backbone.name, "draft": draft},  # viewers show and send these options
         )
         self.pipeline = pipeline
         self.label_map = labels
@@ -81,6 +83,7 @@ class SPDInfer(InferTask):
             choose_slice_axis(clicks, volume.spacing, requested_axis, volume.array.shape)  # 400 on a bad axis
             extension, dtype, compress = self._result_format(request)
             focus = parse_flag(request.get("focus", True), "focus", PromptError)
+            draft = parse_flag(request.get("draft", self.config()["draft"]), "draft", PromptError)
         except (PromptError, ImageReadError) as error:
             raise HTTPException(status_code=400, detail=str(error)) from None
         loaded = time.perf_counter()
@@ -89,9 +92,13 @@ class SPDInfer(InferTask):
         with self.background.foreground():
             outcome = self.interactions.run(session, volume.array, volume.spacing, volume.volume_id, clicks, window,
                                             label=label_name, slice_axis=requested_axis, roi=roi, focus=focus,
-                                            model_version=version)
+                                            model_version=version, draft=draft)
         seg = outcome.segmentation
-        self._embed_rest_later(volume, VolumeView(volume.array, seg.axis, window))
+        whole = VolumeView(volume.array, seg.axis, window)
+        self._embed_rest_later(volume, whole, around=sum(seg.slice_range) // 2)
+        if seg.draft is not None and seg.focus is not None:  # the full result decodes there: embed its slices next
+            first, last = segment_range(clicks, seg.axis, whole.depth, roi)
+            self._embed_later(volume, whole.focused(seg.focus), range(first, last + 1))
 
         written = time.perf_counter()
         path = write_label(seg.mask.astype("uint8") * label_value, volume.image, extension, dtype, compress)
@@ -108,6 +115,7 @@ class SPDInfer(InferTask):
             "slice_range": list(seg.slice_range),
             "focus": focus_bounds(seg),
             "predicted_iou": seg.predicted_iou,
+            "draft": seg.draft,  # a quick answer from the clicked slices; the same request again refines it
             "voxels": int(seg.mask.sum()),
             "interaction": outcome.record,  # new session, correction (what it changed) or unchanged
             "backbone": {"name": self.pipeline.backbone.name, "runtime": self.pipeline.backbone.runtime,
@@ -121,9 +129,11 @@ class SPDInfer(InferTask):
                         label_name, i["mode"], i["step"], i["clicks"], i["voxels_added"], i["voxels_removed"],
                         i["slices_changed"], result["voxels"], timings["total"])
             return path, result
-        logger.info("spd_sam %s: %d kept, %d moved, %d rejected, %d added; slices %s on axis %d; %d voxels; %.2fs",
+        logger.info("spd_sam %s: %d kept, %d moved, %d rejected, %d added; slices %s on axis %d; %d voxels; %.2fs%s",
                     label_name, len(c["kept"]), len(c["moved"]), len(c["rejected"]), len(c["added"]),
-                    seg.slice_range, seg.axis, result["voxels"], timings["total"])
+                    seg.slice_range, seg.axis, result["voxels"], timings["total"],
+                    "" if seg.draft is None else f"; a draft from {seg.draft['slices_segmented']} clicked slices, "
+                    f"{seg.draft['slices_to_embed']} more slices embed in the background")
         return path, result
 
     @staticmethod
@@ -137,12 +147,17 @@ class SPDInfer(InferTask):
         if not slice_axes(volume.array.shape):
             return  # no 2D slices (a line of voxels): nothing a click could use
         axis = training_axis(volume.spacing, volume.array.shape)
-        self._embed_rest_later(volume, VolumeView(volume.array, axis, self._window(volume)))
+        view = VolumeView(volume.array, axis, self._window(volume))
+        self._embed_rest_later(volume, view, around=view.depth // 2)
 
-    def _embed_rest_later(self, volume, view: VolumeView) -> None:
+    def _embed_rest_later(self, volume, view: VolumeView, around: int) -> None:
+        """Queue every slice of ``view``, from slice ``around`` outward."""
+        self._embed_later(volume, view, sorted(range(view.depth), key=lambda s: abs(s - around)))
+
+    def _embed_later(self, volume, view: VolumeView, slices: Sequence[int]) -> None:
+        """Queue ``slices`` of ``view`` (in that order) ahead of earlier jobs."""
         key = self.pipeline.cache_key(volume.volume_id, view)
-        everything = range(view.depth)
-        self.background.submit(key, lambda: self.pipeline.cache.missing(key, everything),
+        self.background.submit(key, lambda: self.pipeline.cache.missing(key, slices),
                                lambda todo: self.pipeline.embed(volume.volume_id, view, todo))
 
     def _window(self, volume):

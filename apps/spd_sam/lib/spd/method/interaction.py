@@ -4,7 +4,8 @@ Viewers resend every point of a segment with each run (3D Slicer's MONAI Label p
 prompts). A request whose clicks are the previous request's clicks plus new ones is a correction:
 the session keeps the previous result and its consensus, and only the new clicks act on it (see
 ``corrections``). Any other click list starts afresh with the full SPD pipeline. The same clicks
-again return the session's result as it stands.
+again return the session's result as it stands, unless that result is a draft (``draft.py``): any
+request then starts afresh, and gets the full result once the slices it needs are embedded.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ class Interactions:
 
     def run(self, key: Hashable, volume: np.ndarray, spacing: Sequence[float], volume_id: str,
             clicks: Sequence[Click], window: IntensityWindow, label: str | None = None, slice_axis: int | None = None,
-            roi=None, focus: bool = True, model_version: int | None = None) -> Outcome:
+            roi=None, focus: bool = True, model_version: int | None = None, draft: bool = False) -> Outcome:
         """Segment from ``clicks``: a correction when they extend the session's clicks for ``key`` (same axis, roi
         and model), else afresh. Arguments as in :meth:`SPDPipeline.segment`."""
         session, new = self._continued(key, clicks, slice_axis, roi, model_version)
@@ -124,7 +125,7 @@ class Interactions:
         if new is not None:
             return self._correct_and_record(key, session, volume, spacing, volume_id, new, window)
         if any(c.positive for c in clicks):
-            seg = self.pipeline.segment(volume, spacing, volume_id, clicks, window, label, slice_axis, roi, focus)
+            seg = self.pipeline.segment(volume, spacing, volume_id, clicks, window, label, slice_axis, roi, focus, draft)
         else:  # the roi alone is the prompt; negative clicks with it correct the result
             seg = segment_box(self.pipeline, volume, spacing, volume_id, window, roi, slice_axis, self.config)
             session = Session((), seg.axis, roi, model_version, seg, np.zeros(volume.shape, dtype=bool),
@@ -145,7 +146,7 @@ class Interactions:
         """``key``'s session and the clicks that ``clicks`` adds to it (None: they start a new session)."""
         session = self.store.get(key)
         same = (session is not None and session.roi == roi and session.model_version == model_version
-                and (slice_axis is None or slice_axis == session.axis))
+                and (slice_axis is None or slice_axis == session.axis) and session.segmentation.draft is None)
         return session, (session.new_clicks(clicks) if same else None)
 
     def start_from(self, key: Hashable, seg: Segmentation, model_version: int | None, gap: int,

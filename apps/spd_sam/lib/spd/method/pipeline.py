@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -16,6 +17,7 @@ from .anchor_chain import AnchorChain
 from .assembly import bounding_box, keep_prompted_components, trim_unanchored_ends
 from .box_probing import ProbeConfig, cover_salient, mask_boxes, probe_anchor_masks, probe_boxes, probe_centre
 from .distillation import Consensus, ContextualPromptDistiller, CPDConfig
+from .draft import DraftConfig, fill_between
 from .focus import FocusConfig, Region, focus_region
 from .intensity import IntensityWindow
 from .prompts import Click, choose_slice_axis, slice_axes, to_slice_clicks, training_axis
@@ -43,17 +45,20 @@ class Segmentation:
     focus: Region | None = None  # the in-plane region (rows, cols) decoded in; None: whole slices
     prompts: Consensus | None = None  # the consensus prompts (with boxes) the masks were decoded from
     predicted_iou: dict = field(default_factory=dict)  # mean IoU the decoder predicted: per place compared, and served
+    draft: dict | None = None  # a draft (see ``draft.py``): slices segmented, filled and still to embed; None: final
 
 
 @dataclass
 class VolumeView:
     """A volume seen as a stack of slices along one axis, windowed on demand; with a ``region``, only that
-    part (rows, cols) of each slice."""
+    part (rows, cols) of each slice; with ``picked``, only those slices (in that order: slice n of the view is
+    slice ``picked[n]`` of the volume)."""
 
     volume: np.ndarray
     axis: int
     window: IntensityWindow
     region: Region | None = None
+    picked: tuple[int, ...] | None = None
 
     @property
     def in_plane(self) -> list[int]:
@@ -72,15 +77,19 @@ class VolumeView:
 
     @property
     def depth(self) -> int:
-        return self.volume.shape[self.axis]
+        return self.volume.shape[self.axis] if self.picked is None else len(self.picked)
 
     def focused(self, region: Region | None) -> "VolumeView":
         """The same slices, cut to ``region`` (None: whole)."""
         return replace(self, region=region)
 
+    def source(self, indices: Sequence[int]) -> list[int]:
+        """The volume's slice index of each of the view's slices ``indices``."""
+        return list(indices) if self.picked is None else [self.picked[n] for n in indices]
+
     def slices(self, indices: Sequence[int]) -> np.ndarray:
         """(N, H, W) float32 in [0, 1]; rows and columns are the remaining axes in order (cut to the region)."""
-        planes = np.moveaxis(np.take(self.volume, list(indices), axis=self.axis), self.axis, 0)
+        planes = np.moveaxis(np.take(self.volume, self.source(indices), axis=self.axis), self.axis, 0)
         return self.window.apply(planes if self.region is None else planes[(slice(None), *self.region)])
 
 
@@ -115,6 +124,15 @@ def slice_margin(click_slices: Sequence[int]) -> int:
     return click_gap(click_slices) // 2 if np.unique(click_slices).size > 1 else 2
 
 
+def segment_range(clicks: Sequence[Click], axis: int, depth: int, roi) -> tuple[int, int]:
+    """First and last slice along ``axis`` that SPD segments: the positive clicks' slices and
+    :func:`slice_margin` beyond them, within the roi and the ``depth`` slices."""
+    fg_slices = [c.ijk[axis] for c in clicks if c.positive]
+    margin = slice_margin(fg_slices)
+    lo, hi = (0, depth - 1) if roi is None else roi[axis]
+    return max(min(fg_slices) - margin, lo), min(max(fg_slices) + margin, hi)
+
+
 class SPDPipeline:
     """Segments one structure in a volume from weak clicks.
 
@@ -127,6 +145,7 @@ class SPDPipeline:
         focus: how the region around a structure's boxes is chosen that its masks are decoded in (None: whole
             slices).
         decode_chunk: slices decoded per call (None: the backbone's ``decode_chunk``).
+        draft: when a request that asks for it is answered with a draft.
     """
 
     def __init__(
@@ -138,6 +157,7 @@ class SPDPipeline:
         probes: ProbeConfig = ProbeConfig(),
         focus: FocusConfig | None = FocusConfig(),
         decode_chunk: int | None = None,
+        draft: DraftConfig = DraftConfig(),
     ):
         self.backbone = backbone
         self.cache = cache
@@ -145,6 +165,7 @@ class SPDPipeline:
         self.probes = probes
         self.focus = focus
         self.decode_chunk = decode_chunk or backbone.decode_chunk
+        self.draft = draft
         self.base_decoder = backbone.model.mask_decoder  # the backbone's own weights: served by states without one
         self.fallback_saliency = AppearanceSaliency()
         self._hot: tuple[str, int, torch.Tensor] | None = None  # the last request's slab, kept on the GPU
@@ -166,12 +187,16 @@ class SPDPipeline:
         self._hot = None
 
     def cache_key(self, volume_id: str, view: VolumeView) -> str:
-        """Names the embeddings of one volume seen along one axis (and region) by one backbone and window."""
+        """Names the embeddings of one volume seen along one axis (and region) by one backbone and window; a view
+        of picked slices gets its own name (its slice indices mean other slices), its embeddings are cached under
+        the name of the view of all slices."""
         w = view.window
         key = f"{volume_id}-ax{view.axis}-{self.backbone.name}-{self.backbone.embedding_id}-{w.low:.6g}_{w.high:.6g}"
         if view.region is not None:
             (r0, c0), (rows, cols) = view.origin, view.slice_shape
             key += f"-at{r0}_{c0}_{rows}x{cols}"
+        if view.picked is not None:
+            key += f"-picked{zlib.crc32(np.asarray(view.picked, dtype=np.int64).tobytes()):08x}"
         return key
 
     def probe_config(self, label: str | None, axis: int) -> ProbeConfig:
@@ -223,8 +248,9 @@ class SPDPipeline:
 
     def embed(self, volume_id: str, view: VolumeView, indices: Sequence[int]) -> torch.Tensor:
         """Embeddings of the given slices, through the cache (missing slices are windowed chunk by chunk)."""
-        return self.cache.get(self.cache_key(volume_id, view), indices,
-                              lambda todo: self.backbone.embed_lazily(view.slices, todo, view.slice_shape))
+        stack = replace(view, picked=None)
+        return self.cache.get(self.cache_key(volume_id, stack), view.source(indices),
+                              lambda todo: self.backbone.embed_lazily(stack.slices, todo, view.slice_shape))
 
     def segment(
         self,
@@ -237,6 +263,8 @@ class SPDPipeline:
         slice_axis: int | None = None,
         roi: tuple[tuple[int, int], ...] | None = None,
         focus: bool = True,
+        draft: bool = False,
+        picked: tuple[int, ...] | None = None,
     ) -> Segmentation:
         """Run SPD for one structure.
 
@@ -253,8 +281,15 @@ class SPDPipeline:
                 encoder's full input size (see ``focus.py``), when the pipeline has a focus config: the place
                 whose masks on the anchored slices the decoder predicts the higher mean IoU for is decoded. False:
                 whole slices.
+            draft: answer with a draft (``draft.py``) when the pipeline's draft config says it saves enough.
+            picked: segment only these slices along ``slice_axis`` (which must be given), as a stack of their own:
+                the clicks and ``roi`` then index that stack along the axis.
         """
-        plan = self.plan(volume, spacing, volume_id, clicks, window, label, slice_axis, roi)
+        if draft:
+            drafted = self._draft(volume, spacing, volume_id, clicks, window, label, slice_axis, roi, focus)
+            if drafted is not None:
+                return drafted
+        plan = self.plan(volume, spacing, volume_id, clicks, window, label, slice_axis, roi, picked=picked)
         timings, view, saliency, first = plan.timings, plan.view, plan.saliency, plan.first
         indices = list(range(first, first + len(plan.embeddings)))
         region, embeddings, scores = None, plan.embeddings, {}
@@ -282,6 +317,34 @@ class SPDPipeline:
         return Segmentation(mask, view.axis, (first, indices[-1]), plan.consensus.record(view.in_plane, view.axis),
                             timings, plan.saliency_source, plan.probe_source, region, plan.consensus, scores)
 
+    def _draft(self, volume, spacing, volume_id, clicks, window, label, slice_axis, roi, focus) -> Segmentation | None:
+        """:meth:`segment` on the clicked slices alone, the slices between them filled (``draft.py``); None when
+        fewer than ``draft.min_saved`` other slices of the range are still to be embedded."""
+        axis = choose_slice_axis(clicks, spacing, slice_axis, volume.shape)
+        whole = VolumeView(volume, axis, window)
+        first, last = segment_range(clicks, axis, whole.depth, roi)
+        picked = sorted({c.ijk[axis] for c in clicks if c.positive and first <= c.ijk[axis] <= last})
+        todo = set(self.cache.missing(self.cache_key(volume_id, whole), range(first, last + 1))) - set(picked)
+        if len(picked) < 2 or len(todo) < self.draft.min_saved:
+            return None
+        at = {s: n for n, s in enumerate(picked)}
+        kept = [n for n, c in enumerate(clicks) if c.ijk[axis] in at]  # negative clicks between them wait
+        stacked = [Click(tuple(at[v] if a == axis else v for a, v in enumerate(clicks[n].ijk)), clicks[n].positive)
+                   for n in kept]
+        sub_roi = None if roi is None else tuple((0, len(picked) - 1) if a == axis else r for a, r in enumerate(roi))
+        seg = self.segment(volume, spacing, volume_id, stacked, window, label, axis, sub_roi, focus,
+                           picked=tuple(picked))
+        tic = time.perf_counter()
+        filled = fill_between(np.moveaxis(seg.mask, axis, 0)[:len(picked)], picked,
+                              [float(spacing[a]) for a in whole.in_plane])
+        mask = np.zeros(volume.shape, dtype=bool)
+        np.moveaxis(mask, axis, 0)[picked[0]:picked[-1] + 1] = filled
+        timings = {**seg.timings, "fill": round(time.perf_counter() - tic, 4)}
+        return replace(seg, mask=mask, slice_range=(picked[0], picked[-1]), timings=timings, prompts=None,
+                       consensus=_unpicked(seg.consensus, picked, kept, axis),
+                       draft={"slices_segmented": len(picked), "slices_filled": picked[-1] - picked[0] + 1 - len(picked),
+                              "slices_to_embed": len(todo)})
+
     def _rate_places(self, volume_id: str, plan: Plan, focused: VolumeView) -> dict[str, float]:
         """Mean IoU that the decoder predicts for its masks of the clicked slices on whole slices and on the
         focus square ``focused`` (whose clicked slices alone are embedded here); both decodings are remembered."""
@@ -305,6 +368,7 @@ class SPDPipeline:
         slice_axis: int | None = None,
         roi: tuple[tuple[int, int], ...] | None = None,
         anchor_boxes: Callable[[dict[int, np.ndarray]], dict[int, tuple[float, float, float, float]]] | None = None,
+        picked: tuple[int, ...] | None = None,
     ) -> Plan:
         """Everything before decoding, on whole slices: slice range, embeddings, saliency and consensus prompts
         with boxes.
@@ -323,12 +387,9 @@ class SPDPipeline:
             tic = now
 
         axis = choose_slice_axis(clicks, spacing, slice_axis, volume.shape)
-        view = VolumeView(volume, axis, window)
+        view = VolumeView(volume, axis, window, picked=picked)
         sclicks = to_slice_clicks(clicks, axis)
-        fg_slices = [c.slice for c in sclicks if c.positive]
-        margin = slice_margin(fg_slices)
-        lo, hi = (0, view.depth - 1) if roi is None else roi[axis]
-        first, last = max(min(fg_slices) - margin, lo), min(max(fg_slices) + margin, hi)
+        first, last = segment_range(clicks, axis, view.depth, roi)
         indices = list(range(first, last + 1))
         sclicks = [c for c in sclicks if first <= c.slice <= last]
         lap("prepare")
@@ -486,6 +547,21 @@ class SPDPipeline:
             target[a] = slice(span.start + o, span.stop + o)
         volume[tuple(target)] = np.moveaxis(masks, 0, view.axis)
         return volume
+
+
+def _unpicked(record: dict, picked: Sequence[int], kept: Sequence[int], axis: int) -> dict:
+    """A consensus record of a stack of ``picked`` slices, from clicks ``kept`` of the request, in the volume's
+    slice and click indices."""
+    def entry(item: dict) -> dict:
+        out = dict(item)
+        if "click" in out:
+            out["click"] = kept[out["click"]]
+        for name in ("ijk", "moved_to"):
+            if name in out:
+                out[name] = [picked[v] if a == axis else v for a, v in enumerate(out[name])]
+        return out
+
+    return {status: [entry(item) for item in items] for status, items in record.items()}
 
 
 def _pad_points(prompts) -> tuple[np.ndarray, np.ndarray]:
