@@ -70,7 +70,8 @@ def start(workdir: Path, studies: Path | str, conf: dict[str, str] | None = None
           log_name: str = "server.log") -> LocalServer:
     """Start the app on ``studies`` with every MONAI Label path, its temp folder and trained checkpoints inside
     ``workdir``; wait for ``probe`` to answer (``/auth/`` when authentication is on: ``/info/`` then needs a token).
-    ``own_group``: start it in a session of its own (see :meth:`LocalServer.kill`); ``log_name``: the log
+    Requests get full results, never a draft, unless ``conf`` sets ``draft`` (tests and benchmarks compare
+    results; the app's default drafts on a CPU). ``own_group``: start it in a session of its own (see :meth:`LocalServer.kill`); ``log_name``: the log
     file in ``workdir`` (another name per restart keeps the earlier logs).
 
     Raises:
@@ -89,7 +90,7 @@ def start(workdir: Path, studies: Path | str, conf: dict[str, str] | None = None
     })
     args = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies", str(studies),
             "--host", "127.0.0.1", "--port", str(port)]
-    for key, value in {"trained_dir": str(workdir / "trained"), **(conf or {})}.items():
+    for key, value in {"trained_dir": str(workdir / "trained"), "draft": "false", **(conf or {})}.items():
         args += ["--conf", key, value]
     log = workdir / log_name
     process = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=full_env, cwd=workdir,

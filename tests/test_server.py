@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import requests
 import SimpleITK as sitk
+import torch
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 from scipy import ndimage
@@ -500,10 +501,13 @@ def test_at_start_the_embeddings_of_gone_or_replaced_volumes_are_deleted(sample_
     for key in (live, "0123456789abcdef-ax2-lite_medsam-x"):  # the second: a volume no longer in the datastore
         (embeddings / key).mkdir(parents=True)
         np.save(embeddings / key / "00001.npy", np.zeros((2, 2, 2), np.float16))
-    running = local_server.start(tmp_path / "work", studies, conf={"embedding_cache_dir": str(embeddings)})
+    running = local_server.start(tmp_path / "work", studies, conf={"embedding_cache_dir": str(embeddings),
+                                                                   "draft": "auto"})  # the app's default
     try:
         assert [p.name for p in embeddings.iterdir()] == [live]
-        assert requests.get(f"{running.url}/info/", timeout=30).json()["embedding_cache"]["files"] == 1
+        info = requests.get(f"{running.url}/info/", timeout=30).json()
+        assert info["embedding_cache"]["files"] == 1
+        assert info["models"]["spd_sam"]["config"]["draft"] == (not torch.cuda.is_available()), "drafts on a CPU"
     finally:
         running.stop()
     os.utime(studies / f"{IMAGE}.nii.gz")  # the volume is replaced: its old embeddings can never be used

@@ -35,8 +35,8 @@ DEFAULTS = {
     "compile": "false",  # torch.compile the image encoder on CUDA (the first request compiles)
     "focus": "true",  # decode small structures on a region around them (false: whole slices, no extra embedding)
     "modality": "auto",  # auto | CT | MR (intensity window)
-    "draft": "false",  # true: a first request on a cold volume gets a draft from the clicked slices alone (quick on
-    # a CPU); the same request again gets the full result once the rest is embedded. A request's `draft` overrides it
+    "draft": "auto",  # true: a first request on a cold volume gets a draft from the clicked slices alone; the same
+    # request again gets the full result once the rest is embedded. auto: where the image encoder runs on the CPU
     "labels": str(APP_DIR / "labels.json"),
     "embedding_cache_mb": "2048",
     "embedding_cache_dir": "",  # "" = <datastore cache>/spd_embeddings
@@ -84,7 +84,7 @@ class SPDSamConfig(TaskConfig):
         self.pipeline = self.factory()
         backbone, cache_dir = self.pipeline.backbone, self.pipeline.cache.directory
         self.modality = options["modality"]
-        self.draft = strtobool(options["draft"])
+        self.draft = backbone.device.type == "cpu" if options["draft"] == "auto" else strtobool(options["draft"])
         self.background = BackgroundEmbedder()
         self.interactions = Interactions(self.pipeline)  # spd_sam's sessions; spd_sam_auto's results start them
         self.store = CheckpointStore(options["trained_dir"] or os.path.join(model_dir, name))
