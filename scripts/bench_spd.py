@@ -9,12 +9,14 @@ rate, skipped slices, view axis) three things are measured in the same run, with
   typical in-plane size around each click, every slice from the first to the last click segmented
   with the box of the nearest clicked slice. Typical sizes are medians over the tuning subjects.
 - **ceiling**: plain SAM from the exact bounding box of the structure on every slice.
+With ``--draft``, also the draft (``draft.py``) that a cold volume gets first from the same clicks.
 
 Data (all **synthetic**): MRI subjects made from Colin27 + AAL (``make_cohort.py``: elastic warp,
 bias field, contrast change, noise), and CT phantoms of touching, crossing tubes (``tube_phantom.py``).
 ``--set tuning`` and ``--set held-out`` use disjoint seeds; tune on the first, report the second.
 
-    .venv/bin/python scripts/bench_spd.py --set held-out [--data mri,tubes] [--grid full|quick|centre] [--json out.json]
+    .venv/bin/python scripts/bench_spd.py --set held-out [--data mri,tubes] [--grid full|quick|centre|spacing] [--draft]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from annotator import Annotator, clicks_for
 from lib.spd.runtime import PromptBatch, load_backbone
 from lib.spd.serving import EmbeddingCache
 from lib.spd.method import choose_window
+from lib.spd.method.draft import DraftConfig
 from lib.spd.method.focus import FocusConfig
 from lib.spd.method import SPDPipeline, VolumeView
 from lib.spd.method import Click
@@ -55,6 +58,7 @@ GRIDS = {
              CENTRE.but(view=1), CENTRE.but(view=0)],
     "quick": [CENTRE, CENTRE.but(drift_mm=6.0), CENTRE.but(off_target=0.30)],  # for tuning on axial slices
     "tubes": [CENTRE, CENTRE.but(drift_mm=6.0), CENTRE.but(off_target=0.30), CENTRE.but(every=2)],
+    "spacing": [CENTRE, CENTRE.but(every=2), CENTRE.but(every=6), CENTRE.but(drift_mm=6.0)],  # the draft's grid
 }
 
 
@@ -177,7 +181,9 @@ def size_priors(cases: list[Case], view: int) -> dict:
 
 
 def run(cases: list[Case], grid: list[Annotator], typical, pipeline: SPDPipeline, trials: int, log,
-        priors: dict | None = None) -> list[dict]:
+        priors: dict | None = None, drafter: SPDPipeline | None = None) -> list[dict]:
+    """One row per structure, annotator and trial; ``drafter`` (a pipeline that always drafts) adds the Dice of the
+    draft a cold volume would get first."""
     rows = []
     for case in cases:
         window = choose_window(case.image)
@@ -208,11 +214,16 @@ def run(cases: list[Case], grid: list[Annotator], typical, pipeline: SPDPipeline
                            "spd_hd95": hd95(seg.mask, target, case.spacing), "base_dice": dice(base, target),
                            "base_hd95": hd95(base, target, case.spacing), "ceiling_dice": ceilings[name, annotator.view][0],
                            "ceiling_hd95": ceilings[name, annotator.view][1], "spd_s": spd_s}
+                    if drafter is not None:
+                        draft = drafter.segment(case.image, case.spacing, case.name,
+                                                [Click(tuple(c), True) for c in clicks], window, label=name, draft=True)
+                        row["draft_dice"] = dice(draft.mask, target) if draft.draft is not None else float("nan")
                     rows.append(row)
                     log(f"  {case.name:12s} {name:18s} [{annotator.describe()}] clicks {len(clicks):2d} "
                         f"(off {row['off_target']}, changed {row['changed']}/{row['changed_off_target']} off) "
                         f"axis {seg.axis}  SPD {row['spd_dice']:.3f}  base {row['base_dice']:.3f}  "
-                        f"ceiling {row['ceiling_dice']:.3f}  ({spd_s:.1f} s)")
+                        f"ceiling {row['ceiling_dice']:.3f}  ({spd_s:.1f} s)"
+                        + (f"  draft {row['draft_dice']:.3f}" if drafter is not None else ""))
     return rows
 
 
@@ -222,8 +233,10 @@ def _mean(values) -> float:
 
 
 def summary(rows: list[dict], grid: list[Annotator]) -> str:
+    drafts = any("draft_dice" in r for r in rows)
     lines = ["| annotator | n | SPD Dice | baseline Dice | SPD - baseline | ceiling Dice | SPD HD95 | baseline HD95 "
-             "| axis flips | clicks changed (off-target) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| axis flips | clicks changed (off-target) |" + (" SPD draft Dice |" if drafts else ""),
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if drafts else "")]
     for g, annotator in enumerate(grid):
         part = [r for r in rows if r["grid"] == g]
         if not part:
@@ -234,7 +247,8 @@ def summary(rows: list[dict], grid: list[Annotator]) -> str:
         lines.append(f"| {annotator.describe()} | {len(part)} | {spd:.3f} | {base:.3f} | {spd - base:+.3f} | "
                      f"{_mean(r['ceiling_dice'] for r in part):.3f} | {_mean(r['spd_hd95'] for r in part):.1f} | "
                      f"{_mean(r['base_hd95'] for r in part):.1f} | {flips} | {changed} "
-                     f"({sum(r['changed_off_target'] for r in part)} of {sum(r['off_target'] for r in part)}) |")
+                     f"({sum(r['changed_off_target'] for r in part)} of {sum(r['off_target'] for r in part)}) |"
+                     + (f" {_mean(r['draft_dice'] for r in part):.3f} |" if drafts else ""))
     centre = [r for r in rows if r["grid"] == 0]
     lines += ["", f"Per structure at [{grid[0].describe()}]:", "",
               "| structure | SPD Dice | baseline Dice | ceiling Dice |", "|---|---|---|---|"]
@@ -258,6 +272,8 @@ def main(argv=None) -> None:
                         help="embedding cache kept between runs")
     parser.add_argument("--json", type=Path, default=None, help="write every row here")
     parser.add_argument("--no-focus", action="store_true", help="SPD on whole slices instead of a region around the clicks")
+    parser.add_argument("--draft", action="store_true",
+                        help="also the draft a cold volume would get first (draft.py), from the same clicks")
     parser.add_argument("--size-prior", action="store_true",
                         help="SPD probes with the sizes learned from the tuning subjects' labels, as after a round")
     args = parser.parse_args(argv)
@@ -267,6 +283,8 @@ def main(argv=None) -> None:
     backbone = load_backbone(cache_dir=str(args.cache / "runtime"))
     pipeline = SPDPipeline(backbone, EmbeddingCache(3 << 30, args.cache / "embeddings"),
                            focus=None if args.no_focus else FocusConfig())
+    drafter = SPDPipeline(backbone, pipeline.cache, focus=pipeline.focus, draft=DraftConfig(min_saved=0)) \
+        if args.draft else None  # drafts whatever is cached
     log = lambda text: print(text, flush=True)  # noqa: E731
     reports, all_rows = [], []
     if "mri" in data:
@@ -277,7 +295,7 @@ def main(argv=None) -> None:
             cases = mri_cases(SEEDS["tuning"]["mri"], args.subjects, args.side)
         log(f"MRI ({args.set}): {len(cases)} synthetic subjects, {sum(len(c.structures) for c in cases)} structures")
         priors = {v: size_priors(tuning, v) for v in (0, 1, 2)} if args.size_prior else None
-        rows = run(cases, GRIDS[args.grid], typical, pipeline, args.trials, log, priors)
+        rows = run(cases, GRIDS[args.grid], typical, pipeline, args.trials, log, priors, drafter)
         reports.append(("synthetic MRI (Colin27 + AAL, warped)", summary(rows, GRIDS[args.grid])))
         all_rows += [dict(r, data="mri") for r in rows]
     if "tubes" in data:
@@ -286,7 +304,7 @@ def main(argv=None) -> None:
         cases = tuning if args.set == "tuning" else tube_cases(SEEDS[args.set]["tubes"])
         log(f"tube phantom CT ({args.set}): {len(cases)} phantoms")
         priors = {2: size_priors(tuning, 2)} if args.size_prior else None
-        rows = run(cases, GRIDS["tubes"], typical, pipeline, args.trials, log, priors)
+        rows = run(cases, GRIDS["tubes"], typical, pipeline, args.trials, log, priors, drafter)
         reports.append(("synthetic CT tube phantom", summary(rows, GRIDS["tubes"])))
         all_rows += [dict(r, data="tubes") for r in rows]
 
