@@ -96,9 +96,9 @@ class SPDInfer(InferTask):
         seg = outcome.segmentation
         whole = VolumeView(volume.array, seg.axis, window)
         self._embed_rest_later(volume, whole, around=sum(seg.slice_range) // 2)
-        if seg.draft is not None and seg.square is not None:  # the full result may decode there: its slices next
+        if seg.draft is not None and seg.focus is not None:  # the full result likely decodes there too
             first, last = segment_range(clicks, seg.axis, whole.depth, roi)
-            self._embed_later(volume, whole.focused(seg.square), range(first, last + 1))
+            self._embed_later(volume, whole.focused(seg.focus), range(first, last + 1))
 
         written = time.perf_counter()
         path = write_label(seg.mask.astype("uint8") * label_value, volume.image, extension, dtype, compress)

@@ -46,7 +46,6 @@ class Segmentation:
     prompts: Consensus | None = None  # the consensus prompts (with boxes) the masks were decoded from
     predicted_iou: dict = field(default_factory=dict)  # mean IoU the decoder predicted: per place compared, and served
     draft: dict | None = None  # a draft (see ``draft.py``): slices segmented, filled and still to embed; None: final
-    square: Region | None = None  # the focus square that was compared with whole slices (None: none was)
 
 
 @dataclass
@@ -298,7 +297,6 @@ class SPDPipeline:
             boxes = np.array([plan.consensus.prompts[s].box for s in indices])
             pixel_mm = [float(spacing[a]) for a in view.in_plane]
             region = self._focus_region((volume_id, view.axis, label), boxes.reshape(-1, 2), pixel_mm, view.slice_shape)
-        square = region
         if region is not None:
             tic = time.perf_counter()
             scores = self._rate_places(volume_id, plan, view.focused(region))
@@ -317,8 +315,7 @@ class SPDPipeline:
         mask = self._assemble(masks, saliency, plan.consensus, view, first, roi)
         timings["assemble"] = round(time.perf_counter() - tic, 4)
         return Segmentation(mask, view.axis, (first, indices[-1]), plan.consensus.record(view.in_plane, view.axis),
-                            timings, plan.saliency_source, plan.probe_source, region, plan.consensus, scores,
-                            square=square)
+                            timings, plan.saliency_source, plan.probe_source, region, plan.consensus, scores)
 
     def _draft(self, volume, spacing, volume_id, clicks, window, label, slice_axis, roi, focus) -> Segmentation | None:
         """:meth:`segment` on the clicked slices alone, the slices between them filled (``draft.py``); None when
