@@ -280,6 +280,7 @@ def test_two_clients_on_two_images_correct_their_own_sessions(server, caudate_cl
         (IMAGE, {"foreground": [[90, 140, 80]], "slice_axis": 5}, 400, "slice_axis"),
         (IMAGE, {"foreground": [[90, 140, 80]], "result_extension": ".exe"}, 400, "result_extension"),
         (IMAGE, {"foreground": [[90, 140, 80]], "focus": "sometimes"}, 400, "focus must be true or false"),
+        (IMAGE, {"foreground": [[90, 140, 80]], "draft": "maybe"}, 400, "draft must be true or false"),
         ("no_such_image", {"foreground": [[1, 1, 1]]}, 404, "unknown image"),
         ("../../etc/passwd", {"foreground": [[1, 1, 1]]}, 400, "invalid image id"),
         ("/etc/passwd", {"foreground": [[1, 1, 1]]}, 400, "invalid image id"),
