@@ -104,6 +104,26 @@ def test_a_trained_head_is_used_only_on_the_axis_it_was_trained_on(backbone):
         assert seg.saliency == expected
 
 
+def test_a_trained_heads_maps_are_remembered_per_slice_until_another_state_is_served(backbone):
+    """Maps asked for again come from memory (the head runs only on slices it has not seen) and equal the head's
+    own maps; serving another state forgets them."""
+    volume, _ = phantom()
+    head = SaliencyHead(["tube"], in_channels=256, width=8, axis=2).for_label("tube")
+    runs = []
+    head.head.register_forward_hook(lambda module, args, out: runs.append(len(args[0])))
+    pipeline = SPDPipeline(backbone, SHARED, TrainedState(saliency_heads={"tube": head}))
+    view = VolumeView(volume, 2, choose_window(volume))
+    first = pipeline.trained_saliency("tube", view, "tube", [3, 4, 5, 6])
+    again = pipeline.trained_saliency("tube", view, "tube", [5, 6, 7])
+    assert sum(runs) == 5, "the head ran on slices 3-7 once each"
+    np.testing.assert_array_equal(again[:2], first[2:])
+    np.testing.assert_allclose(again, head(view.slices([5, 6, 7]), pipeline.embed("tube", view, [5, 6, 7]), []),
+                               atol=1e-6)
+    pipeline.serve(pipeline.state.replace())
+    pipeline.trained_saliency("tube", view, "tube", [5])
+    assert sum(runs) == 5 + 3 + 1, "the direct call ran it on three slices; serving forgot slice 5"
+
+
 def test_learned_sizes_set_the_probes_on_their_axis_and_the_result_says_so(backbone):
     """With a size prior of the tube's own axis the probes follow it, with one of another axis the default
     squares are used; the result says which, and the tube is found either way."""

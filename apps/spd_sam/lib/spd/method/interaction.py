@@ -41,7 +41,6 @@ class Session:
     steps: int = 0
     effects: list[ClickEffect] = field(default_factory=list)
     label: str | None = None  # the structure's name (selects a trained saliency head)
-    head_maps: dict[int, np.ndarray] = field(default_factory=dict)  # that head's map of each slice asked for so far
 
     def new_clicks(self, clicks: Sequence[Click]) -> list[Click] | None:
         """The clicks ``clicks`` adds to this session's, in request order; None when it does not hold them all."""
@@ -179,12 +178,7 @@ class Interactions:
         effects = []
 
         def head(slices: list[int]) -> np.ndarray | None:
-            todo = [t for t in slices if t not in session.head_maps]
-            maps = self.pipeline.trained_saliency(volume_id, whole, session.label, todo) if todo else ()
-            if maps is None:
-                return None
-            session.head_maps.update(zip(todo, np.asarray(maps, dtype=np.float16)))
-            return np.stack([session.head_maps[t] for t in slices])
+            return self.pipeline.trained_saliency(volume_id, whole, session.label, slices)
 
         for click in new:
             point = (click.ijk[axis], *(click.ijk[a] for a in whole.in_plane))

@@ -22,6 +22,7 @@ from .focus import FocusConfig, Region, focus_region
 from .intensity import IntensityWindow
 from .prompts import Click, choose_slice_axis, slice_axes, to_slice_clicks, training_axis
 from .saliency import AppearanceSaliency
+from .saliency_head import GridMemo
 from .self_prompts import SelfPromptConfig, SelfPrompts, self_prompts
 from .trained_state import TrainedState
 
@@ -179,11 +180,12 @@ class SPDPipeline:
 
     def serve(self, state: TrainedState) -> None:
         """Switch to ``state`` as a whole: its encoder adapters (embeddings are then keyed by them), its
-        decoder, heads and size priors; remembered masks are forgotten."""
+        decoder, heads and size priors; remembered masks and head maps are forgotten."""
         self.backbone.install_adapters(state.adapters)
         self.backbone.model.mask_decoder = self.base_decoder if state.decoder is None else state.decoder
         self._state = state
         self.memo = MaskMemo()
+        self.head_maps = GridMemo()
         self._hot = None
 
     def cache_key(self, volume_id: str, view: VolumeView) -> str:
@@ -211,12 +213,8 @@ class SPDPipeline:
     def saliency_volume(self, volume_id: str, view: VolumeView, label: str, chunk: int = 32) -> np.ndarray:
         """(depth, H, W) saliency of ``label``'s trained head on every slice of ``view``, embedded chunk by chunk
         through the cache."""
-        head = self.state.saliency_heads[label]
-        maps = []
-        for start in range(0, view.depth, chunk):
-            indices = list(range(start, min(start + chunk, view.depth)))
-            maps.append(head(view.slices(indices), self.embed(volume_id, view, indices), []))
-        return np.concatenate(maps)
+        chunks = [list(range(start, min(start + chunk, view.depth))) for start in range(0, view.depth, chunk)]
+        return np.concatenate([self._head_maps(volume_id, view, label, indices) for indices in chunks])
 
     def trained_saliency(self, volume_id: str, view: VolumeView, label: str | None, indices: Sequence[int]
                          ) -> np.ndarray | None:
@@ -225,7 +223,22 @@ class SPDPipeline:
         head = self.state.saliency_heads.get(label)
         if head is None or not head.head.serves(view.axis):
             return None
-        return head(view.slices(indices), self.embed(volume_id, view, list(indices)), [])
+        return self._head_maps(volume_id, view, label, list(indices))
+
+    def _head_maps(self, volume_id: str, view: VolumeView, label: str, indices: list[int],
+                   embeddings: torch.Tensor | None = None) -> np.ndarray:
+        """(N, H, W) maps of ``label``'s trained head on slices ``indices`` of ``view``, remembered per slice;
+        ``embeddings``: those of ``indices`` where the caller has them (else the slices not remembered are embedded
+        through the cache)."""
+        head = self.state.saliency_heads[label]
+
+        def compute(positions: list[int]) -> torch.Tensor:
+            if embeddings is not None:
+                return head.grids(embeddings[positions])
+            return head.grids(self.embed(volume_id, view, [indices[p] for p in positions]))
+
+        return head.to_slices(self.head_maps.grids((self.cache_key(volume_id, view), label), indices, compute),
+                              view.slice_shape)
 
     def segment_learned(self, volume: np.ndarray, spacing: Sequence[float], volume_id: str, window: IntensityWindow,
                         label: str, config: SelfPromptConfig = SelfPromptConfig()
@@ -405,7 +418,10 @@ class SPDPipeline:
         samples += [(s - first, r, c) for s, r, c in distiller.line_points(sclicks, view.slice_shape)]
         head = self.state.saliency_heads.get(label)
         trained = head is not None and head.head.serves(axis)  # a head knows nothing of other axes' slices
-        saliency = (head if trained else self.fallback_saliency)(images, embeddings, samples)
+        if trained:
+            saliency = self._head_maps(volume_id, view, label, indices, embeddings)
+        else:
+            saliency = self.fallback_saliency(images, embeddings, samples)
         lap("saliency")
 
         consensus = distiller.distill(sclicks, saliency, first)

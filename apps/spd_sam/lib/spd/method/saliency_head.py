@@ -3,12 +3,15 @@
 The head sees the (C, g, g) embedding of a slice plus two channels of grid coordinates (so it can
 tell a left structure from its mirror image) and predicts, per label, where that structure is on
 the g x g embedding grid. :class:`LabelSaliency` serves one label's map through the
-:class:`~lib.spd.saliency.SaliencyModel` interface, upsampled to slice pixels.
+:class:`~lib.spd.saliency.SaliencyModel` interface, upsampled to slice pixels; :class:`GridMemo` remembers its
+maps per slice for the clicks that follow.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import threading
+from collections import OrderedDict
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -81,6 +84,10 @@ class LabelSaliency:
 
     def __call__(self, images: np.ndarray, embeddings: torch.Tensor, clicks: Sequence[tuple[int, float, float]]
                  ) -> np.ndarray:
+        return self.to_slices(self.grids(embeddings), tuple(images.shape[1:]))
+
+    def grids(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(N, g, g) float32 probabilities on the embedding grid, on the CPU."""
         self.head.eval()
         device = next(self.head.parameters()).device
         grids = []
@@ -88,9 +95,44 @@ class LabelSaliency:
         with torch.inference_mode():
             for start in range(0, len(embeddings), step):
                 logits = self.head(embeddings[start:start + step].to(device))
-                grids.append(torch.sigmoid(logits[:, self.channel]).cpu())
-        grid = torch.cat(grids) if grids else torch.zeros(0, *embeddings.shape[-2:])
-        return embedding_grid_to_slice(grid, tuple(images.shape[1:])).clamp(0.0, 1.0).numpy().astype(np.float32)
+                grids.append(torch.sigmoid(logits[:, self.channel]).float().cpu())
+        return torch.cat(grids) if grids else torch.zeros(0, *embeddings.shape[-2:])
+
+    @staticmethod
+    def to_slices(grids: torch.Tensor, slice_shape: tuple[int, int]) -> np.ndarray:
+        """(N, g, g) grid maps -> (N, H, W) float32 maps in [0, 1] on slice pixels."""
+        return embedding_grid_to_slice(grids, slice_shape).clamp(0.0, 1.0).numpy().astype(np.float32)
+
+
+class GridMemo:
+    """LRU of a trained head's grid maps per (view key, label, slice): a click on slices seen before runs no head.
+
+    Args:
+        max_items: maps kept (16 KiB each on a 64 x 64 grid).
+    """
+
+    def __init__(self, max_items: int = 4096):
+        self.max_items = max_items
+        self._items: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def grids(self, key: tuple, slices: Sequence[int], compute: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
+        """(N, g, g) maps of ``slices`` under ``key``; ``compute(positions)`` gives those of the slices at these
+        positions of ``slices`` that are not remembered."""
+        with self._lock:
+            found = [self._items.get((*key, s)) for s in slices]
+            for s, grid in zip(slices, found):
+                if grid is not None:
+                    self._items.move_to_end((*key, s))
+        todo = [i for i, grid in enumerate(found) if grid is None]
+        if todo:
+            computed = compute(todo)
+            with self._lock:
+                for i, grid in zip(todo, computed):
+                    found[i] = self._items[(*key, slices[i])] = grid
+                while len(self._items) > self.max_items:
+                    self._items.popitem(last=False)
+        return torch.stack(found)
 
 
 def grid_targets(masks: np.ndarray, grid: int) -> torch.Tensor:
