@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lib.spd.method import Click, SaliencyHead, SPDPipeline, TrainedState, VolumeView, choose_window, learn_size_prior
+from lib.spd.method import (Click, Interactions, SaliencyHead, Segmentation, SPDPipeline, TrainedState, VolumeView,
+                            choose_window, learn_size_prior)
+from lib.spd.method.interaction import Session
 from lib.spd.method.box_prompt import segment_box
 from lib.spd.runtime import load_backbone
 from lib.spd.serving import EmbeddingCache
@@ -177,3 +179,28 @@ def test_a_draft_embeds_only_the_clicked_slices_and_the_same_clicks_later_get_th
                                                               slice_axis=2)
     assert np.array_equal(full.mask, reference.mask)
     assert dice(full.mask, target) > 0.85
+
+
+def test_a_negative_click_on_the_annotators_own_positive_click_takes_it_back(backbone):
+    """An annotator clicked the decoy among the tube's clicks and the result holds it on slices 9-11. A negative click
+    on that same spot takes the positive one back: the decoy goes there (within the reach), the tube stays. Before,
+    the annotator's own positive click defended the decoy and the negative click changed nothing."""
+    volume, target = phantom()
+    decoy = np.zeros_like(target)
+    decoy[:, :, 9:12] = volume[:, :, 9:12] > 180
+    decoy &= ~target
+    mask = target | decoy
+    tube = [Click((30 + round(0.3 * (k - 4)), 36, k), True) for k in range(5, 20, 3)]
+    wrong = Click((12, 60, 10), True)
+    clicks = [*tube, wrong]
+    defenders = np.array([c.ijk[2:] + c.ijk[:2] for c in clicks], dtype=float)  # (slice, row, col) on axis 2
+    seg = Segmentation(mask, 2, (4, 19), {})
+    interactions = Interactions(SPDPipeline(backbone, SHARED))
+    interactions.store.put("key", Session(tuple(clicks), 2, None, None, seg, np.zeros(volume.shape, dtype=bool),
+                                          defenders, 3))
+    out = interactions.run("key", volume, (1.0, 1.0, 1.0), "tube", [*clicks, Click(wrong.ijk, False)],
+                           choose_window(volume), slice_axis=2)
+    assert out.record["mode"] == "correction"
+    corrected = out.segmentation.mask
+    assert not (corrected & decoy).any(), "the decoy went on every slice it was on"
+    np.testing.assert_array_equal(corrected & target, target)

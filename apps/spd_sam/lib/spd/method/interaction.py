@@ -198,7 +198,8 @@ class Interactions:
                 stack(mask)[region] = True
                 stack(removed)[region] = False
                 defenders = np.vstack([defenders, [point]])
-            else:
+            else:  # it takes back the positive prompts right under it (an earlier click there was wrong)
+                defenders = defenders[np.linalg.norm((defenders - point) * sp, axis=1) >= self.config.click_mm]
                 region = leak_around(stack(mask), image, point, self._guarded(defenders, session, point, sp), sp,
                                      reach, self.config)
                 region = uncontradicted(region, point, False, head, sp[1:], self.config)
@@ -219,7 +220,7 @@ class Interactions:
 
     def _guarded(self, defenders: np.ndarray, session: Session, point, spacing) -> np.ndarray:
         """Defenders without the interpolated prompts near a negative click (the annotator says the structure is
-        not there); the annotator's own positive clicks always defend."""
+        not there); the annotator's own positive clicks defend unless the click took them back (``click_mm``)."""
         user = {c.ijk for c in session.clicks if c.positive}
         near = np.linalg.norm((defenders - point) * spacing, axis=1) < self.config.guard_mm
         own = np.array([_to_volume(p, session.axis) in user for p in defenders], dtype=bool).reshape(-1)
