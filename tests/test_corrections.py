@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from lib.spd.method import Click
-from lib.spd.method.corrections import leak_around, missed_around, uncontradicted
+from lib.spd.method.corrections import CorrectionConfig, leak_around, missed_around, uncontradicted
 from lib.spd.method.interaction import Session, SessionStore
 
 
@@ -36,6 +36,23 @@ def test_a_negative_click_removes_the_leak_on_its_slice_and_where_it_continues_o
     assert leak[9:14].any(axis=(1, 2)).all(), "every slice the leak continues on is corrected"
     np.testing.assert_array_equal(corrected[:9], mask[:9])
     np.testing.assert_array_equal(corrected[14:], mask[14:])
+
+
+def test_a_negative_click_on_a_thin_leak_beside_a_thick_structure_leaves_the_structure():
+    """No edge tells the leak from the structure and the only positive prompts lie on the far side: the structure's
+    core (much deeper in its slices than the click) holds it, so the cut falls near the thin leak."""
+    rows, cols = np.mgrid[:48, :48]
+    truth = np.zeros((13, 48, 48), dtype=bool)
+    truth[:] = (rows - 24) ** 2 + (cols - 24) ** 2 <= 100
+    mask = truth.copy()
+    mask[:, 16:33, 34:37] = True  # a leak 3 pixels thick along the structure's side
+    image = np.full(mask.shape, 0.5, dtype=np.float32)
+    defenders = np.array([(s, 24, 16) for s in range(13)])
+    leak = leak_around(mask, image, (6, 24, 35), defenders, (1.0, 1.0, 1.0), reach=6)
+    assert (leak & truth).sum() <= 0.02 * truth.sum(), "the structure stays"
+    assert (leak & ~truth)[6].sum() >= 0.6 * (mask & ~truth)[6].sum(), "the leak goes on the clicked slice"
+    old = leak_around(mask, image, (6, 24, 35), defenders, (1.0, 1.0, 1.0), reach=6, config=CorrectionConfig(core_depths=np.inf))
+    assert (old & truth).sum() > 0.1 * truth.sum(), "prompts alone would have let the cut into the structure"
 
 
 def test_a_negative_click_outside_the_mask_removes_nothing():

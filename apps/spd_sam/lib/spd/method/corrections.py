@@ -4,7 +4,8 @@ Masks here are stacks of slices along the segmentation's axis: (D, H, W), rows a
 axes in order; points are (slice, row, col).
 
 - A **negative** click inside the mask removes the leak around it: the part of the mask that is
-  geodesically nearer to the click than to any positive prompt, where paths run inside the mask
+  geodesically nearer to the click than to any positive prompt or to the mask's core (where it is
+  much deeper in its slice than the click: a leak is thinner than the structure), where paths run inside the mask
   and crossing an intensity edge costs more (so the cut falls on the boundary between the
   structure and what it leaked into). The leak is followed onto adjacent slices as far as it
   stays nearer to the click, within a few gaps between the annotator's clicks.
@@ -50,6 +51,8 @@ class CorrectionConfig:
     click_mm: float = 3.0  # radius around a positive click that is added when the decoder's part leaves it out
     edge_weight: float = 4.0  # extra geodesic cost of a strong intensity edge (relative to the mask's 90th percentile)
     guard_mm: float = 5.0  # interpolated prompts this close to a negative click do not defend the mask there
+    core_depths: float = 2.0  # mask voxels deeper in their slice than this many times a negative click's depth
+    # defend the structure (a leak is thinner than the structure it leaked from)
     min_overlap: float = 0.5  # a tracked slice's part must overlap the previous slice's this much (of its area)
     max_growth: float = 1.3  # ... and grow by at most this factor
     min_new: float = 0.05  # a tracked slice that adds less than this share of its part ends the walk
@@ -106,6 +109,8 @@ def leak_around(mask: np.ndarray, image: np.ndarray, click: Point, defenders: np
     if len(seeds) == 0:  # nothing the annotator asked for is connected to it within reach: all of it goes
         out[box] = piece
         return out
+    depth = np.stack([ndimage.distance_transform_edt(np.pad(m, 1), sampling=spacing[1:])[1:-1, 1:-1] for m in local])
+    seeds = np.vstack([seeds, np.argwhere(piece & (depth > config.core_depths * depth[start]))])
     edges = ndimage.gaussian_gradient_magnitude(image[box].astype(np.float32), sigma=1.0)
     scale = float(np.percentile(edges[piece], 90)) + 1e-6
     costs = np.where(piece, 1.0 + config.edge_weight * edges / scale, np.inf)
