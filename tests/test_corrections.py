@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from lib.spd.method import Click
-from lib.spd.method.corrections import CorrectionConfig, leak_around, missed_around, uncontradicted
+from lib.spd.method.corrections import leak_around, missed_around, uncontradicted
 from lib.spd.method.interaction import Session, SessionStore
 
 
@@ -51,7 +51,7 @@ def test_a_negative_click_on_a_thin_leak_beside_a_thick_structure_leaves_the_str
     leak = leak_around(mask, image, (6, 24, 35), defenders, (1.0, 1.0, 1.0), reach=6)
     assert (leak & truth).sum() <= 0.02 * truth.sum(), "the structure stays"
     assert (leak & ~truth)[6].sum() >= 0.6 * (mask & ~truth)[6].sum(), "the leak goes on the clicked slice"
-    old = leak_around(mask, image, (6, 24, 35), defenders, (1.0, 1.0, 1.0), reach=6, config=CorrectionConfig(core_depths=np.inf))
+    old = leak_around(mask, image, (6, 24, 35), defenders, (1.0, 1.0, 1.0), reach=6, hold_core=False)
     assert (old & truth).sum() > 0.1 * truth.sum(), "prompts alone would have let the cut into the structure"
 
 

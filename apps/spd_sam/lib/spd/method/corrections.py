@@ -4,8 +4,9 @@ Masks here are stacks of slices along the segmentation's axis: (D, H, W), rows a
 axes in order; points are (slice, row, col).
 
 - A **negative** click inside the mask removes the leak around it: the part of the mask that is
-  geodesically nearer to the click than to any positive prompt or to the mask's core (where it is
-  much deeper in its slice than the click: a leak is thinner than the structure), where paths run inside the mask
+  geodesically nearer to the click than to any positive prompt or, where no trained head knows the
+  structure, to the mask's core (where it is much deeper in its slice than the click: a leak is
+  thinner than the structure), where paths run inside the mask
   and crossing an intensity edge costs more (so the cut falls on the boundary between the
   structure and what it leaked into). The leak is followed onto adjacent slices as far as it
   stays nearer to the click, within a few gaps between the annotator's clicks.
@@ -80,7 +81,8 @@ class ClickEffect:
 
 
 def leak_around(mask: np.ndarray, image: np.ndarray, click: Point, defenders: np.ndarray,
-                spacing: Sequence[float], reach: int, config: CorrectionConfig = CorrectionConfig()) -> np.ndarray:
+                spacing: Sequence[float], reach: int, config: CorrectionConfig = CorrectionConfig(),
+                hold_core: bool = True) -> np.ndarray:
     """The region a negative ``click`` inside ``mask`` says is wrong (bool, the stack's shape; empty when the click
     lies outside the mask).
 
@@ -89,6 +91,8 @@ def leak_around(mask: np.ndarray, image: np.ndarray, click: Point, defenders: np
         defenders: (n, 3) positive prompts (slice, row, col) that hold the structure.
         spacing: (slice, row, col) voxel size in mm.
         reach: slices on either side of the click the leak may extend to.
+        hold_core: the mask's core (``config.core_depths``) holds the structure too; False where a trained head's
+            veto (:func:`uncontradicted`) keeps what the structure is.
     """
     out = np.zeros(mask.shape, dtype=bool)
     if not mask[click]:
@@ -109,8 +113,9 @@ def leak_around(mask: np.ndarray, image: np.ndarray, click: Point, defenders: np
     if len(seeds) == 0:  # nothing the annotator asked for is connected to it within reach: all of it goes
         out[box] = piece
         return out
-    depth = np.stack([ndimage.distance_transform_edt(np.pad(m, 1), sampling=spacing[1:])[1:-1, 1:-1] for m in local])
-    seeds = np.vstack([seeds, np.argwhere(piece & (depth > config.core_depths * depth[start]))])
+    if hold_core:
+        depth = np.stack([ndimage.distance_transform_edt(np.pad(m, 1), sampling=spacing[1:])[1:-1, 1:-1] for m in local])
+        seeds = np.vstack([seeds, np.argwhere(piece & (depth > config.core_depths * depth[start]))])
     edges = ndimage.gaussian_gradient_magnitude(image[box].astype(np.float32), sigma=1.0)
     scale = float(np.percentile(edges[piece], 90)) + 1e-6
     costs = np.where(piece, 1.0 + config.edge_weight * edges / scale, np.inf)

@@ -201,7 +201,7 @@ class Interactions:
             else:  # it takes back the positive prompts right under it (an earlier click there was wrong)
                 defenders = defenders[np.linalg.norm((defenders - point) * sp, axis=1) >= self.config.click_mm]
                 region = leak_around(stack(mask), image, point, self._guarded(defenders, session, point, sp), sp,
-                                     reach, self.config)
+                                     reach, self.config, hold_core=not self.pipeline.knows(session.label, axis))
                 region = uncontradicted(region, point, False, head, sp[1:], self.config)
                 stack(mask)[region] = False
                 stack(removed)[region] = True

@@ -216,12 +216,17 @@ class SPDPipeline:
         chunks = [list(range(start, min(start + chunk, view.depth))) for start in range(0, view.depth, chunk)]
         return np.concatenate([self._head_maps(volume_id, view, label, indices) for indices in chunks])
 
+    def knows(self, label: str | None, axis: int) -> bool:
+        """Whether a trained saliency head of ``label`` serves slices along ``axis`` (a head knows nothing of other
+        axes' slices)."""
+        head = self.state.saliency_heads.get(label)
+        return head is not None and head.head.serves(axis)
+
     def trained_saliency(self, volume_id: str, view: VolumeView, label: str | None, indices: Sequence[int]
                          ) -> np.ndarray | None:
         """(len(indices), H, W) saliency of ``label``'s trained head on slices ``indices`` of ``view`` (whole
         slices: the head learned them); None when no head of that label serves the view's axis."""
-        head = self.state.saliency_heads.get(label)
-        if head is None or not head.head.serves(view.axis):
+        if not self.knows(label, view.axis):
             return None
         return self._head_maps(volume_id, view, label, list(indices))
 
@@ -416,8 +421,7 @@ class SPDPipeline:
         # appearance is sampled under the clicks and under the points their cross-slice line puts on clicked slices
         samples = [(c.slice - first, c.row, c.col) for c in sclicks if c.positive]
         samples += [(s - first, r, c) for s, r, c in distiller.line_points(sclicks, view.slice_shape)]
-        head = self.state.saliency_heads.get(label)
-        trained = head is not None and head.head.serves(axis)  # a head knows nothing of other axes' slices
+        trained = self.knows(label, axis)
         if trained:
             saliency = self._head_maps(volume_id, view, label, indices, embeddings)
         else:
