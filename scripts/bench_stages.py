@@ -5,8 +5,8 @@ The right caudate of the Colin27 sample study (43 axial slices), rough clicks ev
 slices are embedded first (not timed; the embedding cache is shared by both runs), then each repeat moves one click by
 a slice, as an annotator nudging a click does (the mask memo answers the slices whose prompts did not change). Two
 saliencies: appearance (untrained), and a trained head with random weights (its speed only). Printed: the median
-seconds of each stage over the repeats, per code and saliency, and the Dice of the last repeat (the same for both
-revisions unless a change altered results).
+seconds of each stage over the repeats, per code and saliency, and the Dice and a digest of the last repeat's mask
+(the same for both revisions unless a change altered results).
 
     .venv/bin/python scripts/bench_stages.py [--against REV] [--repeats 6]
 """
@@ -14,6 +14,7 @@ revisions unless a change altered results).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -65,6 +66,7 @@ def measure(app: Path, cache: Path, repeats: int) -> dict:
                 timings.append(dict(seg.timings, total=time.perf_counter() - tic))
         row = {stage: float(np.median([t.get(stage, 0.0) for t in timings])) for stage in timings[0]}
         row["dice"] = float(2 * (seg.mask & target).sum() / (seg.mask.sum() + target.sum()))
+        row["mask"] = hashlib.sha1(np.packbits(seg.mask)).hexdigest()[:10]
         out[saliency] = row
     return out
 
@@ -93,14 +95,14 @@ def main() -> None:
             finally:
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=True)
             results[args.against] = json.loads(report.read_text())
-    stages = [s for s in next(iter(results.values()))["appearance"] if s != "dice"]
+    stages = [s for s in next(iter(results.values()))["appearance"] if s not in ("dice", "mask")]
     print(f"median seconds per stage over {args.repeats} nudged repeat clicks ({STRUCTURE}, Colin27 sample study)")
-    print("| code | saliency | " + " | ".join(stages) + " | Dice |")
-    print("|---" * (len(stages) + 3) + "|")
+    print("| code | saliency | " + " | ".join(stages) + " | Dice | mask (sha1) |")
+    print("|---" * (len(stages) + 4) + "|")
     for code, rows in results.items():
         for saliency, row in rows.items():
             print(f"| {code} | {saliency} | " + " | ".join(f"{row.get(s, 0.0):.3f}" for s in stages)
-                  + f" | {row['dice']:.3f} |")
+                  + f" | {row['dice']:.3f} | {row['mask']} |")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 predicted IoUs)."""
 
 import numpy as np
+import torch
 
 from lib.spd.runtime import PromptBatch
-from lib.spd.runtime.mask_memo import MaskMemo
+from lib.spd.runtime.mask_memo import MaskMemo, pack_masks, unpack_masks
 
 
 def fake_decoder(calls):
@@ -13,7 +14,7 @@ def fake_decoder(calls):
         logits = np.full((len(rows), 8, 9), -1.0, dtype=np.float32)
         for n, (r0, c0, r1, c1) in enumerate(prompts.boxes.astype(int)):
             logits[n, r0:r1 + 1, c0:c1 + 1] = 1.0
-        return logits, prompts.boxes[:, 2] / 10  # a score that differs between slices
+        return torch.from_numpy(logits), prompts.boxes[:, 2] / 10  # a score that differs between slices
     return decode
 
 
@@ -25,6 +26,7 @@ def test_repeat_decodes_only_changed_slices():
     boxes2[1] = [0, 0, 7, 8]
     second, second_iou = memo.masks("v", [10, 11, 12], PromptBatch(boxes=boxes2), (8, 9), fake_decoder(calls))
     assert calls == [[0, 1, 2], [1]]
+    first, second = first.numpy(), second.numpy()
     assert (second[[0, 2]] == first[[0, 2]]).all() and second[1].all()
     assert first[0, :4, :4].all() and not first[0, 5:].any()
     assert np.allclose(first_iou, [0.3, 0.4, 0.5]) and np.allclose(second_iou, [0.3, 0.7, 0.5])
@@ -56,3 +58,11 @@ def test_dense_prior_change_on_one_slice_decodes_that_slice_only():
     changed[1, 4, 4] += 1e-3
     memo.masks("v", [0, 1, 2], PromptBatch(boxes=boxes, mask_logits=changed), (8, 9), fake_decoder(calls))
     assert calls == [[0, 1, 2], [1]]
+
+
+def test_packing_round_trips_masks_of_any_size():
+    masks = torch.from_numpy(np.random.default_rng(1).random((3, 7, 9)) > 0.5)  # 63 pixels: not whole bytes
+    packed = pack_masks(masks)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 8)
+    assert torch.equal(unpack_masks(packed, (7, 9)), masks)
+    assert np.array_equal(packed.numpy(), np.packbits(masks.flatten(1).numpy(), axis=1))

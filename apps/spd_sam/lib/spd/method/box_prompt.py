@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from ..runtime.backbones import PromptBatch
 from .assembly import keep_prompted_components
@@ -57,7 +58,9 @@ def segment_box(pipeline: SPDPipeline, volume: np.ndarray, spacing: Sequence[flo
     inside[r0:r1 + 1, c0:c1 + 1] = True
     stack[first:last + 1] &= inside  # the slices followed beyond a one-slice box go where the structure goes
     seeds = [(first + n, *centre) for n in range(len(slices))]
-    mask = np.moveaxis(keep_prompted_components(stack, seeds), 0, axis) if stack.any() else np.moveaxis(stack, 0, axis)
+    if stack.any():
+        stack = keep_prompted_components(torch.from_numpy(stack), torch.tensor(seeds)).numpy()
+    mask = np.moveaxis(stack, 0, axis)
     occupied = np.flatnonzero(stack.any(axis=(1, 2)))
     span = (int(occupied[0]), int(occupied[-1])) if occupied.size else (first, last)
     record = {"kept": [], "moved": [], "rejected": [], "added": [], "box": [list(b) for b in roi]}

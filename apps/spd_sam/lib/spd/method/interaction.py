@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Hashable, Sequence
 
 import numpy as np
+import torch
 
 from .assembly import keep_prompted_components
 from .box_prompt import segment_box
@@ -209,7 +210,8 @@ class Interactions:
         seeds = np.array([_to_volume(p, axis) for p in defenders], dtype=int).reshape(-1, 3)
         seeds = seeds[~removed[tuple(seeds.T)]]  # a prompt in a removed leak holds nothing
         if mask.any() and len(seeds):
-            mask = keep_prompted_components(mask, seeds)  # what a cut left without a prompt goes with the leak
+            # what a cut left without a prompt goes with the leak
+            mask = keep_prompted_components(torch.from_numpy(mask), torch.from_numpy(seeds)).numpy()
         changed = np.flatnonzero((stack(mask) != stack(seg.mask)).any(axis=(1, 2)))
         lo, hi = seg.slice_range
         if changed.size:

@@ -434,7 +434,8 @@ class SPDPipeline:
         key = self.cache_key(volume_id, view)
 
         def probe(at: list[int], boxes: np.ndarray) -> np.ndarray:
-            return self._masks(key, at, embeddings[[s - first for s in at]], PromptBatch(boxes=boxes), view.slice_shape)[0]
+            masks = self._masks(key, at, embeddings[[s - first for s in at]], PromptBatch(boxes=boxes), view.slice_shape)[0]
+            return masks.cpu().numpy()
 
         anchors = {s: np.mean(p.positives, axis=0) for s, p in consensus.prompts.items() if p.anchored}
         probes = self.probe_config(label, axis)
@@ -505,7 +506,7 @@ class SPDPipeline:
         embeddings = self._embeddings_on_device(volume_id, view, slices)
         masks, _ = self._masks(self.cache_key(volume_id, view), slices, embeddings, local, view.slice_shape)
         whole = np.zeros((len(slices), *view.focused(None).slice_shape), dtype=bool)
-        whole[:, r0:r0 + h, c0:c0 + w] = masks
+        whole[:, r0:r0 + h, c0:c0 + w] = masks.cpu().numpy()
         return whole
 
     def decoder_changed(self) -> None:
@@ -514,7 +515,7 @@ class SPDPipeline:
         self.memo = MaskMemo()
 
     def _decode(self, key: str, embeddings, consensus: Consensus, saliency, slices: list[int], view: VolumeView
-                ) -> tuple[np.ndarray, np.ndarray]:
+                ) -> tuple[torch.Tensor, np.ndarray]:
         """Masks of ``slices`` of the view (and its region) from their consensus prompts (points only for
         point-trained backbones), and the IoU the decoder predicts for each; ``embeddings`` and ``saliency`` hold
         the same slices."""
@@ -530,42 +531,46 @@ class SPDPipeline:
         return self._masks(key, list(slices), embeddings, PromptBatch(boxes, points, labels, dense), view.slice_shape)
 
     def _masks(self, key: str, slices: list[int], embeddings: torch.Tensor, prompts: PromptBatch, slice_shape
-               ) -> tuple[np.ndarray, np.ndarray]:
-        """Bool masks and their predicted IoUs, decoding in chunks only what the memo does not hold."""
-        def decode(rows: list[int], subset: PromptBatch) -> tuple[np.ndarray, np.ndarray]:
+               ) -> tuple[torch.Tensor, np.ndarray]:
+        """Bool masks on the backbone's device and their predicted IoUs, decoding in chunks only what the memo does
+        not hold."""
+        def decode(rows: list[int], subset: PromptBatch) -> tuple[torch.Tensor, np.ndarray]:
             parts = []
             for start in range(0, len(rows), self.decode_chunk):
                 part = slice(start, start + self.decode_chunk)
                 parts.append(self.backbone.decode_scored(embeddings[rows[part]], subset.rows(part), slice_shape,
                                                          binary=True))
-            return np.concatenate([m for m, _ in parts]), np.concatenate([q for _, q in parts])
+            return torch.cat([m for m, _ in parts]), torch.cat([q for _, q in parts]).cpu().numpy()
 
         return self.memo.masks(key, slices, prompts, slice_shape, decode)
 
-    def _assemble(self, masks: np.ndarray, saliency: np.ndarray, consensus: Consensus, view: VolumeView, first: int,
+    def _assemble(self, masks: torch.Tensor, saliency: np.ndarray, consensus: Consensus, view: VolumeView, first: int,
                   roi) -> np.ndarray:
-        """Slab of slice masks -> full-size volume; ends where saliency fades and components without a
-        prompt are dropped. Works on the in-plane box that holds the masks and the prompts."""
+        """Slab of slice masks (on the backbone's device) -> full-size volume on the host; ends where saliency fades
+        and components without a prompt are dropped. Works on the in-plane box that holds the masks and the
+        prompts, where the masks are; the result is copied to the host once."""
+        device = masks.device
         seeds = np.array([(s - first, r, c) for s, p in consensus.prompts.items() for r, c in p.positives],
                          dtype=float).reshape(-1, 3).round().astype(int) - [0, *view.origin]
-        seeds = np.clip(seeds, 0, np.array(masks.shape) - 1)  # a seed beyond the region holds on to its edge
-        rows, cols = bounding_box(masks, seeds, axes=(1, 2)) or (slice(0, 0), slice(0, 0))
-        masks, saliency = masks[:, rows, cols], saliency[:, rows, cols]
-        support = np.array([float(s[m].mean()) if m.any() else 0.0 for s, m in zip(saliency, masks)])
+        seeds = torch.as_tensor(np.clip(seeds, 0, np.array(masks.shape) - 1), device=device)  # a seed beyond the
+        rows, cols = bounding_box(masks, seeds, axes=(1, 2)) or (slice(0, 0), slice(0, 0))  # region holds its edge
+        masks = masks[:, rows, cols]
+        saliency = torch.as_tensor(np.ascontiguousarray(saliency[:, rows, cols]), device=device)
+        support = (saliency * masks).flatten(1).sum(1) / masks.flatten(1).sum(1).clamp_min(1)  # 0 for empty masks
         masks = trim_unanchored_ends(masks, first, consensus.anchored_range, support)
         if roi is not None:
             (r0, r1), (c0, c1) = (np.subtract(roi[a], o) for a, o in zip(view.in_plane, view.origin))
-            inside = np.zeros(masks.shape[1:], dtype=bool)
+            inside = torch.zeros(masks.shape[1:], dtype=torch.bool, device=device)
             inside[max(r0 - rows.start, 0):max(r1 + 1 - rows.start, 0),
                    max(c0 - cols.start, 0):max(c1 + 1 - cols.start, 0)] = True
             masks &= inside
-        masks = keep_prompted_components(masks, seeds - [0, rows.start, cols.start])
+        masks = keep_prompted_components(masks, seeds - torch.tensor([0, rows.start, cols.start], device=device))
         volume = np.zeros(view.volume.shape, dtype=bool)
         target = [slice(None)] * 3
         target[view.axis] = slice(first, first + masks.shape[0])
         for a, o, span in zip(view.in_plane, view.origin, (rows, cols)):
             target[a] = slice(span.start + o, span.stop + o)
-        volume[tuple(target)] = np.moveaxis(masks, 0, view.axis)
+        volume[tuple(target)] = np.moveaxis(masks.cpu().numpy(), 0, view.axis)
         return volume
 
 

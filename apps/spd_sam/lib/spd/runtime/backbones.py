@@ -206,26 +206,26 @@ class Backbone:
         Returns:
             (N, H, W) float32 mask logits at slice resolution (threshold 0), or bool masks when ``binary``.
         """
-        return self.decode_scored(embeddings, prompts, slice_shape, binary)[0]
+        return _to_numpy(self.decode_scored(embeddings, prompts, slice_shape, binary)[0])
 
     def decode_scored(self, embeddings: torch.Tensor, prompts: PromptBatch, slice_shape: tuple[int, int],
-                      binary: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`decode`, with the IoU that the decoder's own head predicts for each mask ((N,) float32)."""
+                      binary: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`decode` on the backbone's device: (N, H, W) float32 logits or bool masks (``binary``), and the IoU
+        that the decoder's own head predicts for each mask ((N,) float32)."""
         n = len(embeddings)
         _check_prompts(prompts, n, slice_shape)
         geometry = Geometry(tuple(int(v) for v in slice_shape), self.image_size)
         with torch.inference_mode():
             if self.batch_decoding:
-                logits, predicted_iou = self.decode_logits(embeddings.to(self.device), prompts, geometry)
-                return _to_numpy(logits, binary), predicted_iou.float().cpu().numpy()
-            out = np.empty((n, *geometry.slice_shape), dtype=bool if binary else np.float32)
-            scores = np.empty(n, dtype=np.float32)
-            for i in range(n):
-                one = prompts.rows(slice(i, i + 1))
-                window = self.window(one, geometry, embeddings.shape[-1]) if self.crop_decoding else None
-                logits, predicted_iou = self.decode_logits(embeddings[i:i + 1].to(self.device), one, geometry, window)
-                out[i], scores[i] = _to_numpy(logits, binary)[0], float(predicted_iou[0])
-        return out, scores
+                parts = [self.decode_logits(embeddings.to(self.device), prompts, geometry)]
+            else:
+                parts = []
+                for i in range(n):
+                    one = prompts.rows(slice(i, i + 1))
+                    window = self.window(one, geometry, embeddings.shape[-1]) if self.crop_decoding else None
+                    parts.append(self.decode_logits(embeddings[i:i + 1].to(self.device), one, geometry, window))
+            logits = torch.cat([part for part, _ in parts])
+            return logits > 0 if binary else logits.float(), torch.cat([iou for _, iou in parts]).float()
 
     def decode_logits(self, embeddings: torch.Tensor, prompts: PromptBatch, geometry: Geometry,
                       window: tuple[slice, slice] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,9 +311,9 @@ def paste_and_resize(low_res: torch.Tensor, rows: slice, cols: slice, grid: int,
                          align_corners=False)[:, 0]
 
 
-def _to_numpy(logits: torch.Tensor, binary: bool) -> np.ndarray:
-    """Logits on any device -> float32 logits, or bool masks (thresholded before the copy), on the host."""
-    return (logits > 0).cpu().numpy() if binary else logits.float().cpu().numpy()
+def _to_numpy(masks: torch.Tensor) -> np.ndarray:
+    """Logits or masks on any device -> on the host, float32 logits or bool masks."""
+    return masks.cpu().numpy() if masks.dtype == torch.bool else masks.float().cpu().numpy()
 
 
 def _check_prompts(prompts: PromptBatch, n: int, slice_shape: tuple[int, int]) -> None:

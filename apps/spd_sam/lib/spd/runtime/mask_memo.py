@@ -38,7 +38,7 @@ def _pattern(shape: tuple[int, int]) -> torch.Tensor:
 
 class MaskMemo:
     """LRU of bit-packed slice masks, with the decoder's predicted IoU of each, keyed by (volume view, slice,
-    prompts).
+    prompts); masks are packed and kept on the device they were decoded on.
 
     Args:
         max_items: masks kept (a 256x256 mask takes 8 KiB packed).
@@ -46,42 +46,67 @@ class MaskMemo:
 
     def __init__(self, max_items: int = 8192):
         self.max_items = max_items
-        self._items: OrderedDict[Hashable, tuple[np.ndarray, float]] = OrderedDict()
+        self._items: OrderedDict[Hashable, tuple[torch.Tensor, float]] = OrderedDict()
         self._lock = threading.Lock()
 
     def masks(self, view_key: str, slices: Sequence[int], prompts: PromptBatch, shape: tuple[int, int],
-              decode: Callable[[list[int], PromptBatch], tuple[np.ndarray, np.ndarray]]
-              ) -> tuple[np.ndarray, np.ndarray]:
-        """(N, H, W) bool masks and their (N,) predicted IoUs; ``decode(positions, prompts_subset)`` runs for the
-        slices not remembered.
+              decode: Callable[[list[int], PromptBatch], tuple[torch.Tensor, np.ndarray]]
+              ) -> tuple[torch.Tensor, np.ndarray]:
+        """(N, H, W) bool masks (on the decoder's device) and their (N,) predicted IoUs; ``decode(positions,
+        prompts_subset)`` runs for the slices not remembered.
 
         Args:
             view_key: names the volume, axis, backbone and window.
             slices: slice index of each prompt row.
             prompts: one row per entry of ``slices``.
             shape: slice shape.
-            decode: returns logits and predicted IoUs for the given row positions.
+            decode: returns bool masks (or logits, threshold 0) and predicted IoUs for the given row positions.
         """
         digests = dense_digests(prompts.mask_logits) if prompts.mask_logits is not None else [None] * len(slices)
         keys = [(view_key, s, prompt_key(prompts, i, digests[i])) for i, s in enumerate(slices)]
-        out = np.zeros((len(slices), *shape), dtype=bool)
         scores = np.zeros(len(slices), dtype=np.float32)
-        todo = []
+        found: dict[int, torch.Tensor] = {}
         with self._lock:
             for i, key in enumerate(keys):
                 item = self._items.get(key)
-                if item is None:
-                    todo.append(i)
-                else:
+                if item is not None:
                     self._items.move_to_end(key)
-                    out[i] = np.unpackbits(item[0], count=shape[0] * shape[1]).reshape(shape).astype(bool)
-                    scores[i] = item[1]
+                    found[i], scores[i] = item
+        todo = [i for i in range(len(slices)) if i not in found]
+        decoded = None
         if todo:
-            logits, scores[todo] = decode(todo, prompts.rows(todo))
-            out[todo] = logits > 0
+            decoded, scores[todo] = decode(todo, prompts.rows(todo))
+            decoded = decoded > 0 if decoded.dtype != torch.bool else decoded
+            packed = pack_masks(decoded)
             with self._lock:
-                for i in todo:
-                    self._items[keys[i]] = (np.packbits(out[i]), float(scores[i]))
+                for n, i in enumerate(todo):
+                    self._items[keys[i]] = (packed[n].clone(), float(scores[i]))
                 while len(self._items) > self.max_items:
                     self._items.popitem(last=False)
+        device = decoded.device if decoded is not None else next(iter(found.values())).device
+        out = torch.zeros((len(slices), *shape), dtype=torch.bool, device=device)
+        if found:
+            rows = list(found)
+            out[rows] = unpack_masks(torch.stack([found[i] for i in rows]).to(device), shape)
+        if decoded is not None:
+            out[todo] = decoded
         return out, scores
+
+
+_BIT_VALUES = (128, 64, 32, 16, 8, 4, 2, 1)
+
+
+def pack_masks(masks: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) bool -> (N, ceil(H * W / 8)) uint8, eight pixels a byte (first pixel in the high bit), on the
+    masks' device."""
+    flat = masks.flatten(1)
+    flat = torch.cat([flat, flat.new_zeros(len(flat), -flat.shape[1] % 8)], dim=1)
+    bits = torch.tensor(_BIT_VALUES, dtype=torch.uint8, device=masks.device)
+    return (flat.view(len(flat), -1, 8).to(torch.uint8) * bits).sum(-1, dtype=torch.uint8)
+
+
+def unpack_masks(packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`pack_masks`: (N, bytes) uint8 -> (N, H, W) bool."""
+    bits = torch.tensor(_BIT_VALUES, dtype=torch.uint8, device=packed.device)
+    flat = (packed[..., None] & bits).ne(0).flatten(1)
+    return flat[:, :shape[0] * shape[1]].reshape(len(packed), *shape)
