@@ -6,6 +6,7 @@ clicks across slices can tell an off-target click from a good one.
 
 import numpy as np
 import pytest
+import torch
 
 from lib.spd.method.distillation import ContextualPromptDistiller, CPDConfig, theil_sen_predict
 from lib.spd.method.prompts import SliceClick
@@ -181,3 +182,55 @@ def test_theil_sen_ignores_one_outlier(outlier):
     v = 2.0 * s + 1.0
     v[outlier] += 30.0
     assert theil_sen_predict(s, v, 10.0) == pytest.approx(21.0, abs=1.0)
+
+
+def nearest_by_brute_force(saliency: np.ndarray, centre, pixel_mm, radius_mm: float, threshold: float):
+    """Every pixel of the slice looked at: the salient one nearest to ``centre`` within the radius, the first in
+    row-major order on ties."""
+    rr, cc = np.mgrid[: saliency.shape[0], : saliency.shape[1]]
+    d = ((rr - centre[0]) * pixel_mm[0]) ** 2 + ((cc - centre[1]) * pixel_mm[1]) ** 2
+    d[(saliency < threshold) | (d > radius_mm**2)] = np.inf
+    best = int(np.argmin(d))
+    return None if np.isinf(d.flat[best]) else (float(best // saliency.shape[1]), float(best % saliency.shape[1]))
+
+
+@pytest.mark.parametrize("pixel_mm", [(1.0, 1.0), (0.7, 1.3), (2.0, 0.5)])
+def test_batched_nearest_salient_search_matches_a_search_of_every_pixel(pixel_mm):
+    rng = np.random.default_rng(5)
+    maps = (rng.random((6, 23, 31)) < 0.03).astype(np.float32)
+    maps[2] = 0.0  # nothing salient
+    maps[3] = rng.random((23, 31)).astype(np.float32)
+    maps[4] = 0.0
+    maps[4, [8, 12], 10] = 1.0  # as near to (10, 10) as each other: the first in row-major order wins
+    centres = [(10.0, 10.0), (0.0, 0.0), (22.0, 30.0), (-1.5, 3.2), (24.2, 29.6), (-9.0, -9.0)]  # edges, off the slice
+    centres += [(float(r), float(c)) for r, c in rng.uniform((-2, -2), (25, 33), (200, 2))]
+    centres += [(float(r), float(c)) for r, c in rng.integers((0, 0), (23, 31), (60, 2))]
+    slices = [4] + [int(n) for n in rng.integers(0, 6, len(centres) - 1)]
+    distiller = ContextualPromptDistiller(pixel_mm)
+    radius_mm = 4.0
+    found = distiller._nearest_salient(torch.from_numpy(maps), slices, centres, radius_mm)
+    expected = [nearest_by_brute_force(maps[n], c, pixel_mm, radius_mm, 0.5) for n, c in zip(slices, centres)]
+    assert found == expected
+    assert found[0] == (8.0, 10.0)
+    assert sum(f is None for f in found) > 10 and sum(f is not None for f in found) > 50
+
+
+def _on(device: str):
+    return pytest.param(device, marks=pytest.mark.skipif(device == "cuda" and not torch.cuda.is_available(),
+                                                         reason="needs CUDA"))
+
+
+@pytest.mark.parametrize("device", [_on("cpu"), _on("cuda")])
+def test_a_saliency_tensor_gives_what_the_numpy_map_gives(device):
+    """Kept and moved clicks and snapped prompts alike, for the map as an array, a tensor, and a tensor laid out
+    transposed in memory."""
+    clicks = clicks_every(3, off_target_slice=14) + [SliceClick(5, 20.0, 40.0, False, 99)]
+    r, c = target_centre(8)
+    clicks[2] = SliceClick(8, r, c - 7.0, True, 2)
+    maps = scene()
+    distiller = ContextualPromptDistiller((0.9, 1.2))
+    from_array = distiller.distill(clicks, maps, 0)
+    transposed = torch.from_numpy(np.ascontiguousarray(maps.transpose(0, 2, 1))).transpose(1, 2)
+    for saliency in (torch.from_numpy(maps), transposed):
+        assert distiller.distill(clicks, saliency.to(device), 0) == from_array
+    assert {d.status for d in from_array.decisions} >= {"kept", "moved"}

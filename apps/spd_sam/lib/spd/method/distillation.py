@@ -12,14 +12,20 @@ near the line is salient, and kept when it is salient and nothing near the line 
 validated clicks get prompts interpolated from their neighbours. Box extents measured on the
 validated slices (see ``box_probing``) are carried to the slices between them and smoothed across
 adjacent slices.
+
+The saliency searches (is a click salient, which salient pixel is nearest to a point) run batched in
+torch on the saliency's device: one batch per kind of search across the clicks, one across the slices
+between them, so a request waits on the device a few times, not once per click or slice.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 from .prompts import SliceClick
@@ -131,6 +137,16 @@ def theil_sen_predict(slices: np.ndarray, values: np.ndarray, at: float) -> floa
     return intercept + slope * at
 
 
+class _LineCheck(NamedTuple):
+    """How a click lies to the line of the clicks on other slices: where the line puts it, how far from there it may
+    lie and does lie (mm), and whether it agrees with the line."""
+
+    expected: tuple[float, float]
+    tolerance: float
+    deviation: float
+    agrees: bool
+
+
 class ContextualPromptDistiller:
     """Turns weak clicks into a consensus prompt set.
 
@@ -143,16 +159,19 @@ class ContextualPromptDistiller:
         self.pixel_mm = np.asarray(pixel_mm, dtype=float)
         self.config = config
 
-    def distill(self, clicks: Sequence[SliceClick], saliency: np.ndarray, first_slice: int) -> Consensus:
+    def distill(self, clicks: Sequence[SliceClick], saliency: torch.Tensor | np.ndarray,
+                first_slice: int) -> Consensus:
         """Validate clicks and build prompts for every slice that ``saliency`` covers.
 
         Args:
             clicks: the request's clicks in slice coordinates.
-            saliency: (N, H, W) maps in [0, 1] for slices ``first_slice .. first_slice + N - 1``.
+            saliency: (N, H, W) maps in [0, 1] for slices ``first_slice .. first_slice + N - 1``: a tensor on any
+                device (the searches run there) or a numpy array.
             first_slice: slice index of ``saliency[0]``.
         """
+        saliency = torch.as_tensor(saliency).contiguous()  # the searches gather from the flat maps
         positives = [c for c in clicks if c.positive]
-        decisions = [self._validate(c, positives, saliency[c.slice - first_slice]) for c in positives]
+        decisions = self._validate(positives, saliency, first_slice)
         validated = [d for d in decisions if d.status != "rejected"]
         if not validated:  # nothing survived: trust the user's clicks rather than return nothing
             for d in decisions:
@@ -175,21 +194,44 @@ class ContextualPromptDistiller:
         return out
 
     # -- dual validation -------------------------------------------------------------------
-    def _validate(self, click: SliceClick, positives: Sequence[SliceClick], saliency: np.ndarray) -> ClickDecision:
+    def _validate(self, positives: Sequence[SliceClick], saliency: torch.Tensor,
+                  first_slice: int) -> list[ClickDecision]:
+        """One decision per click, from three batched saliency searches: at every click; around where the line points,
+        for the clicks off it; around the click, for the others that are not salient."""
         cfg = self.config
-        salient = self._salient_at(saliency, click.row, click.col)
+        slices = [c.slice - first_slice for c in positives]
+        salient = self._salient_at(saliency, slices, [(c.row, c.col) for c in positives])
+        lines = [self._line_check(c, positives, s) for c, s in zip(positives, salient)]
+        off_line = [n for n, line in enumerate(lines) if line and not line.agrees]
+        unsalient = [n for n, line in enumerate(lines) if not salient[n] and (line is None or line.agrees)]
+        targets = dict(zip(off_line, self._nearest_salient(saliency, [slices[n] for n in off_line],
+                                                           [lines[n].expected for n in off_line],
+                                                           cfg.centreline_tolerance_mm)))
+        targets |= dict(zip(unsalient, self._nearest_salient(saliency, [slices[n] for n in unsalient],
+                                                             [(positives[n].row, positives[n].col) for n in unsalient],
+                                                             cfg.snap_radius_mm)))
+        return [self._decide(c, salient[n], lines[n], targets.get(n)) for n, c in enumerate(positives)]
+
+    def _line_check(self, click: SliceClick, positives: Sequence[SliceClick], salient: bool) -> _LineCheck | None:
+        """How ``click`` lies to the line of the other clicks (None: too few of them to draw it). It agrees with the
+        line within the tolerance, and anywhere beyond the outermost of them when it is salient."""
         line = self._expected_position(click, positives)
-        decision = ClickDecision(click.source, click.slice, click.row, click.col, "kept", "")
         if line is None:
-            agrees = None
-        else:
-            expected, tolerance, between = line
-            deviation = self._distance_mm((click.row, click.col), expected)
-            agrees = deviation <= tolerance or (salient and not between)
+            return None
+        expected, tolerance, between = line
+        deviation = self._distance_mm((click.row, click.col), expected)
+        return _LineCheck(expected, tolerance, deviation, deviation <= tolerance or (salient and not between))
+
+    def _decide(self, click: SliceClick, salient: bool, line: _LineCheck | None, target) -> ClickDecision:
+        """Keep, move or reject ``click``, given whether it is salient, how it lies to the line, and ``target``: the
+        salient pixel nearest to where the line points if the click is off the line, else nearest to the click if it
+        is not salient (None: nothing salient there)."""
+        cfg = self.config
+        decision = ClickDecision(click.source, click.slice, click.row, click.col, "kept", "")
+        agrees = None if line is None else line.agrees
         if agrees is False:
-            off_line = (f"{deviation:.1f} mm off the line of the clicks on nearby slices (tolerance "
-                        f"{tolerance:.1f} mm for this click)")
-            target = self._nearest_salient(saliency, expected, cfg.centreline_tolerance_mm)
+            off_line = (f"{line.deviation:.1f} mm off the line of the clicks on nearby slices (tolerance "
+                        f"{line.tolerance:.1f} mm for this click)")
             if target is not None:
                 decision.status, (decision.new_row, decision.new_col) = "moved", target
                 decision.reason = (f"moved: {off_line}; moved within its slice to the salient pixel nearest to "
@@ -203,23 +245,21 @@ class ContextualPromptDistiller:
                                    f"{cfg.centreline_tolerance_mm:.0f} mm of where the line points")
         elif salient and agrees is None:
             decision.reason = "kept: salient (too few clicks on other slices to draw a line)"
-        elif salient and deviation <= tolerance:
+        elif salient and line.deviation <= line.tolerance:
             decision.reason = "kept: salient, and on the line of the clicks on nearby slices"
         elif salient:
-            decision.reason = (f"kept: salient; {deviation:.1f} mm off the line of the clicks on nearby slices, but "
-                               f"beyond the outermost of them, where the line is extrapolated")
+            decision.reason = (f"kept: salient; {line.deviation:.1f} mm off the line of the clicks on nearby slices, "
+                               f"but beyond the outermost of them, where the line is extrapolated")
+        elif target is None:
+            decision.reason = (f"kept: not salient, and nothing salient within {cfg.snap_radius_mm:.0f} mm, "
+                               + ("but on the line of the clicks on nearby slices" if agrees
+                                  else "with too few clicks on other slices to draw a line"))
         else:
-            target = self._nearest_salient(saliency, (click.row, click.col), cfg.snap_radius_mm)
-            if target is None:
-                decision.reason = (f"kept: not salient, and nothing salient within {cfg.snap_radius_mm:.0f} mm, "
-                                   + ("but on the line of the clicks on nearby slices" if agrees
-                                      else "with too few clicks on other slices to draw a line"))
-            else:
-                decision.status, (decision.new_row, decision.new_col) = "moved", target
-                decision.reason = (f"moved: not salient at the click; snapped "
-                                   f"{self._distance_mm((click.row, click.col), target):.1f} mm within its slice to "
-                                   f"the nearest salient pixel" + (", on the line of the clicks on nearby slices"
-                                                                   if agrees else ""))
+            decision.status, (decision.new_row, decision.new_col) = "moved", target
+            decision.reason = (f"moved: not salient at the click; snapped "
+                               f"{self._distance_mm((click.row, click.col), target):.1f} mm within its slice to "
+                               f"the nearest salient pixel" + (", on the line of the clicks on nearby slices"
+                                                               if agrees else ""))
         return decision
 
     def _expected_position(self, click: SliceClick, positives: Sequence[SliceClick]):
@@ -250,16 +290,15 @@ class ContextualPromptDistiller:
             anchors.setdefault(d.slice, []).append(point)
         anchor_slices = np.array(sorted(anchors))
         centres = np.array([np.mean(anchors[s], axis=0) for s in anchor_slices])
-        prompts = {}
-        for n in range(saliency.shape[0]):
-            s = first_slice + n
-            if s in anchors:
-                prompts[s] = SlicePrompt(s, list(anchors[s]), anchored=True)
-            else:
-                guess = (float(np.interp(s, anchor_slices, centres[:, 0])),
-                         float(np.interp(s, anchor_slices, centres[:, 1])))
-                snapped = self._nearest_salient(saliency[n], guess, self.config.snap_radius_mm)
-                prompts[s] = SlicePrompt(s, [snapped or guess])
+        covered = range(first_slice, first_slice + saliency.shape[0])
+        between = [s for s in covered if s not in anchors]
+        guesses = [(float(row), float(col)) for row, col in zip(np.interp(between, anchor_slices, centres[:, 0]),
+                                                                np.interp(between, anchor_slices, centres[:, 1]))]
+        snapped = self._nearest_salient(saliency, [s - first_slice for s in between], guesses,
+                                        self.config.snap_radius_mm)
+        added = iter([point or guess for point, guess in zip(snapped, guesses)])
+        prompts = {s: SlicePrompt(s, list(anchors[s]), anchored=True) if s in anchors else SlicePrompt(s, [next(added)])
+                   for s in covered}
         for c in clicks:
             if not c.positive and c.slice in prompts:
                 prompts[c.slice].negatives.append((c.row, c.col))
@@ -269,20 +308,58 @@ class ContextualPromptDistiller:
     def _distance_mm(self, a, b) -> float:
         return float(np.hypot(*((np.asarray(a) - np.asarray(b)) * self.pixel_mm)))
 
-    def _salient_at(self, saliency: np.ndarray, row: float, col: float) -> bool:
-        r, c = int(round(row)), int(round(col))
-        return bool(saliency[max(r - 1, 0) : r + 2, max(c - 1, 0) : c + 2].max() >= self.config.saliency_threshold)
+    # -- saliency searches, batched on the saliency's device ------------------------------------
+    def _salient_at(self, saliency: torch.Tensor, slices: Sequence[int], points) -> list[bool]:
+        """Whether each point (rounded to its pixel) has a salient pixel within one pixel on its slice."""
+        device = saliency.device
+        pixel = torch.tensor([(int(round(row)), int(round(col))) for row, col in points], dtype=torch.long,
+                             device=device).reshape(-1, 2)
+        around = torch.arange(-1, 2, device=device)
+        rows, cols = pixel[:, :1] + around, pixel[:, 1:] + around
+        inside = _inside(rows, saliency.shape[1])[:, :, None] & _inside(cols, saliency.shape[2])[:, None, :]
+        # compared in float64, as numpy compared the window's maximum (a scalar): the same pixels count for a
+        # threshold that float32 cannot hold
+        salient = _gather(saliency, slices, rows, cols).double() >= self.config.saliency_threshold
+        return (inside & salient).flatten(1).any(1).tolist()
 
-    def _nearest_salient(self, saliency: np.ndarray, centre, radius_mm: float):
-        """The salient pixel nearest to ``centre`` within ``radius_mm``, or None (searched in the disc's box)."""
-        reach = np.ceil(radius_mm / np.asarray(self.pixel_mm)).astype(int)
-        r0, c0 = (max(int(np.floor(centre[a])) - reach[a], 0) for a in (0, 1))
-        r1, c1 = (max(min(int(np.ceil(centre[a])) + reach[a] + 1, saliency.shape[a]), start)
-                  for a, start in ((0, r0), (1, c0)))
-        rr, cc = np.ogrid[r0:r1, c0:c1]
-        d = ((rr - centre[0]) * self.pixel_mm[0]) ** 2 + ((cc - centre[1]) * self.pixel_mm[1]) ** 2
-        rows, cols = np.nonzero((saliency[r0:r1, c0:c1] >= self.config.saliency_threshold) & (d <= radius_mm**2))
-        if rows.size == 0:
-            return None
-        best = int(np.argmin(d[rows, cols]))
-        return float(rows[best] + r0), float(cols[best] + c0)
+    def _nearest_salient(self, saliency: torch.Tensor, slices: Sequence[int], centres, radius_mm: float):
+        """For each centre, the salient pixel of its slice nearest to it within ``radius_mm`` (the first in row-major
+        order on ties), or None.
+
+        Every search looks at the 2 * reach + 2 pixels per axis from floor(centre) - reach, which hold the disc's box
+        (up to ceil(centre) + reach) whatever the centre's fraction; distances are in float64, so ties fall as they
+        would in numpy.
+        """
+        device = saliency.device
+        centre = torch.tensor(centres, dtype=torch.float64, device=device).reshape(-1, 2)
+        start = centre.floor().long()
+        reach = [math.ceil(radius_mm / mm) for mm in self.pixel_mm]
+        rows = start[:, :1] - reach[0] + torch.arange(2 * reach[0] + 2, device=device)
+        cols = start[:, 1:] - reach[1] + torch.arange(2 * reach[1] + 2, device=device)
+        height, width = saliency.shape[1:]
+        row_mm, col_mm = map(float, self.pixel_mm)
+        # squared mm along each axis, infinite off the slice so that those pixels never count
+        along_rows = torch.where(_inside(rows, height), ((rows - centre[:, :1]) * row_mm).square(), torch.inf)
+        along_cols = torch.where(_inside(cols, width), ((cols - centre[:, 1:]) * col_mm).square(), torch.inf)
+        salient = _gather(saliency, slices, rows, cols) >= self.config.saliency_threshold
+        to_salient = torch.where(salient, along_rows[:, :, None] + along_cols[:, None, :], torch.inf).flatten(1)
+        # the nearest salient pixel lies in the disc if any does; argmin gives the first of equals
+        best = to_salient.argmin(1)
+        found = to_salient.gather(1, best[:, None])[:, 0] <= radius_mm**2
+        nearest = torch.stack([found.long(), rows[:, 0] + best // cols.shape[1], cols[:, 0] + best % cols.shape[1]], 1)
+        return [(float(row), float(col)) if hit else None for hit, row, col in nearest.tolist()]
+
+
+def _inside(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Which indices lie in 0 .. size - 1."""
+    return (index >= 0) & (index < size)
+
+
+def _gather(saliency: torch.Tensor, slices: Sequence[int], rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """The saliency (K, R, C) at ``rows`` (K, R) x ``cols`` (K, C) of slices ``slices``; a pixel off the slice reads
+    the nearest one on it."""
+    height, width = saliency.shape[1:]
+    index = torch.tensor(slices, dtype=torch.long, device=saliency.device)[:, None, None]
+    pixel = (index * height + rows.clamp(0, height - 1)[:, :, None]) * width + cols.clamp(0, width - 1)[:, None, :]
+    # a flat index_select: on the CPU, advanced indexing spreads even a small gather over threads, at a cost of ms
+    return saliency.view(-1).index_select(0, pixel.view(-1)).view(pixel.shape)
