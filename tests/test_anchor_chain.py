@@ -1,6 +1,7 @@
 """Anchor masks are validated against the adjacent anchors: a run that took a neighbour is probed again."""
 
 import numpy as np
+import torch
 
 from lib.spd.method.anchor_chain import AnchorChain, ChainConfig
 
@@ -89,3 +90,21 @@ def test_where_no_probe_mask_links_the_chain_ends_there():
     assert AnchorChain(typical=AREA).follow(masks, nothing_links) == {}
     assert calls == [21], "the anchor after the break is not probed"
     assert np.array_equal(masks[27], disc(NEIGHBOUR))
+
+
+def test_torch_masks_and_stacked_probes_move_the_anchors_numpy_masks_move():
+    slices = list(range(0, 30, 3))
+    masks = {s: disc(tube(s)) for s in slices}
+    masks[0], masks[21], masks[24] = disc(NEIGHBOUR), disc(NEIGHBOUR), disc(tube(24)) | disc(NEIGHBOUR)
+    on_torch = {s: torch.as_tensor(m) for s, m in masks.items()}
+    calls, torch_calls = [], []
+    numpy_probes, torch_probes = structure_probes(calls), structure_probes(torch_calls)
+
+    def stacked(s, centre):
+        found, point = torch_probes(s, centre)
+        return torch.as_tensor(np.stack(found)), point
+
+    moved = AnchorChain(typical=AREA).follow(masks, numpy_probes)
+    assert sorted(moved) == [0, 21, 24]
+    assert AnchorChain(typical=AREA).follow(on_torch, stacked).keys() == moved.keys() and torch_calls == calls
+    assert all(torch.equal(on_torch[s], torch.as_tensor(masks[s])) for s in slices)

@@ -8,6 +8,9 @@ both masks have that size. The longest run of linked anchors is trusted. Going o
 anchor that does not link to the last trusted anchor is probed again around the centre of that
 anchor's mask, and the probe mask that links best is taken; the anchor is then trusted. Where no
 probe mask links, the chain ends: that anchor and those beyond it keep their own masks.
+
+Masks are torch tensors on any device (numpy masks are taken as they are); each link test comes to
+the host in one piece, all the links of a run at once.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
 
-from .box_probing import iou, size_gap
+from .box_probing import Masks, areas, as_masks, iou, size_gap
 
 
 @dataclass(frozen=True)
@@ -36,30 +40,39 @@ class AnchorChain:
     def __init__(self, typical: float, config: ChainConfig = ChainConfig()):
         self.typical, self.config = typical, config
 
-    def sized(self, mask: np.ndarray) -> bool:
-        return size_gap(mask, self.typical) <= np.log(self.config.size_ratio)
+    def sized(self, area: int) -> bool:
+        """Whether a mask of ``area`` pixels has the structure's steady size."""
+        return size_gap(area, self.typical) <= np.log(self.config.size_ratio)
 
-    def links(self, a: np.ndarray, b: np.ndarray) -> bool:
-        return iou(a, b) >= self.config.min_iou and self.sized(a) and self.sized(b)
+    def link_ious(self, a: torch.Tensor, b: torch.Tensor) -> list[float | None]:
+        """For each pair of masks of two (N, H, W) stacks, their IoU where they link (IoU at least ``min_iou``,
+        both masks of the steady size), else None."""
+        linked = []
+        for overlap, area_a, area_b in torch.stack([areas(a & b), areas(a), areas(b)], 1).tolist():
+            ratio = iou(overlap, area_a, area_b)
+            linked.append(ratio if ratio >= self.config.min_iou and self.sized(area_a) and self.sized(area_b) else None)
+        return linked
 
-    def longest_run(self, masks: dict[int, np.ndarray]) -> list[int]:
+    def longest_run(self, masks: dict[int, Masks]) -> list[int]:
         """The longest run of consecutive anchors (by slice) that link from each to the next."""
         order = sorted(masks)
+        stack = as_masks([masks[s] for s in order])
         runs = [[order[0]]]
-        for s, t in zip(order, order[1:]):
-            if self.links(masks[s], masks[t]):
+        for t, overlap in zip(order[1:], self.link_ious(stack[:-1], stack[1:])):
+            if overlap is not None:
                 runs[-1].append(t)
             else:
                 runs.append([t])
         return max(runs, key=len)
 
-    def follow(self, masks: dict[int, np.ndarray],
-               reprobe: Callable[[int, np.ndarray], tuple[Sequence[np.ndarray], np.ndarray]]
+    def follow(self, masks: dict[int, Masks],
+               reprobe: Callable[[int, np.ndarray], tuple[Masks | Sequence[Masks], np.ndarray]]
                ) -> dict[int, tuple[np.ndarray, int]]:
         """Re-probe the anchors outside the longest run that do not link to the trusted anchor before them.
 
         Args:
-            masks: anchored slice -> its probed mask (bool, H x W); updated with the masks taken.
+            masks: anchored slice -> its probed mask (bool, H x W; torch or numpy); updated with the masks taken
+                (torch, on the probes' device).
             reprobe: ``reprobe(slice, centre)`` -> (probe masks on that slice around a point near ``centre``,
                 that point).
 
@@ -74,13 +87,23 @@ class AnchorChain:
         moved = {}
         for trusted, outward in ((run[-1], after), (run[0], before)):
             for s in outward:
-                reference = masks[trusted]
-                if not self.links(reference, masks[s]):
-                    candidates, centre = reprobe(s, np.argwhere(reference).mean(axis=0))
-                    fitting = [m for m in candidates if self.links(reference, m)]
+                reference = torch.as_tensor(masks[trusted])
+                if self.link_ious(reference[None], torch.as_tensor(masks[s])[None])[0] is None:
+                    probed, centre = reprobe(s, _centre(reference))
+                    candidates = as_masks(probed)
+                    overlaps = self.link_ious(reference.expand_as(candidates), candidates)
+                    fitting = [i for i, overlap in enumerate(overlaps) if overlap is not None]
                     if not fitting:  # the chain breaks here: farther anchors are not judged by a distant one
                         break
-                    masks[s] = max(fitting, key=lambda m: iou(reference, m))
+                    masks[s] = candidates[max(fitting, key=lambda i: overlaps[i])]
                     moved[s] = (centre, trusted)
                 trusted = s
         return moved
+
+
+def _centre(mask: torch.Tensor) -> np.ndarray:
+    """The mean (row, col) of a mask's pixels, exactly as numpy takes it: their index sums over their count."""
+    rows, cols = mask.sum(1, dtype=torch.int16), mask.sum(0, dtype=torch.int16)  # int16: see :func:`areas`
+    count, row_sum, col_sum = torch.stack([rows.sum(), (rows * torch.arange(len(rows), device=mask.device)).sum(),
+                                           (cols * torch.arange(len(cols), device=mask.device)).sum()]).tolist()
+    return np.array([row_sum, col_sum]) / count

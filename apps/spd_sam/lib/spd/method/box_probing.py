@@ -11,17 +11,25 @@ them with each larger probe, while the slices where the probes settled show the 
 area; when those areas agree, the mask nearest to them is taken (else the most stable successive
 pair). A click that drifted to the edge of its structure would centre the probes half outside it,
 so they are centred on the deepest salient pixel near the point instead.
+
+Masks are torch tensors on the decoder's device (numpy masks are taken as they are, on the CPU), and
+what is decided on them comes to the host once per probe size, not per slice. Where a batch of masks
+costs little more than one (a GPU), every probe of every slice can be decoded in one call; else only
+the slices whose masks still change are decoded at the next size. Both take the same masks.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 Box = tuple[float, float, float, float]
+Masks = torch.Tensor | np.ndarray
+Decoder = Callable[[list[int], np.ndarray], Masks]
 
 
 @dataclass(frozen=True)
@@ -51,89 +59,160 @@ def probe_boxes(centre: Sequence[float], pixel_mm: np.ndarray, shape, config: Pr
     return boxes
 
 
-def holds_point(mask: np.ndarray, point: Sequence[float]) -> bool:
-    r, c = int(round(point[0])), int(round(point[1]))
-    return bool(mask[max(r - 1, 0) : r + 2, max(c - 1, 0) : c + 2].any())
+def as_masks(masks: Masks | Sequence[Masks]) -> torch.Tensor:
+    """Masks as one (N, H, W) bool tensor: a tensor or numpy array of that shape as it is (on its device; numpy
+    shares its memory), or a sequence of (H, W) masks stacked."""
+    if isinstance(masks, (torch.Tensor, np.ndarray)):
+        return torch.as_tensor(masks)
+    return torch.stack([torch.as_tensor(m) for m in masks])
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+def areas(masks: torch.Tensor) -> torch.Tensor:
+    """The pixel count of each mask of a (..., H, W) bool stack (int64, on the masks' device)."""
+    # row by row in int16 first (a row is under 2^15 pixels): a CPU sums bools straight into int64 ten times slower
+    return masks.sum(-1, dtype=torch.int16).sum(-1)
 
 
-def size_gap(mask: np.ndarray, typical: float) -> float:
-    """How far a mask's area is from ``typical`` pixels, by ratio (|log|: 0 when equal)."""
-    return abs(float(np.log(max(int(mask.sum()), 1) / typical)))
+def iou(overlap: int, area_a: int, area_b: int) -> float:
+    """The IoU of two masks from their pixel counts: their overlap and their areas (0 where both are empty)."""
+    union = area_a + area_b - overlap
+    return overlap / union if union else 0.0
+
+
+def holds_point(masks: torch.Tensor, points: Sequence[Sequence[float]]) -> torch.Tensor:
+    """Whether each mask of an (N, H, W) stack has a pixel in the 3 x 3 window around its point (row, col); a point
+    more than a pixel off the slice holds nothing. Bool, on the masks' device."""
+    h, w = masks.shape[-2:]
+    centres = np.rint(np.asarray(points, dtype=float)).astype(np.int64).reshape(-1, 2)
+    rows, cols = np.clip(centres[:, :1] + [-1, 0, 1], 0, h - 1), np.clip(centres[:, 1:] + [-1, 0, 1], 0, w - 1)
+    on_slice = ((centres >= -1) & (centres <= [h, w])).all(1)
+    # the window's pixels and whether the point is on the slice, in one copy to the device
+    index = torch.as_tensor(np.column_stack([(rows[:, :, None] * w + cols[:, None, :]).reshape(-1, 9), on_slice]),
+                            device=masks.device)
+    return masks.flatten(-2).gather(1, index[:, :9]).any(1) & index[:, 9].bool()
+
+
+def size_gap(area: int, typical: float) -> float:
+    """How far an area (pixels) is from ``typical`` pixels, by ratio (|log|: 0 when equal)."""
+    return abs(float(np.log(max(int(area), 1) / typical)))
 
 
 def measure_anchor_boxes(
-    decode: Callable[[list[int], np.ndarray], np.ndarray],
+    decode: Decoder,
     anchors: dict[int, Sequence[float]],
     pixel_mm: Sequence[float],
     shape: tuple[int, int],
     config: ProbeConfig = ProbeConfig(),
+    all_levels_at_once: bool = False,
 ) -> dict[int, Box]:
     """Box per anchored slice from the decoder's own masks (:func:`probe_anchor_masks`, then :func:`mask_boxes`).
 
     Args:
-        decode: ``decode(slice_indices, boxes)`` -> (N, H, W) bool masks, one box per listed slice.
+        decode: ``decode(slice_indices, boxes)`` -> (N, H, W) bool masks (torch, on any device, or numpy), one box
+            per listed slice.
         anchors: slice index -> consensus point (row, col).
         pixel_mm: in-plane spacing (row, col).
         shape: slice shape (H, W).
+        all_levels_at_once: decode every probe of every slice in one call (where a batch costs little more than one
+            mask: a GPU) instead of one probe size after another for the slices whose masks still change (where
+            each mask costs: a CPU). The same masks are taken either way.
     """
-    masks, _ = probe_anchor_masks(decode, anchors, pixel_mm, shape, config)
+    masks, _ = probe_anchor_masks(decode, anchors, pixel_mm, shape, config, all_levels_at_once)
     return mask_boxes(masks, anchors, pixel_mm, shape, config)
 
 
+@dataclass
+class _Tried:
+    """The probe masks decoded on one slice (smallest first), their areas, and the IoU of each successive pair."""
+
+    masks: list[torch.Tensor]
+    areas: list[int]
+    ious: list[float] = field(default_factory=list)
+
+    def add(self, mask: torch.Tensor, area: int, overlap: int) -> float:
+        """Add the next larger probe's mask, of ``area`` pixels, ``overlap`` of them in the last mask; its IoU with
+        the last mask."""
+        self.ious.append(iou(overlap, self.areas[-1], area))
+        self.masks.append(mask)
+        self.areas.append(area)
+        return self.ious[-1]
+
+
 def probe_anchor_masks(
-    decode: Callable[[list[int], np.ndarray], np.ndarray],
+    decode: Decoder,
     anchors: dict[int, Sequence[float]],
     pixel_mm: Sequence[float],
     shape: tuple[int, int],
     config: ProbeConfig = ProbeConfig(),
-) -> tuple[dict[int, np.ndarray], float | None]:
-    """The probe mask taken on each anchored slice, and the structure's :func:`steady_size` from the masks where
-    successive probes settled (None: no steady size). Arguments as in :func:`measure_anchor_boxes`."""
+    all_levels_at_once: bool = False,
+) -> tuple[dict[int, torch.Tensor], float | None]:
+    """The probe mask taken on each anchored slice (on the decoder's device), and the structure's
+    :func:`steady_size` from the masks where successive probes settled (None: no steady size). Arguments as in
+    :func:`measure_anchor_boxes`; what is decided comes to the host once per probe size."""
+    if not anchors:
+        return {}, None
     pixel_mm = np.asarray(pixel_mm, dtype=float)
-    probes = {s: probe_boxes(anchors[s], pixel_mm, shape, config) for s in anchors}
-    masks: dict[int, list[np.ndarray]] = {s: [] for s in anchors}
-    chosen: dict[int, np.ndarray] = {}
-    open_slices = sorted(anchors)
-    for level in range(len(config.half_sizes_mm)):  # grow only where the mask still changes
-        found = decode(open_slices, np.array([probes[s][level] for s in open_slices], dtype=np.float32))
+    probes = {s: probe_boxes(anchors[s], pixel_mm, shape, config) for s in sorted(anchors)}
+    probe_level = (_all_levels_at_once if all_levels_at_once else _level_by_level)(decode, probes)
+    found = probe_level(list(probes), 0)
+    tried = {s: _Tried([mask], [area]) for s, mask, area in zip(probes, found, areas(found).tolist())}
+    chosen: dict[int, torch.Tensor] = {}
+    open_slices, previous = list(probes), found
+    for level in range(1, len(config.half_sizes_mm)):  # grow only where the mask still changes
+        found = probe_level(open_slices, level)
+        held = holds_point(previous, [anchors[s] for s in open_slices])
+        measured = torch.stack([areas(found), areas(previous & found), held.long()], 1).tolist()
         still_open = []
-        for s, mask in zip(open_slices, found):
-            masks[s].append(mask)
-            previous = masks[s][-2] if level else None
-            if previous is not None and holds_point(previous, anchors[s]) and iou(previous, mask) >= config.stable_iou:
+        for s, mask, (area, overlap, holds) in zip(open_slices, found, measured):
+            agreement = tried[s].add(mask, area, overlap)
+            if holds and agreement >= config.stable_iou:
                 chosen[s] = mask
             else:
                 still_open.append(s)
         open_slices = still_open
         if not open_slices:
             break
-    typical = steady_size([int(m.sum()) for m in chosen.values()], config.steady_area)
+        previous = torch.stack([tried[s].masks[-1] for s in open_slices])
+    typical = steady_size([tried[s].areas[-1] for s in chosen], config.steady_area)
     for s in open_slices:  # no agreement
-        chosen[s] = _unsettled_choice(masks[s], typical)
+        chosen[s] = _unsettled_choice(tried[s], typical)
     return chosen, typical
 
 
-def mask_boxes(masks: dict[int, np.ndarray], anchors: dict[int, Sequence[float]], pixel_mm: Sequence[float],
+def _level_by_level(decode: Decoder, probes: dict[int, list[Box]]) -> Callable[[list[int], int], torch.Tensor]:
+    """``probe_level(slices, level)``: the masks of those slices' probes of one size, decoded when asked."""
+    def probe_level(slices: list[int], level: int) -> torch.Tensor:
+        return as_masks(decode(slices, np.array([probes[s][level] for s in slices], dtype=np.float32)))
+    return probe_level
+
+
+def _all_levels_at_once(decode: Decoder, probes: dict[int, list[Box]]) -> Callable[[list[int], int], torch.Tensor]:
+    """``probe_level(slices, level)`` as :func:`_level_by_level` gives it, from every probe of every slice decoded
+    in one call."""
+    found = as_masks(decode([s for s, boxes in probes.items() for _ in boxes],
+                            np.array([box for boxes in probes.values() for box in boxes], dtype=np.float32)))
+    by_slice = dict(zip(probes, found.reshape(len(probes), -1, *found.shape[-2:])))
+    return lambda slices, level: torch.stack([by_slice[s][level] for s in slices])
+
+
+def mask_boxes(masks: dict[int, Masks], anchors: dict[int, Sequence[float]], pixel_mm: Sequence[float],
                shape: tuple[int, int], config: ProbeConfig = ProbeConfig()) -> dict[int, Box]:
     """Each anchored slice's mask's bounding box, padded by ``config.pad_mm``; the smallest probe where it is empty."""
+    if not masks:
+        return {}
     pixel_mm = np.asarray(pixel_mm, dtype=float)
-    return {s: padded_box(mask, config.pad_mm / pixel_mm) if mask.any()
-            else probe_boxes(anchors[s], pixel_mm, shape, config)[0] for s, mask in masks.items()}
+    stack = as_masks(list(masks.values()))
+    return {s: _grown(extent, config.pad_mm / pixel_mm, stack.shape[-2:]) if extent is not None
+            else probe_boxes(anchors[s], pixel_mm, shape, config)[0] for s, extent in zip(masks, _mask_extents(stack))}
 
 
-def _unsettled_choice(masks: list[np.ndarray], typical: float | None) -> np.ndarray:
+def _unsettled_choice(tried: _Tried, typical: float | None) -> torch.Tensor:
     """The probe mask for a slice where no two successive probes agreed: the one whose area is nearest (by
     ratio) to the structure's steady size ``typical``, when it has one; else the larger mask of the most stable
     successive pair."""
     if typical is not None:
-        return min(masks, key=lambda m: size_gap(m, typical))
-    pairs = [iou(a, b) for a, b in zip(masks, masks[1:])]
-    return masks[int(np.argmax(pairs)) + 1] if pairs else masks[0]
+        return tried.masks[min(range(len(tried.masks)), key=lambda level: size_gap(tried.areas[level], typical))]
+    return tried.masks[int(np.argmax(tried.ious)) + 1] if tried.ious else tried.masks[0]
 
 
 def steady_size(areas: Sequence[int], steady_area: float) -> float | None:
@@ -144,23 +223,44 @@ def steady_size(areas: Sequence[int], steady_area: float) -> float | None:
     return None
 
 
-def padded_box(mask: np.ndarray, pad) -> Box:
+def _mask_extents(masks: torch.Tensor) -> list[tuple[int, int, int, int] | None]:
+    """The first and last row and column (top, left, bottom, right) of each mask of an (N, H, W) bool stack; None
+    for an empty mask."""
+    # the rows and columns that hold a pixel from int16 sums, as in :func:`areas`: a CPU's any() is as slow
+    (top, bottom), (left, right) = (_first_last(masks.sum(axis, dtype=torch.int16) > 0) for axis in (-1, -2))
+    return [tuple(b) if b[0] <= b[2] else None for b in torch.stack([top, left, bottom, right], 1).tolist()]
+
+
+def _first_last(covered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first and last True index along the last axis of ``covered`` (first > last where none is True)."""
+    index = torch.arange(covered.shape[-1], device=covered.device)
+    return torch.where(covered, index, covered.shape[-1]).amin(-1), torch.where(covered, index, -1).amax(-1)
+
+
+def padded_box(mask: Masks, pad) -> Box:
     """The bounding box of a non-empty slice mask grown by ``pad`` pixels, clipped to the slice; ``pad`` is
     (rows, cols) or (top, left, bottom, right)."""
-    rows, cols = np.nonzero(mask)
-    pad = np.resize(np.asarray(pad, dtype=float), 4)
-    h, w = mask.shape
-    return (max(rows.min() - pad[0], 0.0), max(cols.min() - pad[1], 0.0),
-            min(rows.max() + pad[2], h - 1.0), min(cols.max() + pad[3], w - 1.0))
+    return _grown(_mask_extents(torch.as_tensor(mask)[None])[0], pad, mask.shape)
 
 
-def cover_salient(box: Box, saliency: np.ndarray, point, pixel_mm, pad_mm: float, threshold: float) -> Box:
+def _grown(extent: tuple[int, int, int, int], pad, shape) -> Box:
+    """A mask's extent (top, left, bottom, right) grown by ``pad`` pixels, clipped to a slice of ``shape``."""
+    top, left, bottom, right = extent
+    pad = np.resize(np.asarray(pad, dtype=float), 4).tolist()
+    h, w = shape
+    return (max(top - pad[0], 0.0), max(left - pad[1], 0.0),
+            min(bottom + pad[2], h - 1.0), min(right + pad[3], w - 1.0))
+
+
+def cover_salient(box: Box, saliency: Masks, point, pixel_mm, pad_mm: float, threshold: float) -> Box:
     """``box`` grown to hold, ``pad_mm`` around, the salient region of a slice under ``point``.
 
     For a trained head's saliency: on low-contrast tissue the decoder's probe masks stop short of the
-    structure, while the head, which learned the structure from saved labels, shows its extent.
+    structure, while the head, which learned the structure from saved labels, shows its extent. The slice
+    (torch on any device, or numpy) is labelled on the host.
     """
     r, c = (int(round(v)) for v in point)
+    saliency = _on_host(saliency)
     if not (0 <= r < saliency.shape[0] and 0 <= c < saliency.shape[1]) or saliency[r, c] < threshold:
         return box
     labels, _ = ndimage.label(saliency >= threshold)
@@ -168,17 +268,20 @@ def cover_salient(box: Box, saliency: np.ndarray, point, pixel_mm, pad_mm: float
     return (min(box[0], region[0]), min(box[1], region[1]), max(box[2], region[2]), max(box[3], region[3]))
 
 
-def probe_centre(saliency: np.ndarray, point, pixel_mm, radius_mm: float, threshold: float) -> np.ndarray:
+def probe_centre(saliency: Masks, point, pixel_mm, radius_mm: float, threshold: float) -> np.ndarray:
     """The deepest pixel of the salient region under ``point`` within ``radius_mm`` of it (``point`` itself
-    when it is not salient): probes centred there hold the structure rather than its edge."""
+    when it is not salient): probes centred there hold the structure rather than its edge. Only the window
+    around the point comes to the host from the slice (torch on any device, or numpy)."""
     pixel_mm = np.asarray(pixel_mm, dtype=float)
     r, c = (int(round(v)) for v in point)
-    if not (0 <= r < saliency.shape[0] and 0 <= c < saliency.shape[1]) or saliency[r, c] < threshold:
+    if not (0 <= r < saliency.shape[0] and 0 <= c < saliency.shape[1]):
         return np.asarray(point, dtype=float)
     reach = np.ceil(2 * radius_mm / pixel_mm).astype(int)
     r0, c0 = max(r - reach[0], 0), max(c - reach[1], 0)
-    window = saliency[r0:r + reach[0] + 1, c0:c + reach[1] + 1] >= threshold
-    labels, _ = ndimage.label(window)
+    values = _on_host(saliency[r0:r + reach[0] + 1, c0:c + reach[1] + 1])
+    if values[r - r0, c - c0] < threshold:
+        return np.asarray(point, dtype=float)
+    labels, _ = ndimage.label(values >= threshold)
     region = labels == labels[r - r0, c - c0]
     depth = ndimage.distance_transform_edt(np.pad(region, 1), sampling=pixel_mm)[1:-1, 1:-1]
     rr, cc = np.indices(region.shape)
@@ -186,3 +289,8 @@ def probe_centre(saliency: np.ndarray, point, pixel_mm, radius_mm: float, thresh
     depth[~near] = -1
     best = np.unravel_index(int(np.argmax(depth)), depth.shape)
     return np.array([best[0] + r0, best[1] + c0], dtype=float)
+
+
+def _on_host(values: Masks) -> np.ndarray:
+    """A tensor on any device, or a numpy array, as a numpy array (copied only from another device)."""
+    return torch.as_tensor(values).cpu().numpy()
