@@ -102,7 +102,7 @@ class Plan:
     first: int  # slice index of embeddings[0]
     key: str  # cache key of the view
     embeddings: torch.Tensor  # (N, C, g, g) of slices first .. first + N - 1
-    saliency: np.ndarray  # (N, H, W) in [0, 1]
+    saliency: torch.Tensor  # (N, H, W) in [0, 1], on the backbone's device
     consensus: Consensus  # prompts with a box on every slice
     timings: dict = field(default_factory=dict)
     saliency_source: str = "appearance"  # which saliency the consensus was built on
@@ -214,7 +214,7 @@ class SPDPipeline:
         """(depth, H, W) saliency of ``label``'s trained head on every slice of ``view``, embedded chunk by chunk
         through the cache."""
         chunks = [list(range(start, min(start + chunk, view.depth))) for start in range(0, view.depth, chunk)]
-        return np.concatenate([self._head_maps(volume_id, view, label, indices) for indices in chunks])
+        return torch.cat([self._head_maps(volume_id, view, label, indices) for indices in chunks]).cpu().numpy()
 
     def knows(self, label: str | None, axis: int) -> bool:
         """Whether a trained saliency head of ``label`` serves slices along ``axis`` (a head knows nothing of other
@@ -228,10 +228,10 @@ class SPDPipeline:
         slices: the head learned them); None when no head of that label serves the view's axis."""
         if not self.knows(label, view.axis):
             return None
-        return self._head_maps(volume_id, view, label, list(indices))
+        return self._head_maps(volume_id, view, label, list(indices)).cpu().numpy()
 
     def _head_maps(self, volume_id: str, view: VolumeView, label: str, indices: list[int],
-                   embeddings: torch.Tensor | None = None) -> np.ndarray:
+                   embeddings: torch.Tensor | None = None) -> torch.Tensor:
         """(N, H, W) maps of ``label``'s trained head on slices ``indices`` of ``view``, remembered per slice;
         ``embeddings``: those of ``indices`` where the caller has them (else the slices not remembered are embedded
         through the cache)."""
@@ -423,7 +423,7 @@ class SPDPipeline:
         samples += [(s - first, r, c) for s, r, c in distiller.line_points(sclicks, view.slice_shape)]
         trained = self.knows(label, axis)
         if trained:
-            saliency = self._head_maps(volume_id, view, label, indices, embeddings)
+            saliency = self._head_maps(volume_id, view, label, indices, embeddings).to(self.backbone.device)
         else:
             saliency = self.fallback_saliency(images, embeddings, samples)
         lap("saliency")
@@ -527,7 +527,7 @@ class SPDPipeline:
             points, labels = _pad_points(prompts)
             points = points - shift
         if self.backbone.uses_mask_prompt:
-            dense = torch.logit(torch.as_tensor(saliency, device=self.backbone.device), eps=1e-4)
+            dense = torch.logit(saliency.to(self.backbone.device), eps=1e-4)
         return self._masks(key, list(slices), embeddings, PromptBatch(boxes, points, labels, dense), view.slice_shape)
 
     def _masks(self, key: str, slices: list[int], embeddings: torch.Tensor, prompts: PromptBatch, slice_shape
@@ -544,7 +544,7 @@ class SPDPipeline:
 
         return self.memo.masks(key, slices, prompts, slice_shape, decode)
 
-    def _assemble(self, masks: torch.Tensor, saliency: np.ndarray, consensus: Consensus, view: VolumeView, first: int,
+    def _assemble(self, masks: torch.Tensor, saliency: torch.Tensor, consensus: Consensus, view: VolumeView, first: int,
                   roi) -> np.ndarray:
         """Slab of slice masks (on the backbone's device) -> full-size volume on the host; ends where saliency fades
         and components without a prompt are dropped. Works on the in-plane box that holds the masks and the
@@ -555,7 +555,7 @@ class SPDPipeline:
         seeds = torch.as_tensor(np.clip(seeds, 0, np.array(masks.shape) - 1), device=device)  # a seed beyond the
         rows, cols = bounding_box(masks, seeds, axes=(1, 2)) or (slice(0, 0), slice(0, 0))  # region holds its edge
         masks = masks[:, rows, cols]
-        saliency = torch.as_tensor(np.ascontiguousarray(saliency[:, rows, cols]), device=device)
+        saliency = saliency[:, rows, cols].to(device)
         support = (saliency * masks).flatten(1).sum(1) / masks.flatten(1).sum(1).clamp_min(1)  # 0 for empty masks
         masks = trim_unanchored_ends(masks, first, consensus.anchored_range, support)
         if roi is not None:

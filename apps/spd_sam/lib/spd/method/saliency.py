@@ -23,9 +23,10 @@ class SaliencyModel(Protocol):
 
     def __call__(
         self, images: np.ndarray, embeddings: torch.Tensor, clicks: Sequence[tuple[int, float, float]]
-    ) -> np.ndarray:
-        """Args: images (N, H, W) in [0, 1]; embeddings (N, C, g, g); clicks (batch index, row, col): the clicks
-        and the points their cross-slice line puts on the clicked slices."""
+    ) -> torch.Tensor:
+        """(N, H, W) float32 maps on the embeddings' device. Args: images (N, H, W) in [0, 1]; embeddings
+        (N, C, g, g); clicks (batch index, row, col): the clicks and the points their cross-slice line puts on the
+        clicked slices."""
 
 
 def embedding_grid_to_slice(grid: torch.Tensor, slice_shape: tuple[int, int]) -> torch.Tensor:
@@ -76,11 +77,11 @@ class AppearanceSaliency:
 
     def __call__(
         self, images: np.ndarray, embeddings: torch.Tensor, clicks: Sequence[tuple[int, float, float]]
-    ) -> np.ndarray:
+    ) -> torch.Tensor:
         assert clicks, "appearance saliency needs at least one click"
         intensity = self._intensity_likelihood(images, clicks, embeddings.device)
         similarity = self._embedding_similarity(embeddings, clicks, images.shape[1:])
-        return (intensity * similarity).sqrt_().cpu().numpy()
+        return (intensity * similarity).sqrt_()
 
     def _intensity_likelihood(self, images: np.ndarray, clicks, device: torch.device) -> torch.Tensor:
         """(N, H, W) likelihood of each pixel's intensity under the clicked intensities, on ``device``."""

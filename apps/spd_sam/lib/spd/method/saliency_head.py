@@ -83,11 +83,11 @@ class LabelSaliency:
         self.chunk_bytes = chunk_bytes
 
     def __call__(self, images: np.ndarray, embeddings: torch.Tensor, clicks: Sequence[tuple[int, float, float]]
-                 ) -> np.ndarray:
+                 ) -> torch.Tensor:
         return self.to_slices(self.grids(embeddings), tuple(images.shape[1:]))
 
     def grids(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """(N, g, g) float32 probabilities on the embedding grid, on the CPU."""
+        """(N, g, g) float32 probabilities on the embedding grid, on the head's device."""
         self.head.eval()
         device = next(self.head.parameters()).device
         grids = []
@@ -95,13 +95,13 @@ class LabelSaliency:
         with torch.inference_mode():
             for start in range(0, len(embeddings), step):
                 logits = self.head(embeddings[start:start + step].to(device))
-                grids.append(torch.sigmoid(logits[:, self.channel]).float().cpu())
-        return torch.cat(grids) if grids else torch.zeros(0, *embeddings.shape[-2:])
+                grids.append(torch.sigmoid(logits[:, self.channel]).float())
+        return torch.cat(grids) if grids else torch.zeros(0, *embeddings.shape[-2:], device=device)
 
     @staticmethod
-    def to_slices(grids: torch.Tensor, slice_shape: tuple[int, int]) -> np.ndarray:
-        """(N, g, g) grid maps -> (N, H, W) float32 maps in [0, 1] on slice pixels."""
-        return embedding_grid_to_slice(grids, slice_shape).clamp(0.0, 1.0).numpy().astype(np.float32)
+    def to_slices(grids: torch.Tensor, slice_shape: tuple[int, int]) -> torch.Tensor:
+        """(N, g, g) grid maps -> (N, H, W) float32 maps in [0, 1] on slice pixels, on the grids' device."""
+        return embedding_grid_to_slice(grids, slice_shape).clamp(0.0, 1.0)
 
 
 class GridMemo:

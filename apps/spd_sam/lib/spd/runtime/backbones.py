@@ -327,8 +327,8 @@ def _check_prompts(prompts: PromptBatch, n: int, slice_shape: tuple[int, int]) -
         assert prompts.point_labels is not None and np.shape(prompts.point_labels) == shape[:2], (
             f"point_labels must be {shape[:2]}, got {np.shape(prompts.point_labels)}")
     if prompts.mask_logits is not None:
-        assert np.shape(prompts.mask_logits) == (n, *slice_shape), (
-            f"mask_logits must be ({n}, {slice_shape[0]}, {slice_shape[1]}), got {np.shape(prompts.mask_logits)}")
+        shape = tuple(prompts.mask_logits.shape)  # a tensor on a GPU, or an array
+        assert shape == (n, *slice_shape), f"mask_logits must be ({n}, {slice_shape[0]}, {slice_shape[1]}), got {shape}"
 
 
 # ------------------------------------------------------------------------------------- loading
