@@ -44,7 +44,7 @@ def test_label_saliency_serves_slice_maps_in_unit_range():
     head = SaliencyHead(["a", "b"], in_channels=CHANNELS, width=8)
     images = np.zeros((3, 40, 20), dtype=np.float32)
     maps = head.for_label("b")(images, torch.randn(3, CHANNELS, GRID, GRID), [(0, 5.0, 5.0)])
-    assert maps.shape == (3, 40, 20) and maps.dtype == np.float32
+    assert maps.shape == (3, 40, 20) and maps.dtype == torch.float32
     assert 0.0 <= maps.min() and maps.max() <= 1.0
 
 

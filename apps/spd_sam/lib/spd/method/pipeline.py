@@ -433,18 +433,19 @@ class SPDPipeline:
 
         key = self.cache_key(volume_id, view)
 
-        def probe(at: list[int], boxes: np.ndarray) -> np.ndarray:
-            masks = self._masks(key, at, embeddings[[s - first for s in at]], PromptBatch(boxes=boxes), view.slice_shape)[0]
-            return masks.cpu().numpy()
+        def probe(at: list[int], boxes: np.ndarray) -> torch.Tensor:
+            return self._masks(key, at, embeddings[[s - first for s in at]], PromptBatch(boxes=boxes), view.slice_shape)[0]
 
         anchors = {s: np.mean(p.positives, axis=0) for s, p in consensus.prompts.items() if p.anchored}
         probes = self.probe_config(label, axis)
         anchors = {s: probe_centre(saliency[s - first], a, pixel_mm, probes.centre_mm, self.cpd.saliency_threshold)
                    for s, a in anchors.items()}
         if anchor_boxes is None:
-            masks, typical = probe_anchor_masks(probe, anchors, pixel_mm, view.slice_shape, probes)
+            # a GPU decodes a batch of every probe in about the time of one; a CPU pays for each
+            masks, typical = probe_anchor_masks(probe, anchors, pixel_mm, view.slice_shape, probes,
+                                                all_levels_at_once=embeddings.device.type == "cuda")
 
-            def reprobe(s: int, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            def reprobe(s: int, centre: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
                 centre = probe_centre(saliency[s - first], centre, pixel_mm, probes.centre_mm,
                                       self.cpd.saliency_threshold)
                 boxes = np.array(probe_boxes(centre, np.asarray(pixel_mm), view.slice_shape, probes), dtype=np.float32)
