@@ -1,5 +1,6 @@
 """The CUDA paths on a real GPU (skipped where none is visible; CI has none): bf16 SDPA attention at
-ViT-B size (on flash kernels), batched decoding, the memory budget of chunked embedding and the out-of-memory fallback."""
+ViT-B size (on flash kernels), batched decoding, the memory budget of chunked embedding, the out-of-memory fallback, and
+the stages after embedding on the device."""
 
 from __future__ import annotations
 
@@ -97,3 +98,29 @@ def test_real_out_of_memory_falls_back_to_smaller_chunks_then_cpu(caplog):
         torch.cuda.set_per_process_memory_fraction(1.0)
     assert "retrying in chunks of 1" in caplog.text and "encoding it on the CPU" in caplog.text
     assert torch.allclose(out.float(), expected, atol=2e-2, rtol=1e-2)
+
+
+def test_the_stages_after_embedding_on_cuda_give_the_cpus_mask(tmp_path):
+    """Given the same embeddings (one cache) and the same decoding (slice by slice, cropped), saliency, CPD, box probing
+    (every probe in one call), decoding and assembly on the GPU give the mask the CPU gives."""
+    from lib.spd.method import Click, SPDPipeline, choose_window
+    from lib.spd.runtime import load_backbone
+    from lib.spd.serving import EmbeddingCache
+
+    rng = np.random.default_rng(0)
+    rows, cols = np.mgrid[:64, :72]
+    volume = rng.normal(100, 8, (64, 72, 24)).astype(np.float32)
+    for k in range(4, 20):
+        volume[:, :, k] += 120 * ((rows - 30 - 0.3 * k) ** 2 + (cols - 36) ** 2 <= 81)
+    clicks = [Click((31 + k // 4, 37, k), True) for k in range(5, 19, 3)]
+    cache = EmbeddingCache(1 << 30)
+    masks = []
+    for device in ("cpu", "cuda:0"):
+        backbone = load_backbone(device=device, cache_dir=str(tmp_path))
+        backbone.batch_decoding = False  # the CPU's decoding path, so that only the stages' device differs
+        seg = SPDPipeline(backbone, cache).segment(volume, (1.0, 1.0, 1.0), "tube", clicks, choose_window(volume),
+                                                   slice_axis=2)
+        masks.append(seg.mask)
+    cpu, gpu = masks
+    assert cpu.sum() > 1000
+    assert 2 * (cpu & gpu).sum() / (cpu.sum() + gpu.sum()) >= 0.999
