@@ -52,3 +52,16 @@ def test_a_trained_heads_maps_do_not_depend_on_the_chunk():
     one, all_at_once = head.for_label("b"), head.for_label("b")
     one.chunk_bytes, all_at_once.chunk_bytes = 1, 1 << 30
     np.testing.assert_allclose(one(images, embeddings, []), all_at_once(images, embeddings, []), atol=1e-6)
+
+
+def test_the_intensity_model_reads_each_clicks_patch_cut_where_the_slice_ends():
+    """The clicked intensities are the medians of 3 x 3 patches, fewer pixels at the slice's edges (an even count:
+    the mean of the middle two); the model's centre is the densest half of them."""
+    images = torch.from_numpy(np.random.default_rng(2).random((2, 6, 5), dtype=np.float32))
+    clicks = [(0, 0.0, 0.0), (1, 5.4, 2.0), (0, 2.6, 4.0), (1, 3.0, 2.0)]
+    medians = [np.median(images.numpy()[0, :2, :2]), np.median(images.numpy()[1, 4:, 1:4]),
+               np.median(images.numpy()[0, 2:5, 3:]), np.median(images.numpy()[1, 2:5, 1:4])]
+    centre, spread = densest_half(np.array(medians))
+    z = (images - centre) / max(spread, 0.04)
+    expected = torch.exp(-0.125 * z * z)
+    assert torch.equal(AppearanceSaliency()._intensity_likelihood(images, clicks), expected)

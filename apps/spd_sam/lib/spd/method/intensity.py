@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 CT_MIN_HU = -900.0  # a volume whose minimum is below this is treated as CT in HU
 
@@ -17,11 +18,21 @@ class IntensityWindow:
     high: float
     kind: str
 
-    def apply(self, values: np.ndarray) -> np.ndarray:
-        """Map raw values to float32 in [0, 1] (no float64 copy of the input)."""
-        scale = np.float32(1.0 / max(self.high - self.low, 1e-6))
-        out = (values.astype(np.float32, copy=True) - np.float32(self.low)) * scale
-        return np.clip(out, 0.0, 1.0, out=out)
+    def apply(self, values: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """Map raw values to float32 in [0, 1] where they are: a numpy array on the host, a tensor on its device (no
+        float64 copy of either)."""
+        scale = float(np.float32(1.0 / max(self.high - self.low, 1e-6)))
+        out = as_tensor(values).to(torch.float32, copy=True).sub_(float(np.float32(self.low))).mul_(scale)
+        out.clamp_(0.0, 1.0)
+        return out.numpy() if isinstance(values, np.ndarray) else out
+
+
+def as_tensor(values: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A tensor of ``values``, sharing a numpy array's memory where its byte order is the machine's (else a copy in
+    that order: torch reads no other)."""
+    if isinstance(values, np.ndarray) and not values.dtype.isnative:
+        values = values.astype(values.dtype.newbyteorder("="))
+    return torch.as_tensor(values)
 
 
 def choose_window(

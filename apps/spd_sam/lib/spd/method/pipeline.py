@@ -19,7 +19,7 @@ from .box_probing import ProbeConfig, cover_salient, mask_boxes, probe_anchor_ma
 from .distillation import Consensus, ContextualPromptDistiller, CPDConfig
 from .draft import DraftConfig, fill_between
 from .focus import FocusConfig, Region, focus_region
-from .intensity import IntensityWindow
+from .intensity import IntensityWindow, as_tensor
 from .prompts import Click, choose_slice_axis, slice_axes, to_slice_clicks, training_axis
 from .saliency import AppearanceSaliency
 from .saliency_head import GridMemo
@@ -90,8 +90,17 @@ class VolumeView:
 
     def slices(self, indices: Sequence[int]) -> np.ndarray:
         """(N, H, W) float32 in [0, 1]; rows and columns are the remaining axes in order (cut to the region)."""
+        return self.window.apply(self._planes(indices))
+
+    def on_device(self, indices: Sequence[int], device: torch.device) -> torch.Tensor:
+        """:meth:`slices` as a tensor on ``device``, windowed there: the voxels travel as stored (int16 CT: half the
+        bytes of floats), and the host does no arithmetic on them."""
+        return self.window.apply(as_tensor(self._planes(indices)).to(device))
+
+    def _planes(self, indices: Sequence[int]) -> np.ndarray:
+        """The raw voxels of slices ``indices`` as (N, H, W), cut to the region."""
         planes = np.moveaxis(np.take(self.volume, self.source(indices), axis=self.axis), self.axis, 0)
-        return self.window.apply(planes if self.region is None else planes[(slice(None), *self.region)])
+        return planes if self.region is None else planes[(slice(None), *self.region)]
 
 
 @dataclass
@@ -415,7 +424,7 @@ class SPDPipeline:
         embeddings = self._embeddings_on_device(volume_id, view, indices)
         lap("embed")
 
-        images = view.slices(indices)
+        images = view.on_device(indices, embeddings.device)
         pixel_mm = tuple(float(spacing[a]) for a in view.in_plane)
         distiller = ContextualPromptDistiller(pixel_mm, self.cpd)
         # appearance is sampled under the clicks and under the points their cross-slice line puts on clicked slices

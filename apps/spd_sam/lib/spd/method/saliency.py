@@ -22,11 +22,11 @@ class SaliencyModel(Protocol):
     """Predicts a saliency map in [0, 1] per slice."""
 
     def __call__(
-        self, images: np.ndarray, embeddings: torch.Tensor, clicks: Sequence[tuple[int, float, float]]
+        self, images: torch.Tensor, embeddings: torch.Tensor, clicks: Sequence[tuple[int, float, float]]
     ) -> torch.Tensor:
-        """(N, H, W) float32 maps on the embeddings' device. Args: images (N, H, W) in [0, 1]; embeddings
-        (N, C, g, g); clicks (batch index, row, col): the clicks and the points their cross-slice line puts on the
-        clicked slices."""
+        """(N, H, W) float32 maps on the embeddings' device. Args: images (N, H, W) in [0, 1] on that device;
+        embeddings (N, C, g, g); clicks (batch index, row, col): the clicks and the points their cross-slice line puts
+        on the clicked slices."""
 
 
 def embedding_grid_to_slice(grid: torch.Tensor, slice_shape: tuple[int, int]) -> torch.Tensor:
@@ -76,23 +76,26 @@ class AppearanceSaliency:
         self.min_sigma = min_sigma
 
     def __call__(
-        self, images: np.ndarray, embeddings: torch.Tensor, clicks: Sequence[tuple[int, float, float]]
+        self, images: torch.Tensor, embeddings: torch.Tensor, clicks: Sequence[tuple[int, float, float]]
     ) -> torch.Tensor:
         assert clicks, "appearance saliency needs at least one click"
-        intensity = self._intensity_likelihood(images, clicks, embeddings.device)
+        intensity = self._intensity_likelihood(torch.as_tensor(images, device=embeddings.device), clicks)
         similarity = self._embedding_similarity(embeddings, clicks, images.shape[1:])
         return (intensity * similarity).sqrt_()
 
-    def _intensity_likelihood(self, images: np.ndarray, clicks, device: torch.device) -> torch.Tensor:
-        """(N, H, W) likelihood of each pixel's intensity under the clicked intensities, on ``device``."""
+    def _intensity_likelihood(self, images: torch.Tensor, clicks) -> torch.Tensor:
+        """(N, H, W) likelihood of each pixel's intensity under the clicked intensities, where ``images`` are."""
         p = self.patch
-        values = []
-        for n, row, col in clicks:
-            r, c = int(round(row)), int(round(col))
-            values.append(float(np.median(images[n, max(r - p, 0) : r + p + 1, max(c - p, 0) : c + p + 1])))
-        centre, sigma = densest_half(np.asarray(values))
+        at = torch.tensor([(n, int(round(row)), int(round(col))) for n, row, col in clicks], device=images.device)
+        offsets = torch.arange(-p, p + 1, device=images.device)
+        rows, cols = at[:, 1:2] + offsets, at[:, 2:3] + offsets  # each click's patch, cut where the slice ends
+        height, width = images.shape[1:]
+        inside = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None]
+        patches = images[at[:, :1, None], rows.clamp(0, height - 1)[:, :, None], cols.clamp(0, width - 1)[:, None, :]]
+        values, inside = patches.flatten(1).cpu().numpy(), inside.flatten(1).cpu().numpy()  # a few pixels per click
+        centre, sigma = densest_half(np.array([np.median(v[keep]) for v, keep in zip(values, inside)]))
         sigma = max(sigma, self.min_sigma)
-        z = (torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(device) - centre) / sigma
+        z = (images - centre) / sigma
         return torch.exp(-0.125 * z * z)  # exp(-z^2 / 2 / 4): 2-sigma wide, tolerant to partial volume
 
     def _embedding_similarity(self, embeddings: torch.Tensor, clicks, slice_shape, chunk_bytes: int = 8 << 20

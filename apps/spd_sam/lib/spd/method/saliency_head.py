@@ -82,7 +82,7 @@ class LabelSaliency:
         self.channel = channel
         self.chunk_bytes = chunk_bytes
 
-    def __call__(self, images: np.ndarray, embeddings: torch.Tensor, clicks: Sequence[tuple[int, float, float]]
+    def __call__(self, images: torch.Tensor, embeddings: torch.Tensor, clicks: Sequence[tuple[int, float, float]]
                  ) -> torch.Tensor:
         return self.to_slices(self.grids(embeddings), tuple(images.shape[1:]))
 
