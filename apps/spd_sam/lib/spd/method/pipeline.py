@@ -273,11 +273,13 @@ class SPDPipeline:
             return None, None, axis
         return self.segment(volume, spacing, volume_id, prompts.clicks, window, label=label, slice_axis=axis), prompts, axis
 
-    def embed(self, volume_id: str, view: VolumeView, indices: Sequence[int]) -> torch.Tensor:
-        """Embeddings of the given slices, through the cache (missing slices are windowed chunk by chunk)."""
+    def embed(self, volume_id: str, view: VolumeView, indices: Sequence[int], device: torch.device | str = "cpu"
+              ) -> torch.Tensor:
+        """Embeddings of the given slices on ``device``, through the cache (missing slices are windowed chunk by
+        chunk; those embedded on ``device`` stay there)."""
         stack = replace(view, picked=None)
         return self.cache.get(self.cache_key(volume_id, stack), view.source(indices),
-                              lambda todo: self.backbone.embed_lazily(stack.slices, todo, view.slice_shape))
+                              lambda todo: self.backbone.embed_lazily(stack.slices, todo, view.slice_shape), device)
 
     def segment(
         self,
@@ -379,7 +381,7 @@ class SPDPipeline:
         rows = [s - plan.first for s in anchored]
         saliency = plan.saliency[rows]
         _, whole = self._decode(plan.key, plan.embeddings[rows], plan.consensus, saliency, anchored, plan.view)
-        embeddings = self.embed(volume_id, focused, anchored).to(self.backbone.device)
+        embeddings = self.embed(volume_id, focused, anchored, self.backbone.device)
         _, square = self._decode(self.cache_key(volume_id, focused), embeddings, plan.consensus,
                                  saliency[(slice(None), *focused.region)], anchored, focused)
         return {"whole slices": round(float(whole.mean()), 4), "focus square": round(float(square.mean()), 4)}
@@ -497,7 +499,7 @@ class SPDPipeline:
         hot = self._hot
         if hot is not None and hot[0] == key and hot[1] <= indices[0] and indices[-1] < hot[1] + len(hot[2]):
             return hot[2][indices[0] - hot[1]:indices[-1] - hot[1] + 1]
-        embeddings = self.embed(volume_id, view, indices).to(self.backbone.device)
+        embeddings = self.embed(volume_id, view, indices, self.backbone.device)
         if embeddings.device.type == "cuda":
             self._hot = (key, indices[0], embeddings)
         return embeddings

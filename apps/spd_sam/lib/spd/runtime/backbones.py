@@ -157,7 +157,7 @@ class Backbone:
             slices: (N, H, W) float32 in [0, 1] (already windowed).
 
         Returns:
-            (N, 256, 64, 64) embeddings on the CPU: float32 when encoded on the CPU, float16 from a GPU.
+            (N, 256, 64, 64) embeddings on the backbone's device: float32 on the CPU, float16 on a GPU.
         """
         assert slices.ndim == 3, f"slices must be (N, H, W), got shape {slices.shape}"
         return self.embed_lazily(lambda chunk: slices[chunk], range(len(slices)), tuple(slices.shape[1:]))

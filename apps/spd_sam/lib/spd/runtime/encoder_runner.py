@@ -79,7 +79,8 @@ class EncoderRunner:
             self._replicate(self.replicas[0])
 
     def run(self, read: Reader, indices: Sequence[int], preprocess: Preprocess) -> torch.Tensor:
-        """Embeddings (N, C, g, g) of slices ``indices`` on the CPU: float32 from the CPU, float16 from a GPU."""
+        """Embeddings (N, C, g, g) of slices ``indices`` on the first device, where a request decodes them: float32
+        from the CPU, float16 from a GPU (the other GPUs' chunks copied there)."""
         indices = list(indices)
         if not indices:
             return torch.zeros(0)
@@ -153,11 +154,11 @@ class EncoderRunner:
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(device)
 
     def _encode(self, worker: int, batch: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
-        """Encoder output on the CPU for a (n, H, W) host batch; on CUDA out of memory, halve and retry,
+        """Encoder output (:meth:`_output`) for a (n, H, W) host batch; on CUDA out of memory, halve and retry,
         and at one slice pre-process and encode on the CPU."""
         device = self.devices[worker]
         try:
-            return self._to_host(device, self._encoders[worker](preprocess(batch.to(device, non_blocking=True))))
+            return self._output(self._encoders[worker](preprocess(batch.to(device, non_blocking=True))))
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             if len(batch) > 1:
@@ -169,12 +170,12 @@ class EncoderRunner:
                 return torch.cat([self._encode(worker, part, preprocess) for part in (batch[:half], batch[half:])])
             logger.warning("CUDA out of memory encoding one slice on %s; encoding it on the CPU", device)
             with torch.autocast("cuda", enabled=False):
-                return self._to_host(device, self._cpu(preprocess(batch.cpu())))
+                return self._output(self._cpu(preprocess(batch.cpu())))
 
-    @staticmethod
-    def _to_host(device: torch.device, out: torch.Tensor) -> torch.Tensor:
-        """float16 on the CPU for outputs of a GPU (half the copy), float32 for outputs of the CPU."""
-        return out.to(torch.float16).cpu() if device.type == "cuda" else out.float()
+    def _output(self, out: torch.Tensor) -> torch.Tensor:
+        """Encoder output on the first device: float16 where that is a GPU (the cache keeps float16), else float32."""
+        first = self.devices[0]
+        return out.to(first, torch.float16) if first.type == "cuda" else out.float()
 
     def _cpu(self, batch: torch.Tensor) -> torch.Tensor:
         """The encoder run on the CPU in float32 (a copy made on first use, tensor by tensor straight to

@@ -84,33 +84,45 @@ class EmbeddingCache:
             self._remove_empty_folders({key for key, _ in stale})
         return len(stale)
 
-    def get(self, key: str, slices: Sequence[int], compute: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
-        """Embeddings of ``slices`` stacked (N, C, h, w) as float16, computing the missing ones.
+    def get(self, key: str, slices: Sequence[int], compute: Callable[[list[int]], torch.Tensor],
+            device: torch.device | str = "cpu") -> torch.Tensor:
+        """Embeddings of ``slices`` stacked (N, C, h, w) as float16 on ``device``, computing the missing ones.
 
         Args:
             key: identifies volume, axis, backbone and weights.
             slices: slice indices to return, in order.
-            compute: embeds a list of slice indices, returning (len, C, h, w).
+            compute: embeds a list of slice indices, returning (len, C, h, w) on any device.
+            device: where the stack goes. Slices computed there stay there (the host gets a copy for the cache);
+                cached slices are copied there in one go.
         """
         with self._pinning(key, slices):
             todo = self.missing(key, slices)
+            fresh = {}
             if todo:
-                self.put(key, todo, compute(todo))
+                computed = compute(todo).detach().to(device, torch.float16)
+                self.put(key, todo, computed)
+                fresh = dict(zip(todo, computed))
             with self._lock:
-                found = {s: self._load(key, s) for s in slices}
+                found = {s: self._load(key, s) for s in slices if s not in fresh}
             unreadable = [s for s, t in found.items() if t is None]
             self._embed_again(key, unreadable, compute, found)
             # the shape of what was just embedded, else the most common one, is the key's shape
-            shapes = [tuple(found[s].shape) for s in (todo + unreadable or slices)]
+            shapes = [tuple({**found, **fresh}[s].shape) for s in (todo + unreadable or slices)]
             usual = max(set(shapes), key=shapes.count)
             self._embed_again(key, [s for s, t in found.items() if tuple(t.shape) != usual], compute, found)
-            return torch.stack([found[s] for s in slices])
+            out = torch.empty((len(slices), *usual), dtype=torch.float16, device=device)
+            for rows, source in (([n for n, s in enumerate(slices) if s in fresh], fresh),
+                                 ([n for n, s in enumerate(slices) if s not in fresh], found)):
+                if rows:
+                    out[rows] = torch.stack([source[slices[n]] for n in rows]).to(device)
+            return out
 
     def put(self, key: str, slices: Sequence[int], embeddings: torch.Tensor) -> None:
         """Store freshly computed embeddings in memory and on disk."""
+        on_host = embeddings.detach().to("cpu", torch.float16)  # from a GPU: one copy
         with self._pinning(key, slices):
-            for s, e in zip(slices, embeddings):
-                e = e.detach().to("cpu", torch.float16).contiguous()
+            for s, e in zip(slices, on_host):
+                e = e.clone()  # its own memory, freed when it is evicted
                 room = e.nbytes + _NPY_HEADER if self.directory is not None else 0
                 with self._lock:
                     self._reserved += room
