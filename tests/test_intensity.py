@@ -26,4 +26,4 @@ def test_slices_windowed_on_a_device_equal_those_windowed_on_the_host(axis):
     on_device = view.on_device([1, 3], torch.device("cpu"))
     assert isinstance(on_device, torch.Tensor) and on_device.dtype == torch.float32
     assert np.array_equal(on_device.numpy(), view.slices([1, 3]))
-    assert on_device.shape == (2, 6, 8)
+    assert on_device.shape == (2, 6, 8) and on_device.is_contiguous(), "laid out as slices, whatever the axis"

@@ -22,7 +22,8 @@ class IntensityWindow:
         """Map raw values to float32 in [0, 1] where they are: a numpy array on the host, a tensor on its device (no
         float64 copy of either)."""
         scale = float(np.float32(1.0 / max(self.high - self.low, 1e-6)))
-        out = as_tensor(values).to(torch.float32, copy=True).sub_(float(np.float32(self.low))).mul_(scale)
+        out = as_tensor(values).to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        out.sub_(float(np.float32(self.low))).mul_(scale)
         out.clamp_(0.0, 1.0)
         return out.numpy() if isinstance(values, np.ndarray) else out
 

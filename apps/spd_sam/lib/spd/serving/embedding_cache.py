@@ -110,12 +110,11 @@ class EmbeddingCache:
             shapes = [tuple({**found, **fresh}[s].shape) for s in (todo + unreadable or slices)]
             usual = max(set(shapes), key=shapes.count)
             self._embed_again(key, [s for s, t in found.items() if tuple(t.shape) != usual], compute, found)
-            out = torch.empty((len(slices), *usual), dtype=torch.float16, device=device)
-            for rows, source in (([n for n, s in enumerate(slices) if s in fresh], fresh),
-                                 ([n for n, s in enumerate(slices) if s not in fresh], found)):
-                if rows:
-                    out[rows] = torch.stack([source[slices[n]] for n in rows]).to(device)
-            return out
+            parts = {**found, **fresh}
+            cached = [s for s in dict.fromkeys(slices) if s not in fresh]
+            if cached and torch.device(device).type != "cpu":  # in one copy
+                parts.update(zip(cached, torch.stack([found[s] for s in cached]).to(device)))
+            return torch.stack([parts[s] for s in slices])
 
     def put(self, key: str, slices: Sequence[int], embeddings: torch.Tensor) -> None:
         """Store freshly computed embeddings in memory and on disk."""
