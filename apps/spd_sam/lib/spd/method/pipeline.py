@@ -564,8 +564,9 @@ class SPDPipeline:
         device = masks.device
         seeds = np.array([(s - first, r, c) for s, p in consensus.prompts.items() for r, c in p.positives],
                          dtype=float).reshape(-1, 3).round().astype(int) - [0, *view.origin]
-        seeds = torch.as_tensor(np.clip(seeds, 0, np.array(masks.shape) - 1), device=device)  # a seed beyond the
-        rows, cols = bounding_box(masks, seeds, axes=(1, 2)) or (slice(0, 0), slice(0, 0))  # region holds its edge
+        # a seed beyond the region holds on to its edge
+        seeds = torch.as_tensor(np.clip(seeds, 0, np.array(masks.shape) - 1), device=device)
+        rows, cols = bounding_box(masks, seeds, axes=(1, 2)) or (slice(0, 0), slice(0, 0))
         masks = masks[:, rows, cols]
         saliency = saliency[:, rows, cols].to(device)
         support = (saliency * masks).flatten(1).sum(1) / masks.flatten(1).sum(1).clamp_min(1)  # 0 for empty masks
