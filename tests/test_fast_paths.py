@@ -15,6 +15,8 @@ import pytest
 import torch
 from fast_paths_models import tiny_sam
 
+from lib.spd.method import VolumeView
+from lib.spd.method.intensity import IntensityWindow
 from lib.spd.runtime import EncoderRunner, EncoderSettings, PromptBatch, assemble_backbone
 from lib.spd.runtime.sam_attention import SDPAAttention, use_sdpa_attention
 
@@ -97,6 +99,20 @@ def test_batched_decoding_equals_slice_by_slice(sam_backbone):
     assert batched.shape == (5, *shape)
     assert np.abs(batched - one_by_one).max() < 1e-3 * max(1.0, np.abs(one_by_one).max())
     assert (batched > 0).any() and (batched < 0).any()
+
+
+def test_the_encoder_reads_voxels_as_stored_and_windows_them_where_it_runs(sam_backbone):
+    volume = np.random.default_rng(2).normal(40, 300, (5, 100, 100)).astype(">i2")  # big-endian CT, as some files are
+    view = VolumeView(volume, 0, IntensityWindow(-160.0, 240.0, "CT"))
+    windowed = []
+
+    def window(batch):
+        windowed.append(batch.dtype)
+        return view.window.apply(batch)
+
+    raw = sam_backbone.embed_lazily(view.voxels, [1, 3, 4], (100, 100), window)
+    assert windowed and set(windowed) == {torch.int16}, "the host hands the encoder int16, not floats"
+    assert torch.equal(raw, sam_backbone.embed(view.slices([1, 3, 4])))
 
 
 def test_chunked_and_multi_device_encoding_equal_one_call(sam_backbone):

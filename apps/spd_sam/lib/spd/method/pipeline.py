@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # the cache is serving infrastructure, handed in by whoever b
     from ..serving.embedding_cache import EmbeddingCache
 
 REMEMBERED_REGIONS = 256  # structures whose last focus region is kept
+HOT_SLABS = 2  # the last requests' embedding slabs kept stacked: a structure's whole slices and its focus region
 
 
 @dataclass
@@ -95,10 +96,13 @@ class VolumeView:
     def on_device(self, indices: Sequence[int], device: torch.device) -> torch.Tensor:
         """:meth:`slices` as a tensor on ``device``, windowed there: the voxels travel as stored (int16 CT: half the
         bytes of floats), and the host does no arithmetic on them."""
-        return self.window.apply(as_tensor(self._planes(indices)).to(device))
+        return self.window.apply(self.voxels(indices).to(device))
+
+    def voxels(self, indices: Sequence[int]) -> torch.Tensor:
+        """The voxels of slices ``indices`` as stored, a (N, H, W) host tensor cut to the region."""
+        return as_tensor(self._planes(indices))
 
     def _planes(self, indices: Sequence[int]) -> np.ndarray:
-        """The raw voxels of slices ``indices`` as (N, H, W), cut to the region."""
         planes = np.moveaxis(np.take(self.volume, self.source(indices), axis=self.axis), self.axis, 0)
         return planes if self.region is None else planes[(slice(None), *self.region)]
 
@@ -178,7 +182,7 @@ class SPDPipeline:
         self.draft = draft
         self.base_decoder = backbone.model.mask_decoder  # the backbone's own weights: served by states without one
         self.fallback_saliency = AppearanceSaliency()
-        self._hot: tuple[str, int, torch.Tensor] | None = None  # the last request's slab, kept on the GPU
+        self._hot: tuple[tuple[str, int, torch.Tensor], ...] = ()  # (key, first slice, slab), latest first
         self._regions: OrderedDict[tuple, Region] = OrderedDict()  # (volume, axis, label) -> its last focus region
         self.serve(state)
 
@@ -195,7 +199,7 @@ class SPDPipeline:
         self._state = state
         self.memo = MaskMemo()
         self.head_maps = GridMemo()
-        self._hot = None
+        self._hot = ()
 
     def cache_key(self, volume_id: str, view: VolumeView) -> str:
         """Names the embeddings of one volume seen along one axis (and region) by one backbone and window; a view
@@ -275,11 +279,12 @@ class SPDPipeline:
 
     def embed(self, volume_id: str, view: VolumeView, indices: Sequence[int], device: torch.device | str = "cpu"
               ) -> torch.Tensor:
-        """Embeddings of the given slices on ``device``, through the cache (missing slices are windowed chunk by
-        chunk; those embedded on ``device`` stay there)."""
+        """Embeddings of the given slices on ``device``, through the cache (missing slices are read chunk by chunk
+        and windowed on the encoder's device; those embedded on ``device`` stay there)."""
         stack = replace(view, picked=None)
         return self.cache.get(self.cache_key(volume_id, stack), view.source(indices),
-                              lambda todo: self.backbone.embed_lazily(stack.slices, todo, view.slice_shape), device)
+                              lambda todo: self.backbone.embed_lazily(stack.voxels, todo, view.slice_shape,
+                                                                      stack.window.apply), device)
 
     def segment(
         self,
@@ -381,7 +386,7 @@ class SPDPipeline:
         rows = [s - plan.first for s in anchored]
         saliency = plan.saliency[rows]
         _, whole = self._decode(plan.key, plan.embeddings[rows], plan.consensus, saliency, anchored, plan.view)
-        embeddings = self.embed(volume_id, focused, anchored, self.backbone.device)
+        embeddings = self._embeddings_on_device(volume_id, focused, anchored)
         _, square = self._decode(self.cache_key(volume_id, focused), embeddings, plan.consensus,
                                  saliency[(slice(None), *focused.region)], anchored, focused)
         return {"whole slices": round(float(whole.mean()), 4), "focus square": round(float(square.mean()), 4)}
@@ -493,15 +498,18 @@ class SPDPipeline:
         return region
 
     def _embeddings_on_device(self, volume_id: str, view: VolumeView, indices: list[int]) -> torch.Tensor:
-        """Embeddings of consecutive slices ``indices`` on the backbone's device. On a GPU the last slab
-        stays there, so a re-click on the same structure copies nothing."""
+        """Embeddings of slices ``indices`` (ascending) on the backbone's device. The last :data:`HOT_SLABS` slabs of
+        consecutive slices stay stacked there, so a re-click on the same structure neither copies nor stacks its
+        embeddings again."""
         key = self.cache_key(volume_id, view)
-        hot = self._hot
-        if hot is not None and hot[0] == key and hot[1] <= indices[0] and indices[-1] < hot[1] + len(hot[2]):
-            return hot[2][indices[0] - hot[1]:indices[-1] - hot[1] + 1]
+        for hot_key, start, slab in self._hot:
+            if hot_key == key and start <= indices[0] and indices[-1] < start + len(slab):
+                if indices[-1] - indices[0] + 1 == len(indices):
+                    return slab[indices[0] - start:indices[-1] - start + 1]
+                return slab[[s - start for s in indices]]
         embeddings = self.embed(volume_id, view, indices, self.backbone.device)
-        if embeddings.device.type == "cuda":
-            self._hot = (key, indices[0], embeddings)
+        if indices[-1] - indices[0] + 1 == len(indices):
+            self._hot = ((key, indices[0], embeddings), *[h for h in self._hot if h[0] != key][:HOT_SLABS - 1])
         return embeddings
 
     def decode_slices(self, volume_id: str, view: VolumeView, slices: list[int], prompts: PromptBatch) -> np.ndarray:

@@ -162,15 +162,18 @@ class Backbone:
         assert slices.ndim == 3, f"slices must be (N, H, W), got shape {slices.shape}"
         return self.embed_lazily(lambda chunk: slices[chunk], range(len(slices)), tuple(slices.shape[1:]))
 
-    def embed_lazily(self, read: Callable[[list[int]], np.ndarray], indices, slice_shape: tuple[int, int]
+    def embed_lazily(self, read: Callable[[list[int]], np.ndarray | torch.Tensor], indices,
+                     slice_shape: tuple[int, int], window: Callable[[torch.Tensor], torch.Tensor] | None = None
                      ) -> torch.Tensor:
-        """Embed slices ``indices``, reading each chunk with ``read`` (indices -> (n, H, W) in [0, 1]) only
-        when it is due, so that a volume is never windowed whole and reading overlaps encoding."""
+        """Embed slices ``indices``, reading each chunk with ``read`` (indices -> (n, H, W) on the host) only when it
+        is due, so that a volume is never read whole and reading overlaps encoding. ``window`` maps what ``read``
+        gives to [0, 1] on the encoder's device (None: ``read`` gives [0, 1] already)."""
         indices = list(indices)
         if not indices:
             return torch.zeros(0, 256, 64, 64)
         geometry = Geometry(tuple(int(v) for v in slice_shape), self.image_size)
-        return self.runner.run(read, indices, lambda batch: self._preprocess(batch, geometry))
+        window = window or (lambda batch: batch.float())
+        return self.runner.run(read, indices, lambda batch: self._preprocess(window(batch), geometry))
 
     def encode_with_grad(self, slices: np.ndarray) -> torch.Tensor:
         """(N, H, W) slices in [0, 1] -> (N, C, g, g) float32 embeddings on the device, straight through

@@ -1,8 +1,8 @@
 """Runs a slice encoder over many slices: in chunks, overlapped with CPU pre-processing, on every device.
 
 One encoder replica per device; the chunks of a request are dealt out to the devices in turn, and
-on each device a loader thread reads (windows) and pins the next chunk while the current one is
-encoded. On CUDA the chunk size comes from a memory budget (the bytes one slice costs are
+on each device a loader thread reads and pins the next chunk (the voxels as stored: the device
+windows them) while the current one is encoded. On CUDA the chunk size comes from a memory budget (the bytes one slice costs are
 measured once per device), the encoder runs under bf16 autocast, and an out-of-memory error
 halves the chunk and retries, down to one slice, then encodes that slice on the CPU.
 """
@@ -24,8 +24,8 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "float32", "bfloat16")
-Reader = Callable[[list[int]], np.ndarray]  # slice indices -> (n, H, W) float32 in [0, 1]
-Preprocess = Callable[[torch.Tensor], torch.Tensor]  # (n, H, W) on the device -> (n, 3, S, S) model input
+Reader = Callable[[list[int]], np.ndarray | torch.Tensor]  # slice indices -> (n, H, W) on the host, any dtype
+Preprocess = Callable[[torch.Tensor], torch.Tensor]  # (n, H, W) as read, on the device -> (n, 3, S, S) model input
 
 
 @dataclass
@@ -111,7 +111,8 @@ class EncoderRunner:
         with self._lock:
             if device not in self._chunks:
                 replica = self.replicas[self.devices.index(device)]
-                self._chunks[device] = self._measure_chunk(device, replica, preprocess(self._to(read([sample]), device)))
+                self._chunks[device] = self._measure_chunk(device, replica, preprocess(self._load(read, [sample],
+                                                                                                  device).to(device)))
             return self._chunks[device]
 
     def _measure_chunk(self, device: torch.device, replica: Callable, one: torch.Tensor) -> int:
@@ -146,12 +147,8 @@ class EncoderRunner:
 
     def _load(self, read: Reader, chunk: list[int], device: torch.device) -> torch.Tensor:
         """Read a chunk and, for a GPU, pin it so that the copy can overlap."""
-        batch = torch.from_numpy(np.ascontiguousarray(read(chunk), dtype=np.float32))
+        batch = torch.as_tensor(read(chunk)).contiguous()
         return batch.pin_memory() if device.type == "cuda" else batch
-
-    @staticmethod
-    def _to(array: np.ndarray, device: torch.device) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(device)
 
     def _encode(self, worker: int, batch: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
         """Encoder output (:meth:`_output`) for a (n, H, W) host batch; on CUDA out of memory, halve and retry,
