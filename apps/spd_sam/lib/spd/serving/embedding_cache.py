@@ -6,6 +6,11 @@ insensitive to it) and written atomically, one file per slice. A file that canno
 float16 of three dimensions, or has another shape than the key's other slices (a damaged disk, a
 copy cut short) is deleted and its slice embedded again, with a warning.
 
+Freshly computed slices go to one writer thread, which copies them to the host (from a GPU, on a side
+stream once the encoder's kernels are done) and writes their files, while the request goes on. Until
+then they are pending: found, and served from the device they were computed on. :meth:`EmbeddingCache.flush`
+waits for the writes queued so far; at exit the writer finishes its queue.
+
 With a disk budget, the least recently used files are deleted before each write until the files and the
 one being written fit (its bytes are reserved while it is written), so the folder never holds more.
 A file's mtime is its last use (set when written or read from disk), so the order survives restarts.
@@ -18,7 +23,8 @@ import logging
 import os
 import threading
 from collections import Counter, OrderedDict
-from contextlib import contextmanager, suppress
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Callable, Collection, Iterator, Sequence
 
@@ -47,6 +53,8 @@ class EmbeddingCache:
         self.directory = Path(directory) if directory else None
         self.disk_budget_bytes = int(disk_budget_bytes or 0) or None
         self._memory: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
+        self._pending: dict[tuple[str, int], torch.Tensor] = {}  # queued for the writer, on their device
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="embedding-cache-writer")
         self._bytes = 0
         self._lock = threading.RLock()
         self._disk: OrderedDict[tuple[str, int], int] = OrderedDict()  # file sizes, least recently used first
@@ -68,16 +76,22 @@ class EmbeddingCache:
                     "files": len(self._disk), "memory_bytes": self._bytes}
 
     def missing(self, key: str, slices: Sequence[int]) -> list[int]:
-        """The slices of ``key`` that are neither in memory nor on disk."""
+        """The slices of ``key`` that are neither pending, in memory nor on disk."""
         with self._lock:
-            return [s for s in slices if (key, s) not in self._memory and not self._file(key, s).is_file()]
+            return [s for s in slices if (key, s) not in self._pending and (key, s) not in self._memory
+                    and not self._file(key, s).is_file()]
+
+    def flush(self) -> None:
+        """Wait until the writes queued so far are done (from any thread but the writer's)."""
+        self._writer.submit(lambda: None).result()  # one worker: it runs after them
 
     def retain(self, volume_ids: Collection[str]) -> int:
         """Delete the entries of every volume not in ``volume_ids`` (keys start with the volume id and a dash):
         a volume that is gone or was replaced can never be asked for again. Returns the slices deleted."""
         keep = set(volume_ids)
+        self.flush()
         with self._lock:
-            stale = [item for item in {*self._disk, *self._memory}
+            stale = [item for item in {*self._disk, *self._memory, *self._pending}
                      if item[0].split("-", 1)[0] not in keep and item not in self._pinned]
             for item in stale:
                 self._forget(*item)
@@ -92,50 +106,94 @@ class EmbeddingCache:
             key: identifies volume, axis, backbone and weights.
             slices: slice indices to return, in order.
             compute: embeds a list of slice indices, returning (len, C, h, w) on any device.
-            device: where the stack goes. Slices computed there stay there (the host gets a copy for the cache);
-                cached slices are copied there in one go.
+            device: where the stack goes. Slices computed there stay there (the writer copies them to the host);
+                cached slices on the host are copied there in one go.
         """
         with self._pinning(key, slices):
             todo = self.missing(key, slices)
-            fresh = {}
-            if todo:
-                computed = compute(todo).detach().to(device, torch.float16)
-                self.put(key, todo, computed)
-                fresh = dict(zip(todo, computed))
+            parts = self._embed(key, todo, compute, device) if todo else {}
             with self._lock:
-                found = {s: self._load(key, s) for s in slices if s not in fresh}
+                found = {s: self._load(key, s) for s in slices if s not in parts}
+            parts.update(found)
             unreadable = [s for s, t in found.items() if t is None]
-            self._embed_again(key, unreadable, compute, found)
+            self._embed_again(key, unreadable, compute, device, parts)
             # the shape of what was just embedded, else the most common one, is the key's shape
-            shapes = [tuple({**found, **fresh}[s].shape) for s in (todo + unreadable or slices)]
+            shapes = [tuple(parts[s].shape) for s in (todo + unreadable or slices)]
             usual = max(set(shapes), key=shapes.count)
-            self._embed_again(key, [s for s, t in found.items() if tuple(t.shape) != usual], compute, found)
-            parts = {**found, **fresh}
-            cached = [s for s in dict.fromkeys(slices) if s not in fresh]
-            if cached and torch.device(device).type != "cpu":  # in one copy
-                parts.update(zip(cached, torch.stack([found[s] for s in cached]).to(device)))
-            return torch.stack([parts[s] for s in slices])
+            self._embed_again(key, [s for s in found if tuple(parts[s].shape) != usual], compute, device, parts)
+            hosted = [s for s in dict.fromkeys(slices) if parts[s].device.type == "cpu"]
+            if hosted and torch.device(device).type != "cpu":  # in one copy
+                parts.update(zip(hosted, torch.stack([parts[s] for s in hosted]).to(device)))
+            return torch.stack([parts[s].to(device) for s in slices])  # pending ones may be on another device
 
     def put(self, key: str, slices: Sequence[int], embeddings: torch.Tensor) -> None:
-        """Store freshly computed embeddings in memory and on disk."""
-        on_host = embeddings.detach().to("cpu", torch.float16)  # from a GPU: one copy
-        with self._pinning(key, slices):
-            for s, e in zip(slices, on_host):
-                e = e.clone()  # its own memory, freed when it is evicted
-                room = e.nbytes + _NPY_HEADER if self.directory is not None else 0
-                with self._lock:
-                    self._reserved += room
-                    self._evict()
-                try:
-                    size = self._write(key, s, e) if room else 0
-                finally:
-                    with self._lock:
-                        self._reserved -= room
-                with self._lock:
-                    self._remember((key, s), e)
-                    if size:
-                        self._record((key, s), size)
-                        self._evict()
+        """Queue freshly computed embeddings for the writer, which copies them into memory and onto disk; until then
+        they are pending, served from where they are."""
+        embeddings = embeddings.detach().to(torch.float16)
+        ready = torch.cuda.current_stream(embeddings.device).record_event() if embeddings.is_cuda else None
+        rows = list(zip(slices, embeddings))
+        with self._lock:
+            self._pending.update(((key, s), row) for s, row in rows)
+        try:
+            self._writer.submit(self._store, key, rows, ready)
+        except RuntimeError:  # the interpreter is exiting, the writer with it
+            self._store(key, rows, ready)
+
+    def _embed(self, key: str, slices: list[int], compute, device: torch.device | str) -> dict[int, torch.Tensor]:
+        """Embed ``slices`` as float16 on ``device`` and put them in the cache."""
+        computed = compute(slices).detach().to(device, torch.float16)
+        self.put(key, slices, computed)
+        return dict(zip(slices, computed))
+
+    def _store(self, key: str, rows: list[tuple[int, torch.Tensor]], ready: torch.cuda.Event | None) -> None:
+        """The writer's job: copy the (slice, embedding) rows to the host, remember them and write their files.
+        From a GPU the copies run on a side stream once ``ready`` (recorded where the rows were made) is reached."""
+        try:
+            with self._pinning(key, [s for s, _ in rows]), self._copying(ready):
+                for s, row in rows:
+                    self._store_slice(key, s, row)
+        except Exception:  # the writer goes on with the next job; these slices are embedded again when asked for
+            logger.exception("embedding cache: could not store %d slice(s) of %s", len(rows), key)
+        finally:
+            with self._lock:
+                for s, row in rows:
+                    if self._pending.get((key, s)) is row:
+                        del self._pending[(key, s)]
+
+    @staticmethod
+    def _copying(ready: torch.cuda.Event | None):
+        """Where host copies run: from a GPU, on a side stream that first waits for ``ready``."""
+        if ready is None:
+            return nullcontext()
+        stream = torch.cuda.Stream(ready.device)
+        stream.wait_event(ready)
+        return torch.cuda.stream(stream)
+
+    def _store_slice(self, key: str, s: int, row: torch.Tensor) -> None:
+        """Copy the pending slice to the host, then into memory and its file; nothing if it was forgotten."""
+        item = (key, s)
+        room = row.nbytes + _NPY_HEADER if self.directory is not None else 0
+        with self._lock:
+            if self._pending.get(item) is not row:  # forgotten since it was put
+                return
+            self._reserved += room
+            self._evict()
+        try:
+            e = row.to("cpu", copy=True)  # its own memory, freed when it is evicted; from a GPU, waits for the copy
+            size = self._write(key, s, e) if room else 0
+        finally:
+            with self._lock:
+                self._reserved -= room
+        with self._lock:
+            if self._pending.get(item) is not row:  # forgotten while it was written
+                if size:
+                    self._file(key, s).unlink(missing_ok=True)
+                return
+            del self._pending[item]
+            self._remember(item, e)
+            if size:
+                self._record(item, size)
+                self._evict()
 
     @contextmanager
     def _pinning(self, key: str, slices: Sequence[int]) -> Iterator[None]:
@@ -152,8 +210,9 @@ class EmbeddingCache:
                     if not self._pinned[item]:
                         del self._pinned[item]
 
-    def _embed_again(self, key: str, damaged: list[int], compute, found: dict[int, torch.Tensor]) -> None:
-        """Replace the damaged slices' files and entries in ``found`` with fresh embeddings."""
+    def _embed_again(self, key: str, damaged: list[int], compute, device: torch.device | str,
+                     found: dict[int, torch.Tensor]) -> None:
+        """Replace the damaged slices' files and entries in ``found`` with fresh embeddings on ``device``."""
         if not damaged:
             return
         logger.warning("embedding cache: %d damaged file(s) under %s (slices %s); embedding them again",
@@ -161,12 +220,12 @@ class EmbeddingCache:
         with self._lock:
             for s in damaged:
                 self._forget(key, s)
-        self.put(key, damaged, compute(damaged))
-        with self._lock:
-            found.update({s: self._load(key, s) for s in damaged})
+        found.update(self._embed(key, damaged, compute, device))
 
     def _load(self, key: str, s: int) -> torch.Tensor | None:
-        """The slice's embedding from memory or disk; None when its file is damaged."""
+        """The slice's embedding, pending, from memory or from disk; None when its file is damaged."""
+        if (key, s) in self._pending:
+            return self._pending[(key, s)]
         if (key, s) in self._memory:
             self._memory.move_to_end((key, s))
             if (key, s) in self._disk:
@@ -187,6 +246,8 @@ class EmbeddingCache:
         return tensor
 
     def _forget(self, key: str, s: int) -> None:
+        """Drop the slice everywhere; a pending one is not written (or its file is deleted once written)."""
+        self._pending.pop((key, s), None)
         if (key, s) in self._memory:
             self._bytes -= self._memory.pop((key, s)).nbytes
         self._disk_bytes -= self._disk.pop((key, s), 0)
