@@ -130,4 +130,5 @@ def _rank_main(rank: int, job: Job, work: str) -> None:
             (Path(work) / "answer.json").write_text(json.dumps(answer))
     finally:
         dist.destroy_process_group()
+    pipeline.cache.flush()  # the embeddings this rank made stay on disk: exit_rank drops the writer's queue
     exit_rank()  # only after the work returned: an exception above still reaches the launcher
