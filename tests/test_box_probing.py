@@ -4,10 +4,23 @@ import numpy as np
 import pytest
 import torch
 
-from lib.spd.method.box_probing import (ProbeConfig, areas, cover_salient, holds_point, mask_boxes,
-                                        measure_anchor_boxes, padded_box, probe_anchor_masks, probe_centre)
+from scipy import ndimage
+
+from lib.spd.method.box_probing import (ProbeConfig, areas, cover_salient_boxes, holds_point, mask_boxes,
+                                        measure_anchor_boxes, padded_box, probe_anchor_masks, probe_centres)
 
 SHAPE = (64, 64)
+
+
+def probe_centre(saliency, point, pixel_mm, radius_mm, threshold):
+    """:func:`probe_centres` of one slice."""
+    return probe_centres(torch.as_tensor(saliency)[None], {7: point}, 7, pixel_mm, radius_mm, threshold)[7]
+
+
+def cover_salient(box, saliency, point, pixel_mm, pad_mm, threshold):
+    """:func:`cover_salient_boxes` of one slice."""
+    return cover_salient_boxes({3: box}, torch.as_tensor(saliency)[None], {3: point}, 3, pixel_mm, pad_mm,
+                               threshold)[3]
 
 
 def object_decoder(radius_by_slice, centre=(30, 30)):
@@ -167,3 +180,98 @@ def test_torch_masks_on_the_decoders_device_give_what_numpy_masks_give():
                               probe_centre(saliency, point, (1.0, 1.0), 6.0, 0.5))
         assert (cover_salient((25.0, 15.0, 35.0, 25.0), torch.as_tensor(saliency), point, (1.0, 2.0), 2.0, 0.5)
                 == cover_salient((25.0, 15.0, 35.0, 25.0), saliency, point, (1.0, 2.0), 2.0, 0.5))
+
+
+def scipy_probe_centre(saliency: np.ndarray, point, pixel_mm, radius_mm: float, threshold: float) -> np.ndarray:
+    """The reference: probe_centre as it was, one slice at a time on the host with scipy."""
+    pixel_mm = np.asarray(pixel_mm, dtype=float)
+    r, c = (int(round(v)) for v in point)
+    if not (0 <= r < saliency.shape[0] and 0 <= c < saliency.shape[1]):
+        return np.asarray(point, dtype=float)
+    reach = np.ceil(2 * radius_mm / pixel_mm).astype(int)
+    r0, c0 = max(r - reach[0], 0), max(c - reach[1], 0)
+    values = saliency[r0:r + reach[0] + 1, c0:c + reach[1] + 1]
+    if values[r - r0, c - c0] < threshold:
+        return np.asarray(point, dtype=float)
+    labels, _ = ndimage.label(values >= threshold)
+    region = labels == labels[r - r0, c - c0]
+    depth = ndimage.distance_transform_edt(np.pad(region, 1), sampling=pixel_mm)[1:-1, 1:-1]
+    rr, cc = np.indices(region.shape)
+    near = np.hypot((rr + r0 - point[0]) * pixel_mm[0], (cc + c0 - point[1]) * pixel_mm[1]) <= radius_mm
+    depth[~near] = -1
+    best = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    return np.array([best[0] + r0, best[1] + c0], dtype=float)
+
+
+def scipy_cover_salient(box, saliency: np.ndarray, point, pixel_mm, pad_mm: float, threshold: float):
+    """The reference: cover_salient as it was, one slice at a time on the host with scipy."""
+    r, c = (int(round(v)) for v in point)
+    if not (0 <= r < saliency.shape[0] and 0 <= c < saliency.shape[1]) or saliency[r, c] < threshold:
+        return box
+    labels, _ = ndimage.label(saliency >= threshold)
+    region = padded_box(labels == labels[r, c], pad_mm / np.asarray(pixel_mm, dtype=float))
+    return (min(box[0], region[0]), min(box[1], region[1]), max(box[2], region[2]), max(box[3], region[3]))
+
+
+def random_saliency(rng, slices: int, shape=(40, 52)) -> np.ndarray:
+    """Smooth random maps with plateaus (ties of depth) and speckle, float32 in [0, 1]."""
+    smooth = ndimage.gaussian_filter(rng.random((slices, *shape)), (0, *rng.uniform(1.0, 3.0, 2)))
+    maps = (smooth - smooth.min()) / (smooth.max() - smooth.min())
+    maps = np.where(rng.random(maps.shape) < 0.5, np.round(maps * 4) / 4, maps)  # plateaus
+    maps[rng.random(maps.shape) < 0.03] = 0.0  # holes
+    maps.flat[rng.integers(0, maps.size, 20)] = np.float32(0.7)  # on the threshold that float32 cannot hold
+    return maps.astype(np.float32)
+
+
+def random_points(rng, slices: int, shape, first: int) -> dict:
+    """A point per slice: inside, near an edge, off the slice, on half pixels."""
+    points = {}
+    for s in range(first, first + slices):
+        kind = rng.integers(4)
+        if kind == 0:
+            point = rng.uniform(-3, np.add(shape, 3))
+        elif kind == 1:
+            point = rng.integers(0, 2, 2) * (np.subtract(shape, 1)) + rng.uniform(-2, 2, 2)
+        elif kind == 2:
+            point = rng.integers(0, shape) + 0.5
+        else:
+            point = rng.uniform(0, np.subtract(shape, 1))
+        points[s] = point
+    return points
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_probe_centres_and_cover_salient_boxes_give_what_scipy_gave(seed):
+    """Many random maps, anisotropic pixels, points off the slice, near its edge and not salient: the batched
+    searches give exactly what scipy's labelling and distance transform gave, slice by slice."""
+    rng = np.random.default_rng(seed)
+    for _ in range(15):
+        slices, first = int(rng.integers(1, 8)), int(rng.integers(0, 30))
+        saliency = random_saliency(rng, slices)
+        points = random_points(rng, slices, saliency.shape[1:], first)
+        pixel_mm = tuple(rng.choice([0.45, 0.7, 0.9375, 1.0, 1.3], 2))
+        radius_mm, threshold = float(rng.choice([0.0, 1.5, 3.0, 4.7])), float(rng.choice([0.3, 0.5, 0.7]))
+        centres = probe_centres(torch.as_tensor(saliency), points, first, pixel_mm, radius_mm, threshold)
+        for s, point in points.items():
+            expected = scipy_probe_centre(saliency[s - first], point, pixel_mm, radius_mm, threshold)
+            assert np.array_equal(centres[s], expected), (s, point, pixel_mm, radius_mm, threshold)
+        boxes = {s: tuple(float(v) for v in np.sort(rng.uniform(0, 40, (2, 2)), 0).ravel()) for s in points}
+        covered = cover_salient_boxes(boxes, saliency, points, first, pixel_mm, 2.0, threshold)
+        assert covered == {s: scipy_cover_salient(boxes[s], saliency[s - first], points[s], pixel_mm, 2.0, threshold)
+                           for s in points}
+
+
+def test_the_pixel_under_the_point_is_compared_as_numpy_compared_one_value():
+    """Saliency 0.7 in float32 is below 0.7 for one pixel's value (numpy compared it in float64) but reaches it
+    across the slice (compared in float32)."""
+    saliency = np.full((1, 20, 20), 0.7, dtype=np.float32)
+    saliency[0, 12, 12] = 1.0
+    for point in ((10.0, 10.0), (12.0, 12.0)):
+        assert np.array_equal(probe_centres(saliency, {0: point}, 0, (1.0, 1.0), 3.0, 0.7)[0],
+                              scipy_probe_centre(saliency[0], point, (1.0, 1.0), 3.0, 0.7))
+        box = (11.0, 11.0, 13.0, 13.0)
+        assert (cover_salient_boxes({0: box}, saliency, {0: point}, 0, (1.0, 1.0), 2.0, 0.7)[0]
+                == scipy_cover_salient(box, saliency[0], point, (1.0, 1.0), 2.0, 0.7))
+    box = (11.0, 11.0, 13.0, 13.0)
+    assert cover_salient_boxes({0: box, 1: box}, np.concatenate([saliency] * 2), {0: (10.0, 10.0), 1: (12.0, 12.0)},
+                               0, (1.0, 1.0), 2.0, 0.7) == {0: box, 1: (0.0, 0.0, 19.0, 19.0)}

@@ -90,8 +90,8 @@ def bounding_box(mask: torch.Tensor, points: torch.Tensor, axes: tuple[int, ...]
 
 
 def _keep_seeded(volume: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
-    """What ``volume`` connects to ``seeds``, grown from them by dilation within it (morphological reconstruction);
-    seeds outside it all miss: then its voxels nearest to them start the growth."""
+    """What ``volume`` connects to ``seeds`` (:func:`reconstruct`); seeds outside it all miss: then its voxels
+    nearest to them start the growth."""
     marker = torch.zeros_like(volume)
     marker[tuple(seeds.T)] = True
     marker &= volume
@@ -99,23 +99,31 @@ def _keep_seeded(volume: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
         inside = torch.nonzero(volume)
         nearest = torch.stack([(inside - seed).square().sum(1).argmin() for seed in seeds])  # one seed at a time:
         marker[tuple(inside[nearest].T)] = True  # a (seeds x voxels) table of a noisy mask would not fit
+    return reconstruct(marker, volume, axes=(0, 1, 2))
+
+
+def reconstruct(marker: torch.Tensor, mask: torch.Tensor, axes: tuple[int, ...], cross: bool = False) -> torch.Tensor:
+    """What of ``mask`` connects to ``marker`` (a part of it) along ``axes``: ``marker`` grown by dilation within
+    ``mask`` until it stops growing (morphological reconstruction). Neighbours share a corner (26-connectivity in
+    3D, 8 in 2D), or a face when ``cross`` (6 in 3D, 4 in 2D); other axes hold separate stacks of masks."""
     count = -1
     while True:
         for _ in range(RECONSTRUCTION_CHECK):
-            marker = _dilate(marker).logical_and_(volume)
+            marker = _dilate(marker, axes, cross).logical_and_(mask)
         grown = int(marker.sum())  # the region only grows: the same count means nothing changed
         if grown == count:
             return marker
         count = grown
 
 
-def _dilate(mask: torch.Tensor) -> torch.Tensor:
-    """One step of dilation by a 3x3x3 cube (26-connectivity), as three separable steps of one voxel."""
-    for axis in range(mask.ndim):
-        grown = mask.clone()
+def _dilate(mask: torch.Tensor, axes: tuple[int, ...], cross: bool) -> torch.Tensor:
+    """One step of dilation along ``axes`` by a cube (one voxel along each axis in turn), or by a cross (one
+    voxel along any one axis) when ``cross``."""
+    grown = mask
+    for axis in axes:
+        source, grown = (mask if cross else grown), grown.clone()
         size = mask.shape[axis]
         if size > 1:
-            grown.narrow(axis, 1, size - 1).logical_or_(mask.narrow(axis, 0, size - 1))
-            grown.narrow(axis, 0, size - 1).logical_or_(mask.narrow(axis, 1, size - 1))
-        mask = grown
-    return mask
+            grown.narrow(axis, 1, size - 1).logical_or_(source.narrow(axis, 0, size - 1))
+            grown.narrow(axis, 0, size - 1).logical_or_(source.narrow(axis, 1, size - 1))
+    return grown

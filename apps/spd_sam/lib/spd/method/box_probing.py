@@ -25,7 +25,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from scipy import ndimage
+
+from .assembly import reconstruct
 
 Box = tuple[float, float, float, float]
 Masks = torch.Tensor | np.ndarray
@@ -38,7 +39,7 @@ class ProbeConfig:
 
     ``aspect`` scales a probe's half-size along rows and columns (the larger is 1): square probes by
     default; a structure's learned size prior gives its in-plane shape. Probes are centred on the
-    deepest salient pixel within ``centre_mm`` of the consensus point (see :func:`probe_centre`).
+    deepest salient pixel within ``centre_mm`` of the consensus point (see :func:`probe_centres`).
     """
 
     half_sizes_mm: tuple[float, ...] = (5.0, 8.0, 12.0, 18.0)
@@ -252,45 +253,104 @@ def _grown(extent: tuple[int, int, int, int], pad, shape) -> Box:
             min(bottom + pad[2], h - 1.0), min(right + pad[3], w - 1.0))
 
 
-def cover_salient(box: Box, saliency: Masks, point, pixel_mm, pad_mm: float, threshold: float) -> Box:
-    """``box`` grown to hold, ``pad_mm`` around, the salient region of a slice under ``point``.
+def cover_salient_boxes(boxes: dict[int, Box], saliency: Masks, points: dict[int, Sequence[float]], first: int,
+                        pixel_mm, pad_mm: float, threshold: float) -> dict[int, Box]:
+    """Each slice's box grown to hold, ``pad_mm`` around, the salient region under the slice's point.
 
     For a trained head's saliency: on low-contrast tissue the decoder's probe masks stop short of the
-    structure, while the head, which learned the structure from saved labels, shows its extent. The slice
-    (torch on any device, or numpy) is labelled on the host.
+    structure, while the head, which learned the structure from saved labels, shows its extent. Slice ``s`` of
+    ``boxes`` is ``saliency[s - first]`` ((N, H, W), torch on any device, or numpy); all the slices' regions are
+    found at once there and their extents come to the host in one copy.
     """
-    r, c = (int(round(v)) for v in point)
-    saliency = _on_host(saliency)
-    if not (0 <= r < saliency.shape[0] and 0 <= c < saliency.shape[1]) or saliency[r, c] < threshold:
-        return box
-    labels, _ = ndimage.label(saliency >= threshold)
-    region = padded_box(labels == labels[r, c], pad_mm / np.asarray(pixel_mm, dtype=float))
-    return (min(box[0], region[0]), min(box[1], region[1]), max(box[2], region[2]), max(box[3], region[3]))
+    saliency = torch.as_tensor(saliency)
+    pixels = _on_slice(points, saliency.shape[-2:])
+    searched = [s for s in boxes if s in pixels]
+    if not searched:
+        return dict(boxes)
+    at = torch.as_tensor([(s - first, *pixels[s]) for s in searched], device=saliency.device)
+    values = saliency[at[:, 0]]
+    point = (torch.arange(len(at), device=values.device), at[:, 1], at[:, 2])
+    seeds = torch.zeros(values.shape, dtype=torch.bool, device=values.device)
+    seeds[point] = _salient_pixel(values[point], threshold)
+    regions = reconstruct(seeds, values >= threshold, axes=(1, 2), cross=True)  # scipy's label: 4-connected
+    pad = pad_mm / np.asarray(pixel_mm, dtype=float)
+    covered = dict(boxes)
+    for s, extent in zip(searched, _mask_extents(regions)):
+        if extent is not None:
+            box, region = boxes[s], _grown(extent, pad, values.shape[-2:])
+            covered[s] = (min(box[0], region[0]), min(box[1], region[1]), max(box[2], region[2]),
+                          max(box[3], region[3]))
+    return covered
 
 
-def probe_centre(saliency: Masks, point, pixel_mm, radius_mm: float, threshold: float) -> np.ndarray:
-    """The deepest pixel of the salient region under ``point`` within ``radius_mm`` of it (``point`` itself
-    when it is not salient): probes centred there hold the structure rather than its edge. Only the window
-    around the point comes to the host from the slice (torch on any device, or numpy)."""
+def probe_centres(saliency: Masks, points: dict[int, Sequence[float]], first: int, pixel_mm, radius_mm: float,
+                  threshold: float) -> dict[int, np.ndarray]:
+    """For each slice's point, the deepest pixel of the salient region under it within ``radius_mm`` of it (the
+    point itself when it is off the slice or not salient): probes centred there hold the structure rather than
+    its edge.
+
+    Slice ``s`` of ``points`` is ``saliency[s - first]`` ((N, H, W), torch on any device, or numpy). The region is
+    searched in the window of ``2 * radius_mm`` around the rounded point (clipped to the slice), depth being the
+    distance (mm) to the nearest pixel outside the region or the window; the first deepest pixel in raster order
+    is taken. Every window is searched at once there and the centres come to the host in one copy.
+    """
+    saliency = torch.as_tensor(saliency)
     pixel_mm = np.asarray(pixel_mm, dtype=float)
-    r, c = (int(round(v)) for v in point)
-    if not (0 <= r < saliency.shape[0] and 0 <= c < saliency.shape[1]):
-        return np.asarray(point, dtype=float)
+    height, width = saliency.shape[-2:]
+    centres = {s: np.asarray(point, dtype=float) for s, point in points.items()}
+    pixels = _on_slice(points, (height, width))
+    if not pixels:
+        return centres
     reach = np.ceil(2 * radius_mm / pixel_mm).astype(int)
-    r0, c0 = max(r - reach[0], 0), max(c - reach[1], 0)
-    values = _on_host(saliency[r0:r + reach[0] + 1, c0:c + reach[1] + 1])
-    if values[r - r0, c - c0] < threshold:
-        return np.asarray(point, dtype=float)
-    labels, _ = ndimage.label(values >= threshold)
-    region = labels == labels[r - r0, c - c0]
-    depth = ndimage.distance_transform_edt(np.pad(region, 1), sampling=pixel_mm)[1:-1, 1:-1]
-    rr, cc = np.indices(region.shape)
-    near = np.hypot((rr + r0 - point[0]) * pixel_mm[0], (cc + c0 - point[1]) * pixel_mm[1]) <= radius_mm
-    depth[~near] = -1
-    best = np.unravel_index(int(np.argmax(depth)), depth.shape)
-    return np.array([best[0] + r0, best[1] + c0], dtype=float)
+    # each window in a frame of its slice's pixels one wider all round: what is off the window is outside the region
+    at = np.array(list(pixels.values()))
+    rows = at[:, :1] + np.arange(-reach[0] - 1, reach[0] + 2)
+    cols = at[:, 1:] + np.arange(-reach[1] - 1, reach[1] + 2)
+    in_window = (((rows >= 0) & (rows < height) & (np.abs(rows - at[:, :1]) <= reach[0]))[:, :, None]
+                 & ((cols >= 0) & (cols < width) & (np.abs(cols - at[:, 1:]) <= reach[1]))[:, None, :])
+    point = np.array([centres[s] for s in pixels])
+    near = np.hypot((rows - point[:, :1])[:, :, None] * pixel_mm[0],
+                    (cols - point[:, 1:])[:, None, :] * pixel_mm[1]) <= radius_mm
+    shape = in_window.shape
+    layout = torch.as_tensor(np.stack([  # one copy to the device
+        np.broadcast_to((np.array(list(pixels)) - first)[:, None, None], shape),
+        np.broadcast_to(rows.clip(0, height - 1)[:, :, None], shape),
+        np.broadcast_to(cols.clip(0, width - 1)[:, None, :], shape), in_window, near]), device=saliency.device)
+    values = saliency[layout[0], layout[1], layout[2]]
+    seeds = torch.zeros(shape, dtype=torch.bool, device=values.device)
+    seeds[:, reach[0] + 1, reach[1] + 1] = _salient_pixel(values[:, reach[0] + 1, reach[1] + 1], threshold)
+    region = reconstruct(seeds, layout[3].bool() & (values >= threshold), axes=(1, 2), cross=True)
+    depth = torch.where(layout[4].bool(), _depth(region, pixel_mm), -1.0)
+    best = torch.where(layout[3].bool(), depth, -torch.inf).flatten(1).argmax(1)
+    for s, r0, c0, (held, index) in zip(pixels, rows[:, 0], cols[:, 0],
+                                        torch.stack([region[:, reach[0] + 1, reach[1] + 1], best], 1).tolist()):
+        if held:
+            centres[s] = np.array([r0 + index // shape[2], c0 + index % shape[2]], dtype=float)
+    return centres
 
 
-def _on_host(values: Masks) -> np.ndarray:
-    """A tensor on any device, or a numpy array, as a numpy array (copied only from another device)."""
-    return torch.as_tensor(values).cpu().numpy()
+def _on_slice(points: dict[int, Sequence[float]], shape) -> dict[int, tuple[int, int]]:
+    """The pixel (rounded row, col) of each point that lies on a slice of ``shape``."""
+    pixels = {s: (int(round(point[0])), int(round(point[1]))) for s, point in points.items()}
+    return {s: (r, c) for s, (r, c) in pixels.items() if 0 <= r < shape[0] and 0 <= c < shape[1]}
+
+
+def _salient_pixel(values: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Whether pixels' saliency reaches ``threshold``, compared in float64 as numpy compares one pixel's value (a
+    scalar); a slice's pixels compare in its own dtype, as numpy compares an array."""
+    return values.double() >= threshold
+
+
+def _depth(region: torch.Tensor, pixel_mm: np.ndarray) -> torch.Tensor:
+    """Each pixel's distance (mm) to the nearest pixel outside the region, of an (N, H, W) stack of regions
+    clear of the border (0 outside), exactly as scipy's ``distance_transform_edt`` gives it:
+    sqrt((rows * row_mm)^2 + (cols * col_mm)^2) in float64, least along each row first, then across rows
+    (rounding keeps the order of sums and roots)."""
+    def squared(n: int, mm: float) -> torch.Tensor:  # (n, n): squared mm between two indices along an axis
+        steps = torch.arange(n, dtype=torch.float64, device=region.device)
+        apart = (steps[:, None] - steps) * mm
+        return apart * apart
+
+    height, width = region.shape[-2:]
+    along_rows = torch.where(region[:, :, None, :], torch.inf, squared(width, pixel_mm[1])).amin(-1)
+    return (squared(height, pixel_mm[0])[:, :, None] + along_rows[:, None]).amin(2).sqrt()

@@ -15,7 +15,7 @@ from ..runtime.backbones import Backbone, PromptBatch
 from ..runtime.mask_memo import MaskMemo
 from .anchor_chain import AnchorChain
 from .assembly import bounding_box, keep_prompted_components, trim_unanchored_ends
-from .box_probing import ProbeConfig, cover_salient, mask_boxes, probe_anchor_masks, probe_boxes, probe_centre
+from .box_probing import ProbeConfig, cover_salient_boxes, mask_boxes, probe_anchor_masks, probe_boxes, probe_centres
 from .distillation import Consensus, ContextualPromptDistiller, CPDConfig
 from .draft import DraftConfig, fill_between
 from .focus import FocusConfig, Region, focus_region
@@ -454,16 +454,15 @@ class SPDPipeline:
 
         anchors = {s: np.mean(p.positives, axis=0) for s, p in consensus.prompts.items() if p.anchored}
         probes = self.probe_config(label, axis)
-        anchors = {s: probe_centre(saliency[s - first], a, pixel_mm, probes.centre_mm, self.cpd.saliency_threshold)
-                   for s, a in anchors.items()}
+        anchors = probe_centres(saliency, anchors, first, pixel_mm, probes.centre_mm, self.cpd.saliency_threshold)
         if anchor_boxes is None:
             # a GPU decodes a batch of every probe in about the time of one; a CPU pays for each
             masks, typical = probe_anchor_masks(probe, anchors, pixel_mm, view.slice_shape, probes,
                                                 all_levels_at_once=embeddings.device.type == "cuda")
 
             def reprobe(s: int, centre: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-                centre = probe_centre(saliency[s - first], centre, pixel_mm, probes.centre_mm,
-                                      self.cpd.saliency_threshold)
+                centre = probe_centres(saliency, {s: centre}, first, pixel_mm, probes.centre_mm,
+                                       self.cpd.saliency_threshold)[s]
                 boxes = np.array(probe_boxes(centre, np.asarray(pixel_mm), view.slice_shape, probes), dtype=np.float32)
                 return probe([s] * len(boxes), boxes), centre
 
@@ -477,8 +476,8 @@ class SPDPipeline:
                                                  f"overlapping anchors; probed again around the centre of that mask")
             measured = mask_boxes(masks, anchors, pixel_mm, view.slice_shape, probes)
             if trained:  # what the head learned of the structure's extent, where the probes stopped short of it
-                measured = {s: cover_salient(box, saliency[s - first], anchors[s], pixel_mm, probes.pad_mm,
-                                             self.cpd.saliency_threshold) for s, box in measured.items()}
+                measured = cover_salient_boxes(measured, saliency, anchors, first, pixel_mm, probes.pad_mm,
+                                               self.cpd.saliency_threshold)
         else:
             measured = anchor_boxes(anchors)
         consensus.assign_boxes(measured)
