@@ -72,7 +72,7 @@ def test_overlapping_masks_far_from_the_steady_size_do_not_link():
     """Masks that overlap but widen along the slices: only those near the structure's size link."""
     masks = {s: disc((30, 30), 4 + s) for s in range(6)}
     sized = AnchorChain(typical=float(disc((32, 32), 6).sum()), config=ChainConfig(size_ratio=1.5))
-    assert sized.longest_run(masks) == [1, 2, 3]
+    assert [pair for pair, link in sized.adjacent_links(masks).items() if link is not None] == [(1, 2), (2, 3)]
 
 
 def test_where_no_probe_mask_links_the_chain_ends_there():
@@ -108,3 +108,17 @@ def test_torch_masks_and_stacked_probes_move_the_anchors_numpy_masks_move():
     assert sorted(moved) == [0, 21, 24]
     assert AnchorChain(typical=AREA).follow(on_torch, stacked).keys() == moved.keys() and torch_calls == calls
     assert all(torch.equal(on_torch[s], torch.as_tensor(masks[s])) for s in slices)
+
+
+def test_links_of_adjacent_anchors_are_tested_again_only_after_an_anchor_moved(monkeypatch):
+    """The longest run's search tests every adjacent pair at once; going outward, a pair is tested again only where
+    the trusted anchor's mask was replaced (and the probes of a moved anchor are tested)."""
+    slices = list(range(0, 30, 3))
+    masks = {s: disc(tube(s)) for s in slices}
+    masks[21], masks[24] = disc(NEIGHBOUR), disc(tube(24)) | disc(NEIGHBOUR)
+    tested = []
+    link_ious = AnchorChain.link_ious
+    monkeypatch.setattr(AnchorChain, "link_ious", lambda self, a, b: tested.append(len(a)) or link_ious(self, a, b))
+    moved = AnchorChain(typical=AREA).follow(masks, structure_probes([]))
+    assert sorted(moved) == [21, 24]
+    assert tested == [len(slices) - 1, 3, 1, 3, 1], "all pairs; 21's probes; 24 after 21 moved; 24's probes; 27"

@@ -10,7 +10,8 @@ anchor's mask, and the probe mask that links best is taken; the anchor is then t
 probe mask links, the chain ends: that anchor and those beyond it keep their own masks.
 
 Masks are torch tensors on any device (numpy masks are taken as they are); each link test comes to
-the host in one piece, all the links of a run at once.
+the host in one piece: the links of all adjacent anchors at once, then one per re-probed anchor and per anchor
+after one that moved.
 """
 
 from __future__ import annotations
@@ -53,17 +54,11 @@ class AnchorChain:
             linked.append(ratio if ratio >= self.config.min_iou and self.sized(area_a) and self.sized(area_b) else None)
         return linked
 
-    def longest_run(self, masks: dict[int, Masks]) -> list[int]:
-        """The longest run of consecutive anchors (by slice) that link from each to the next."""
+    def adjacent_links(self, masks: dict[int, Masks]) -> dict[tuple[int, int], float | None]:
+        """The link of each anchor to the next (by slice): (slice, next slice) -> :meth:`link_ious`."""
         order = sorted(masks)
         stack = as_masks([masks[s] for s in order])
-        runs = [[order[0]]]
-        for t, overlap in zip(order[1:], self.link_ious(stack[:-1], stack[1:])):
-            if overlap is not None:
-                runs[-1].append(t)
-            else:
-                runs.append([t])
-        return max(runs, key=len)
+        return dict(zip(zip(order, order[1:]), self.link_ious(stack[:-1], stack[1:])))
 
     def follow(self, masks: dict[int, Masks],
                reprobe: Callable[[int, np.ndarray], tuple[Masks | Sequence[Masks], np.ndarray]]
@@ -79,16 +74,18 @@ class AnchorChain:
         Returns:
             slice -> (the point its new mask was probed around, the trusted anchor it links to).
         """
-        run = self.longest_run(masks)
+        order, links = sorted(masks), self.adjacent_links(masks)
+        run = _longest_run(order, links)
         if len(run) < self.config.min_run:
             return {}
-        order = sorted(masks)
         after, before = order[order.index(run[-1]) + 1:], order[:order.index(run[0])][::-1]
         moved = {}
         for trusted, outward in ((run[-1], after), (run[0], before)):
-            for s in outward:
+            for s in outward:  # the trusted anchor is always the adjacent one: its link is known unless it moved
                 reference = torch.as_tensor(masks[trusted])
-                if self.link_ious(reference[None], torch.as_tensor(masks[s])[None])[0] is None:
+                linked = (links[min(trusted, s), max(trusted, s)] if trusted not in moved
+                          else self.link_ious(reference[None], torch.as_tensor(masks[s])[None])[0])
+                if linked is None:
                     probed, centre = reprobe(s, _centre(reference))
                     candidates = as_masks(probed)
                     overlaps = self.link_ious(reference.expand_as(candidates), candidates)
@@ -99,6 +96,18 @@ class AnchorChain:
                     moved[s] = (centre, trusted)
                 trusted = s
         return moved
+
+
+def _longest_run(order: list[int], links: dict[tuple[int, int], float | None]) -> list[int]:
+    """The longest run of consecutive anchors (``order``: by slice) that link from each to the next (``links``:
+    :meth:`AnchorChain.adjacent_links`)."""
+    runs = [[order[0]]]
+    for pair in zip(order, order[1:]):
+        if links[pair] is not None:
+            runs[-1].append(pair[1])
+        else:
+            runs.append([pair[1]])
+    return max(runs, key=len)
 
 
 def _centre(mask: torch.Tensor) -> np.ndarray:
