@@ -140,14 +140,20 @@ def test_padded_box_grows_the_masks_extent_and_stays_on_the_slice():
 
 
 @pytest.mark.parametrize("band_slices", [{3}, {1, 3, 4}], ids=["steady size", "no steady size"])
-def test_decoding_every_probe_at_once_takes_the_same_masks_in_one_call(band_slices):
+def test_decoding_every_probe_at_once_takes_the_same_masks_in_one_call(band_slices, monkeypatch):
     decode, calls = touching_neighbour_decoder(band_slices)
     anchors = {s: (30.0, 30.0 + s) for s in range(5)}
+    copies = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda tensor: copies.append(tensor.shape) or tolist(tensor))
     masks, typical = probe_anchor_masks(decode, anchors, (1.0, 1.0), SHAPE)
     assert len(calls) > 1, "level by level: the slices still open are decoded at the next size"
+    assert len(copies) == len(calls), "what is decided comes to the host once per probe size"
     calls.clear()
+    copies.clear()
     at_once, typical_at_once = probe_anchor_masks(decode, anchors, (1.0, 1.0), SHAPE, all_levels_at_once=True)
     assert calls == [[s for s in range(5) for _ in range(4)]], "every probe of every slice in one call"
+    assert len(copies) == 1, "and what is decided on them comes to the host in one copy"
     assert typical_at_once == typical and (typical is None) == (band_slices == {1, 3, 4})
     assert list(at_once) == list(masks) and all(torch.equal(at_once[s], masks[s]) for s in masks)
     assert (mask_boxes(at_once, anchors, (1.0, 1.0), SHAPE)

@@ -149,20 +149,19 @@ def probe_anchor_masks(
 ) -> tuple[dict[int, torch.Tensor], float | None]:
     """The probe mask taken on each anchored slice (on the decoder's device), and the structure's
     :func:`steady_size` from the masks where successive probes settled (None: no steady size). Arguments as in
-    :func:`measure_anchor_boxes`; what is decided comes to the host once per probe size."""
+    :func:`measure_anchor_boxes`; what is decided comes to the host once per probe size (once in all when
+    ``all_levels_at_once``)."""
     if not anchors:
         return {}, None
     pixel_mm = np.asarray(pixel_mm, dtype=float)
     probes = {s: probe_boxes(anchors[s], pixel_mm, shape, config) for s in sorted(anchors)}
-    probe_level = (_all_levels_at_once if all_levels_at_once else _level_by_level)(decode, probes)
-    found = probe_level(list(probes), 0)
-    tried = {s: _Tried([mask], [area]) for s, mask, area in zip(probes, found, areas(found).tolist())}
+    probe_level = (_all_levels_at_once if all_levels_at_once else _level_by_level)(decode, probes, anchors)
+    found, measured = probe_level(list(probes), 0)
+    tried = {s: _Tried([mask], [area]) for s, mask, (area, *_) in zip(probes, found, measured)}
     chosen: dict[int, torch.Tensor] = {}
-    open_slices, previous = list(probes), found
+    open_slices = list(probes)
     for level in range(1, len(config.half_sizes_mm)):  # grow only where the mask still changes
-        found = probe_level(open_slices, level)
-        held = holds_point(previous, [anchors[s] for s in open_slices])
-        measured = torch.stack([areas(found), areas(previous & found), held.long()], 1).tolist()
+        found, measured = probe_level(open_slices, level)
         still_open = []
         for s, mask, (area, overlap, holds) in zip(open_slices, found, measured):
             agreement = tried[s].add(mask, area, overlap)
@@ -173,27 +172,47 @@ def probe_anchor_masks(
         open_slices = still_open
         if not open_slices:
             break
-        previous = torch.stack([tried[s].masks[-1] for s in open_slices])
     typical = steady_size([tried[s].areas[-1] for s in chosen], config.steady_area)
     for s in open_slices:  # no agreement
         chosen[s] = _unsettled_choice(tried[s], typical)
     return chosen, typical
 
 
-def _level_by_level(decode: Decoder, probes: dict[int, list[Box]]) -> Callable[[list[int], int], torch.Tensor]:
-    """``probe_level(slices, level)``: the masks of those slices' probes of one size, decoded when asked."""
-    def probe_level(slices: list[int], level: int) -> torch.Tensor:
-        return as_masks(decode(slices, np.array([probes[s][level] for s in slices], dtype=np.float32)))
+ProbeLevel = Callable[[list[int], int], tuple[torch.Tensor, list[list[int]]]]
+
+
+def _level_by_level(decode: Decoder, probes: dict[int, list[Box]], anchors: dict[int, Sequence[float]]) -> ProbeLevel:
+    """``probe_level(slices, level)``: the masks of those slices' probes of one size, decoded when asked, and
+    what is decided on them (:func:`_measured`, against each slice's mask of the size before), in one copy."""
+    last: dict[int, torch.Tensor] = {}
+
+    def probe_level(slices: list[int], level: int) -> tuple[torch.Tensor, list[list[int]]]:
+        found = as_masks(decode(slices, np.array([probes[s][level] for s in slices], dtype=np.float32)))
+        previous = torch.stack([last[s] for s in slices]) if level else torch.zeros_like(found)
+        last.update(zip(slices, found))
+        return found, _measured(found, previous, [anchors[s] for s in slices])
     return probe_level
 
 
-def _all_levels_at_once(decode: Decoder, probes: dict[int, list[Box]]) -> Callable[[list[int], int], torch.Tensor]:
+def _all_levels_at_once(decode: Decoder, probes: dict[int, list[Box]], anchors: dict[int, Sequence[float]]
+                        ) -> ProbeLevel:
     """``probe_level(slices, level)`` as :func:`_level_by_level` gives it, from every probe of every slice decoded
-    in one call."""
+    in one call and measured in one copy."""
     found = as_masks(decode([s for s, boxes in probes.items() for _ in boxes],
                             np.array([box for boxes in probes.values() for box in boxes], dtype=np.float32)))
-    by_slice = dict(zip(probes, found.reshape(len(probes), -1, *found.shape[-2:])))
-    return lambda slices, level: torch.stack([by_slice[s][level] for s in slices])
+    levels = len(found) // len(probes)
+    by_level = found.reshape(len(probes), levels, *found.shape[-2:])
+    previous = torch.cat([torch.zeros_like(by_level[:, :1]), by_level[:, :-1]], 1).flatten(0, 1)
+    measured = _measured(found, previous, [anchors[s] for s in probes for _ in range(levels)])
+    by_slice = {s: (by_level[i], measured[i * levels:(i + 1) * levels]) for i, s in enumerate(probes)}
+    return lambda slices, level: (torch.stack([by_slice[s][0][level] for s in slices]),
+                                  [by_slice[s][1][level] for s in slices])
+
+
+def _measured(found: torch.Tensor, previous: torch.Tensor, points: Sequence[Sequence[float]]) -> list[list[int]]:
+    """For each mask of an (N, H, W) stack: its area, its overlap with the same slice's mask of the probe size
+    before (``previous``; empty at the first size) and whether that one holds the slice's point (1 or 0)."""
+    return torch.stack([areas(found), areas(previous & found), holds_point(previous, points).long()], 1).tolist()
 
 
 def mask_boxes(masks: dict[int, Masks], anchors: dict[int, Sequence[float]], pixel_mm: Sequence[float],
