@@ -14,13 +14,12 @@ SHAPE = (64, 64)
 
 def probe_centre(saliency, point, pixel_mm, radius_mm, threshold):
     """:func:`probe_centres` of one slice."""
-    return probe_centres(torch.as_tensor(saliency)[None], {7: point}, 7, pixel_mm, radius_mm, threshold)[7]
+    return probe_centres(saliency[None], {7: point}, 7, pixel_mm, radius_mm, threshold)[7]
 
 
 def cover_salient(box, saliency, point, pixel_mm, pad_mm, threshold):
     """:func:`cover_salient_boxes` of one slice."""
-    return cover_salient_boxes({3: box}, torch.as_tensor(saliency)[None], {3: point}, 3, pixel_mm, pad_mm,
-                               threshold)[3]
+    return cover_salient_boxes({3: box}, saliency[None], {3: point}, 3, pixel_mm, pad_mm, threshold)[3]
 
 
 def object_decoder(radius_by_slice, centre=(30, 30)):

@@ -14,8 +14,11 @@ so they are centred on the deepest salient pixel near the point instead.
 
 Masks are torch tensors on the decoder's device (numpy masks are taken as they are, on the CPU), and
 what is decided on them comes to the host once per probe size, not per slice. Where a batch of masks
-costs little more than one (a GPU), every probe of every slice can be decoded in one call; else only
-the slices whose masks still change are decoded at the next size. Both take the same masks.
+costs little more than one (a GPU), every probe of every slice can be decoded in one call, and what is
+decided comes to the host once; else only the slices whose masks still change are decoded at the next
+size. Both take the same masks. The probes' centres, and the salient extent a trained head shows, are
+searched on the saliency's device for every anchored slice at once; each search comes to the host in one
+copy.
 """
 
 from __future__ import annotations
