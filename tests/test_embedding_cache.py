@@ -254,3 +254,16 @@ def test_retain_leaves_no_files_of_volumes_with_queued_writes(tmp_path):
     cache.flush()
     assert on_disk(tmp_path) == {"aaaa-ax2-lite": list(range(8))}
     assert cache.missing("bbbb-ax2-lite", [0, 7]) == [0, 7]
+
+
+def test_a_put_waits_while_the_writer_is_behind_by_more_than_the_pending_budget(tmp_path):
+    cache, enc = HeldWriter(1 << 20, tmp_path, pending_budget_bytes=ONE_SLICE), CountingEncoder()
+    cache.put("vol", [0], enc([0]))  # an empty queue takes any put
+    second = threading.Thread(target=cache.put, args=("vol", [1], enc([1])))
+    second.start()
+    second.join(0.3)
+    assert second.is_alive() and cache.missing("vol", [0, 1]) == [1], "waits for the writer"
+    cache.release.set()
+    second.join(10)
+    cache.flush()
+    assert not second.is_alive() and on_disk(tmp_path) == {"vol": [0, 1]}

@@ -8,8 +8,9 @@ copy cut short) is deleted and its slice embedded again, with a warning.
 
 Freshly computed slices go to one writer thread, which copies them to the host (from a GPU, on a side
 stream once the encoder's kernels are done) and writes their files, while the request goes on. Until
-then they are pending: found, and served from the device they were computed on. :meth:`EmbeddingCache.flush`
-waits for the writes queued so far; at exit the writer finishes its queue.
+then they are pending: found, and served from the device they were computed on. Where the encoder outruns the
+disk, a put waits while the pending slices take more than ``pending_budget_bytes`` (GPU memory, on a GPU).
+:meth:`EmbeddingCache.flush` waits for the writes queued so far; at exit the writer finishes its queue.
 
 With a disk budget, the least recently used files are deleted before each write until the files and the
 one being written fit (its bytes are reserved while it is written), so the folder never holds more.
@@ -45,18 +46,21 @@ class EmbeddingCache:
         budget_bytes: in-memory budget; least recently used slices are evicted beyond it.
         directory: where slices are persisted (None: memory only).
         disk_budget_bytes: budget of the persisted files (None or 0: unbounded).
+        pending_budget_bytes: bytes of slices waiting for the writer beyond which a put waits for it.
     """
 
     def __init__(self, budget_bytes: int = 2 << 30, directory: str | os.PathLike | None = None,
-                 disk_budget_bytes: int | None = None):
+                 disk_budget_bytes: int | None = None, pending_budget_bytes: int = 1 << 30):
         self.budget_bytes = int(budget_bytes)
         self.directory = Path(directory) if directory else None
         self.disk_budget_bytes = int(disk_budget_bytes or 0) or None
         self._memory: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
         self._pending: dict[tuple[str, int], torch.Tensor] = {}  # queued for the writer, on their device
+        self.pending_budget_bytes = int(pending_budget_bytes)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="embedding-cache-writer")
         self._bytes = 0
         self._lock = threading.RLock()
+        self._stored = threading.Condition(self._lock)  # notified when the writer has taken slices off _pending
         self._disk: OrderedDict[tuple[str, int], int] = OrderedDict()  # file sizes, least recently used first
         self._disk_bytes = 0
         self._reserved = 0  # bytes of files being written
@@ -132,7 +136,8 @@ class EmbeddingCache:
         embeddings = embeddings.detach().to(torch.float16)
         ready = torch.cuda.current_stream(embeddings.device).record_event() if embeddings.is_cuda else None
         rows = list(zip(slices, embeddings))
-        with self._lock:
+        with self._stored:  # wait while the writer is behind; never for an empty queue
+            self._stored.wait_for(lambda: sum(t.nbytes for t in self._pending.values()) < self.pending_budget_bytes)
             self._pending.update(((key, s), row) for s, row in rows)
         try:
             self._writer.submit(self._store, key, rows, ready)
@@ -155,10 +160,11 @@ class EmbeddingCache:
         except Exception:  # the writer goes on with the next job; these slices are embedded again when asked for
             logger.exception("embedding cache: could not store %d slice(s) of %s", len(rows), key)
         finally:
-            with self._lock:
+            with self._stored:
                 for s, row in rows:
                     if self._pending.get((key, s)) is row:
                         del self._pending[(key, s)]
+                self._stored.notify_all()
 
     @staticmethod
     def _copying(ready: torch.cuda.Event | None):
