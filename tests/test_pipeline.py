@@ -70,6 +70,19 @@ def test_cached_memoised_and_chunked_runs_agree(backbone, tmp_path):
     assert (first.mask == cold_memo_one_by_one.mask).all()
 
 
+def test_a_re_click_reads_neither_the_cache_nor_the_volume(backbone, monkeypatch):
+    volume, _ = phantom(seed=3)
+    clicks, nudged = [[31, 38, 6], [33, 36, 10], [35, 36, 14]], [[31, 38, 6], [33, 37, 10], [35, 36, 14]]
+    _, fresh = run(backbone, volume, nudged, "tube3", cache=EmbeddingCache(1 << 30))
+    pipeline, _ = run(backbone, volume, clicks, "tube3", cache=EmbeddingCache(1 << 30))
+    reads = []
+    monkeypatch.setattr(pipeline.cache, "get", lambda *args, **kwargs: reads.append("cache"))
+    monkeypatch.setattr(VolumeView, "voxels", lambda *args: reads.append("volume"))
+    again = pipeline.segment(volume, (1.0, 1.0, 1.0), "tube3", [Click(tuple(c), True) for c in nudged],
+                             choose_window(volume), slice_axis=2)
+    assert not reads and (again.mask == fresh.mask).all()
+
+
 def test_single_slice_volume(backbone):
     volume, target = phantom(shape=(64, 72, 1), z=(0, 1))
     _, seg = run(backbone, volume, [[31, 37, 0]], "single")

@@ -19,6 +19,7 @@ from .box_probing import ProbeConfig, cover_salient_boxes, mask_boxes, probe_anc
 from .distillation import Consensus, ContextualPromptDistiller, CPDConfig
 from .draft import DraftConfig, fill_between
 from .focus import FocusConfig, Region, focus_region
+from .hot_slabs import HotSlabs
 from .intensity import IntensityWindow, as_tensor
 from .prompts import Click, choose_slice_axis, slice_axes, to_slice_clicks, training_axis
 from .saliency import AppearanceSaliency
@@ -30,7 +31,6 @@ if TYPE_CHECKING:  # the cache is serving infrastructure, handed in by whoever b
     from ..serving.embedding_cache import EmbeddingCache
 
 REMEMBERED_REGIONS = 256  # structures whose last focus region is kept
-HOT_SLABS = 2  # the last requests' embedding slabs kept stacked: a structure's whole slices and its focus region
 
 
 @dataclass
@@ -182,7 +182,8 @@ class SPDPipeline:
         self.draft = draft
         self.base_decoder = backbone.model.mask_decoder  # the backbone's own weights: served by states without one
         self.fallback_saliency = AppearanceSaliency()
-        self._hot: tuple[tuple[str, int, torch.Tensor], ...] = ()  # (key, first slice, slab), latest first
+        self._hot_embeddings = HotSlabs(2)  # a structure's whole slices and its focus region
+        self._hot_images = HotSlabs(1)  # the windowed slices appearance saliency reads
         self._regions: OrderedDict[tuple, Region] = OrderedDict()  # (volume, axis, label) -> its last focus region
         self.serve(state)
 
@@ -199,7 +200,7 @@ class SPDPipeline:
         self._state = state
         self.memo = MaskMemo()
         self.head_maps = GridMemo()
-        self._hot = ()
+        self._hot_embeddings.clear()
 
     def cache_key(self, volume_id: str, view: VolumeView) -> str:
         """Names the embeddings of one volume seen along one axis (and region) by one backbone and window; a view
@@ -431,7 +432,6 @@ class SPDPipeline:
         embeddings = self._embeddings_on_device(volume_id, view, indices)
         lap("embed")
 
-        images = view.on_device(indices, embeddings.device)
         pixel_mm = tuple(float(spacing[a]) for a in view.in_plane)
         distiller = ContextualPromptDistiller(pixel_mm, self.cpd)
         # appearance is sampled under the clicks and under the points their cross-slice line puts on clicked slices
@@ -441,7 +441,7 @@ class SPDPipeline:
         if trained:
             saliency = self._head_maps(volume_id, view, label, indices, embeddings).to(self.backbone.device)
         else:
-            saliency = self.fallback_saliency(images, embeddings, samples)
+            saliency = self.fallback_saliency(self._images_on_device(volume_id, view, indices), embeddings, samples)
         lap("saliency")
 
         consensus = distiller.distill(sclicks, saliency, first)
@@ -497,19 +497,23 @@ class SPDPipeline:
         return region
 
     def _embeddings_on_device(self, volume_id: str, view: VolumeView, indices: list[int]) -> torch.Tensor:
-        """Embeddings of slices ``indices`` (ascending) on the backbone's device. The last :data:`HOT_SLABS` slabs of
-        consecutive slices stay stacked there, so a re-click on the same structure neither copies nor stacks its
-        embeddings again."""
+        """Embeddings of slices ``indices`` (ascending) on the backbone's device; a re-click on the same structure
+        finds them in the last slabs (:class:`HotSlabs`), copying and stacking nothing."""
         key = self.cache_key(volume_id, view)
-        for hot_key, start, slab in self._hot:
-            if hot_key == key and start <= indices[0] and indices[-1] < start + len(slab):
-                if indices[-1] - indices[0] + 1 == len(indices):
-                    return slab[indices[0] - start:indices[-1] - start + 1]
-                return slab[[s - start for s in indices]]
-        embeddings = self.embed(volume_id, view, indices, self.backbone.device)
-        if indices[-1] - indices[0] + 1 == len(indices):
-            self._hot = ((key, indices[0], embeddings), *[h for h in self._hot if h[0] != key][:HOT_SLABS - 1])
+        embeddings = self._hot_embeddings.get(key, indices)
+        if embeddings is None:
+            embeddings = self.embed(volume_id, view, indices, self.backbone.device)
+            self._hot_embeddings.put(key, indices, embeddings)
         return embeddings
+
+    def _images_on_device(self, volume_id: str, view: VolumeView, indices: list[int]) -> torch.Tensor:
+        """Slices ``indices`` (consecutive) of ``view`` windowed on the backbone's device, kept for a re-click."""
+        key = self.cache_key(volume_id, view)
+        images = self._hot_images.get(key, indices)
+        if images is None:
+            images = view.on_device(indices, self.backbone.device)
+            self._hot_images.put(key, indices, images)
+        return images
 
     def decode_slices(self, volume_id: str, view: VolumeView, slices: list[int], prompts: PromptBatch) -> np.ndarray:
         """(N, H, W) masks on whole slices of ``slices`` (consecutive) from prompts in whole-slice pixels, decoded
