@@ -1,6 +1,6 @@
 """The CUDA paths on a real GPU (skipped where none is visible; CI has none): bf16 SDPA attention at
 ViT-B size (on flash kernels), batched decoding, the memory budget of chunked embedding, the out-of-memory fallback, and
-the stages after embedding on the device."""
+the stages after embedding on the device, and embeddings from the GPU in the cache's files."""
 
 from __future__ import annotations
 
@@ -124,3 +124,24 @@ def test_the_stages_after_embedding_on_cuda_give_the_cpus_mask(tmp_path):
     cpu, gpu = masks
     assert cpu.sum() > 1000
     assert 2 * (cpu & gpu).sum() / (cpu.sum() + gpu.sum()) >= 0.999
+
+
+def test_embeddings_made_on_cuda_reach_the_cache_files_as_the_request_used_them(tmp_path):
+    """The encoder windows the stored voxels on the GPU, and the cache's writer copies its output to the host on a
+    side stream: the files hold the embeddings the request decoded from, and they equal those of slices windowed on
+    the host."""
+    from lib.spd.method import SPDPipeline, VolumeView, choose_window
+    from lib.spd.runtime import load_backbone
+    from lib.spd.serving import EmbeddingCache
+
+    volume = np.random.default_rng(0).normal(40, 300, (96, 80, 12)).astype(np.int16)
+    view = VolumeView(volume, 2, choose_window(volume, "CT"))
+    backbone = load_backbone(device="cuda:0", cache_dir=str(tmp_path / "runtime"))
+    pipeline = SPDPipeline(backbone, EmbeddingCache(1 << 30, tmp_path / "emb"))
+    used = pipeline.embed("vol", view, list(range(12)), CUDA)
+    pipeline.cache.flush()
+    stored = EmbeddingCache(1 << 30, tmp_path / "emb").get(pipeline.cache_key("vol", view), list(range(12)),
+                                                          lambda todo: pytest.fail(f"slices {todo} not on disk"))
+    assert used.device.type == "cuda" and torch.equal(stored, used.cpu())
+    host_windowed = backbone.embed(view.slices(range(12)))
+    assert torch.allclose(used.float(), host_windowed.float(), atol=1e-2, rtol=1e-2)
