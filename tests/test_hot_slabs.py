@@ -31,3 +31,14 @@ def test_the_latest_slabs_are_kept_one_per_key():
     assert hot.get("d", [1]) is None and hot.get("c", [0]) is not None
     hot.clear()
     assert hot.get("a", [3]) is None
+
+
+def test_slabs_are_kept_within_their_byte_budget():
+    hot = HotSlabs(3, budget_bytes=slab(0, 5).nbytes)  # 5 slices' worth
+    hot.put("a", [0, 1, 2], slab(0, 3))
+    hot.put("b", [0, 1], slab(0, 2))
+    assert hot.get("a", [0]) is not None and hot.get("b", [0]) is not None, "5 slices fit"
+    hot.put("c", [0, 1], slab(0, 2))  # a's 3 slices no longer fit beside b's and c's
+    assert hot.get("a", [0]) is None and hot.get("b", [1]) is not None and hot.get("c", [1]) is not None
+    hot.put("d", list(range(6)), slab(0, 6))  # over the budget alone: not kept, the others stay
+    assert hot.get("d", [0]) is None and hot.get("c", [1]) is not None

@@ -13,10 +13,11 @@ import torch
 
 
 class HotSlabs:
-    """Up to ``size`` slabs, the most recently put first; putting a key replaces its slab."""
+    """Up to ``size`` slabs of at most ``budget_bytes`` in all, the most recently put first; putting a key replaces
+    its slab, and a slab over the budget is not kept."""
 
-    def __init__(self, size: int):
-        self.size = size
+    def __init__(self, size: int, budget_bytes: int = 1 << 30):
+        self.size, self.budget_bytes = size, budget_bytes
         self._slabs: tuple[tuple[str, int, torch.Tensor], ...] = ()  # (key, first slice, slab); swapped whole
 
     def get(self, key: str, slices: Sequence[int]) -> torch.Tensor | None:
@@ -29,9 +30,16 @@ class HotSlabs:
         return None
 
     def put(self, key: str, slices: Sequence[int], slab: torch.Tensor) -> None:
-        """Keep ``slab``, the data of ``slices``, when they are consecutive."""
-        if _consecutive(slices):
-            self._slabs = ((key, slices[0], slab), *[h for h in self._slabs if h[0] != key][:self.size - 1])
+        """Keep ``slab``, the data of ``slices``, when they are consecutive and it fits the budget; older slabs stay
+        as long as they fit beside it."""
+        if not _consecutive(slices) or slab.nbytes > self.budget_bytes:
+            return
+        kept, room = [(key, slices[0], slab)], self.budget_bytes - slab.nbytes
+        for held in self._slabs:
+            if len(kept) < self.size and held[0] != key and held[2].nbytes <= room:
+                kept.append(held)
+                room -= held[2].nbytes
+        self._slabs = tuple(kept)
 
     def clear(self) -> None:
         self._slabs = ()

@@ -182,8 +182,8 @@ class SPDPipeline:
         self.draft = draft
         self.base_decoder = backbone.model.mask_decoder  # the backbone's own weights: served by states without one
         self.fallback_saliency = AppearanceSaliency()
-        self._hot_embeddings = HotSlabs(2)  # a structure's whole slices and its focus region
-        self._hot_images = HotSlabs(1)  # the windowed slices appearance saliency reads
+        self._hot_embeddings = HotSlabs(2, 1 << 30)  # a structure's whole slices and its focus region
+        self._hot_images = HotSlabs(1, 512 << 20)  # the windowed slices appearance saliency reads
         self._regions: OrderedDict[tuple, Region] = OrderedDict()  # (volume, axis, label) -> its last focus region
         self.serve(state)
 
