@@ -7,7 +7,7 @@ windowing again. Keys name what a slab holds (a view's embeddings, its windowed 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -28,6 +28,14 @@ class HotSlabs:
                     return slab[slices[0] - start:slices[-1] - start + 1]
                 return slab[[s - start for s in slices]]
         return None
+
+    def fetch(self, key: str, slices: Sequence[int], make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """:meth:`get`, else ``make()`` (the data of ``slices``), which is then :meth:`put`."""
+        slab = self.get(key, slices)
+        if slab is None:
+            slab = make()
+            self.put(key, slices, slab)
+        return slab
 
     def put(self, key: str, slices: Sequence[int], slab: torch.Tensor) -> None:
         """Keep ``slab``, the data of ``slices``, when they are consecutive and it fits the budget; older slabs stay

@@ -499,21 +499,13 @@ class SPDPipeline:
     def _embeddings_on_device(self, volume_id: str, view: VolumeView, indices: list[int]) -> torch.Tensor:
         """Embeddings of slices ``indices`` (ascending) on the backbone's device; a re-click on the same structure
         finds them in the last slabs (:class:`HotSlabs`), copying and stacking nothing."""
-        key = self.cache_key(volume_id, view)
-        embeddings = self._hot_embeddings.get(key, indices)
-        if embeddings is None:
-            embeddings = self.embed(volume_id, view, indices, self.backbone.device)
-            self._hot_embeddings.put(key, indices, embeddings)
-        return embeddings
+        return self._hot_embeddings.fetch(self.cache_key(volume_id, view), indices,
+                                          lambda: self.embed(volume_id, view, indices, self.backbone.device))
 
     def _images_on_device(self, volume_id: str, view: VolumeView, indices: list[int]) -> torch.Tensor:
         """Slices ``indices`` (consecutive) of ``view`` windowed on the backbone's device, kept for a re-click."""
-        key = self.cache_key(volume_id, view)
-        images = self._hot_images.get(key, indices)
-        if images is None:
-            images = view.on_device(indices, self.backbone.device)
-            self._hot_images.put(key, indices, images)
-        return images
+        return self._hot_images.fetch(self.cache_key(volume_id, view), indices,
+                                      lambda: view.on_device(indices, self.backbone.device))
 
     def decode_slices(self, volume_id: str, view: VolumeView, slices: list[int], prompts: PromptBatch) -> np.ndarray:
         """(N, H, W) masks on whole slices of ``slices`` (consecutive) from prompts in whole-slice pixels, decoded

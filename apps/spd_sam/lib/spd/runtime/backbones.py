@@ -209,7 +209,7 @@ class Backbone:
         Returns:
             (N, H, W) float32 mask logits at slice resolution (threshold 0), or bool masks when ``binary``.
         """
-        return _to_numpy(self.decode_scored(embeddings, prompts, slice_shape, binary)[0])
+        return self.decode_scored(embeddings, prompts, slice_shape, binary)[0].cpu().numpy()
 
     def decode_scored(self, embeddings: torch.Tensor, prompts: PromptBatch, slice_shape: tuple[int, int],
                       binary: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,11 +312,6 @@ def paste_and_resize(low_res: torch.Tensor, rows: slice, cols: slice, grid: int,
     new_h, new_w = geometry.resized
     return F.interpolate(canvas[..., :new_h, :new_w], size=geometry.slice_shape, mode="bilinear",
                          align_corners=False)[:, 0]
-
-
-def _to_numpy(masks: torch.Tensor) -> np.ndarray:
-    """Logits or masks on any device -> on the host, float32 logits or bool masks."""
-    return masks.cpu().numpy() if masks.dtype == torch.bool else masks.float().cpu().numpy()
 
 
 def _check_prompts(prompts: PromptBatch, n: int, slice_shape: tuple[int, int]) -> None:
